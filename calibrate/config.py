@@ -1,0 +1,48 @@
+"""The calibration stage's one typed, versioned config."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from visprune.errors import ConfigError
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Everything that decides a recipe. Defaults reproduce the README's demo on the embedded model."""
+
+    VERSION = 1
+
+    model: str = "tiny"  # "tiny" or a local llava-hf checkpoint folder
+    reduction: float = 0.6  # target fraction of visual-token FLOPs removed, in (0, 1)
+    data: Path | None = None  # calibration JSONL; None: the embedded default set
+    images: Path | None = None  # folder that image paths resolve against; None: the JSONL's folder
+    samples: int | None = None  # use a seeded subset of this many samples; None: all
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    batch_size: int = 8
+    alpha_tolerance: float = 0.01  # bisection stops when the alpha interval is this narrow
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.reduction < 1.0:
+            raise ConfigError(f"--reduction must lie strictly between 0 and 1, got {self.reduction}.",
+                              "Give the fraction of visual-token FLOPs to remove, e.g. --reduction 0.6 for 60 %.")
+        if self.samples is not None and self.samples < 1:
+            raise ConfigError(f"--samples must be at least 1, got {self.samples}.", "Leave it out to use every sample.")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}.", "Try --batch-size 8.")
+        if not 0.0 < self.alpha_tolerance < 1.0:
+            raise ConfigError(f"alpha tolerance must lie in (0, 1), got {self.alpha_tolerance}.", "Use 0.01.")
+        if not _DEVICE.match(self.device):
+            raise ConfigError(f"Unknown device {self.device!r}.", "Use auto, cpu, cuda or cuda:N.")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["data"] = str(self.data) if self.data else None
+        d["images"] = str(self.images) if self.images else None
+        return {"version": self.VERSION, **d}

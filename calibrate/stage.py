@@ -1,0 +1,145 @@
+"""`calibrate(config, out)`: the calibration stage from model and data to a written recipe."""
+
+from __future__ import annotations
+
+import platform
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from calibrate.config import CalibrationConfig
+from calibrate.data import CalibrationSet, default_calibration_set, read_calibration_jsonl, select_samples
+from calibrate.plots import plot_tokens_per_layer
+from calibrate.recipe import Recipe, achieved_reductions, save_recipe
+from calibrate.replay import DecoderReplay, SampleState, embed_samples
+from calibrate.search import RecipeSearch, SearchResult
+from visprune.artifacts import atomic_write_json, tool_versions
+from visprune.errors import ConfigError, InputDataError
+from visprune.models import LlavaBundle, chat_prompt, encode_image_prompt, load_image, load_llava
+
+
+@dataclass
+class CalibrationResult:
+    recipe: Recipe
+    recipe_path: Path
+    plot_path: Path | None
+    run_record_path: Path
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def calibrate(config: CalibrationConfig, out: Path, plot: bool = True, progress: bool = True) -> CalibrationResult:
+    """Search a FitPrune recipe for `config.reduction` and write it to `out` (plus a plot and a run record).
+
+    Nothing is written unless the search succeeds; each file is written atomically, the recipe last.
+    """
+    out = Path(out)
+    timings: dict[str, float] = {}
+    device, dtype = resolve_device(config.device)
+    with _timed(timings, "load_model_s"):
+        bundle = load_llava(config.model, device=device, dtype=dtype)
+    with _timed(timings, "prepare_samples_s"):
+        dataset = _dataset(config)
+        states = prepare_samples(bundle, dataset, config.batch_size, progress)
+    search = RecipeSearch(DecoderReplay(bundle.model), states, bundle.shape, batch_size=config.batch_size)
+    with _timed(timings, "reference_pass_s"):
+        with tqdm(total=bundle.shape.num_layers, desc="reference pass (layers)", disable=not progress) as bar:
+            search.run_reference_pass(progress=bar.update)
+    with _timed(timings, "search_s"):
+        result = _bisect(search, config, progress)
+    timings["total_s"] = round(sum(timings.values()), 3)
+    recipe = _recipe(config, bundle, dataset, states, result)
+    return _write_outputs(recipe, out, plot, timings, device, search.layers_computed)
+
+
+def resolve_device(device: str) -> tuple[str, torch.dtype]:
+    """`auto` picks CUDA when present. CUDA runs in float16 (softmax and scores in float32), CPU in float32."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} was asked for, but this PyTorch sees no CUDA GPU.",
+                          "Use --device cpu (or auto), or install a CUDA build of PyTorch on a GPU host.")
+    return device, (torch.float16 if device.startswith("cuda") else torch.float32)
+
+
+def _dataset(config: CalibrationConfig) -> CalibrationSet:
+    dataset = read_calibration_jsonl(config.data, config.images) if config.data else default_calibration_set()
+    return select_samples(dataset, config.samples, config.seed)
+
+
+def prepare_samples(bundle: LlavaBundle, dataset: CalibrationSet, batch_size: int,
+                    progress: bool = False) -> list[SampleState]:
+    """Read, template, tokenize and embed every sample once (the reference re-reads images at every layer)."""
+    prompts = []
+    for sample in tqdm(dataset.samples, desc="preparing samples", disable=not progress):
+        try:
+            prompt = sample.prompt if sample.prompt is not None else chat_prompt(bundle.processor, sample.question)
+            prompts.append(encode_image_prompt(bundle.processor, load_image(sample.image), prompt, bundle.image_token_id))
+        except InputDataError as e:
+            raise type(e)(f"Calibration sample {sample.sample_id}: {e.message}", e.hint) from e
+    states: list[SampleState] = []
+    with torch.no_grad():
+        for i in range(0, len(prompts), batch_size):
+            states += embed_samples(bundle.model, prompts[i:i + batch_size])
+    return states
+
+
+def _bisect(search: RecipeSearch, config: CalibrationConfig, progress: bool) -> SearchResult:
+    with tqdm(total=7, desc="bisection on alpha", disable=not progress) as bar:
+        def on_step(outcome) -> None:
+            bar.set_postfix(alpha=f"{outcome.alpha:.4f}", reduction=f"{outcome.visual_reduction:.3f}",
+                            feasible="yes" if outcome.feasible else "no")
+            bar.update(1)
+
+        return search.search(config.reduction, config.alpha_tolerance, on_step=on_step)
+
+
+def _recipe(config: CalibrationConfig, bundle: LlavaBundle, dataset: CalibrationSet,
+            states: list[SampleState], result: SearchResult) -> Recipe:
+    text_tokens = sum(s.prefix + s.text for s in states) / len(states)
+    recipe = Recipe(
+        method="fitprune",
+        num_visual_tokens=bundle.shape.num_visual_tokens,
+        removed=result.best.recipe_removed,
+        reduction_target=config.reduction,
+        alpha=result.best.alpha,
+        model={"name": bundle.name, "fingerprint": bundle.fingerprint,
+               "dtype": str(bundle.model.dtype).removeprefix("torch.")},
+        calibration={"description": dataset.description, "sha256": dataset.content_hash(),
+                     "num_samples": len(states), "mean_text_tokens": round(text_tokens, 3)},
+        search={"tolerance": config.alpha_tolerance, "head_reduction": "max", "budget_test": "recipe",
+                "steps": [{"alpha": s.alpha, "feasible": s.feasible,
+                           "visual_flops_reduction": round(s.visual_reduction, 6)} for s in result.steps]},
+        seed=config.seed,
+        tools=tool_versions("torch", "transformers"),
+    )
+    recipe.achieved = achieved_reductions(recipe, bundle.shape, text_tokens)
+    return recipe
+
+
+def _write_outputs(recipe: Recipe, out: Path, plot: bool, timings: dict[str, float], device: str,
+                   layers_computed: int) -> CalibrationResult:
+    plot_path = out.with_suffix(".png") if plot else None
+    if plot_path:
+        plot_tokens_per_layer([(f"{recipe.reduction_target:.0%} target", recipe)], plot_path,
+                              title=f"FitPrune recipe, {recipe.model.get('name', '')}")
+    run_path = out.with_name(out.stem + ".run.json")
+    atomic_write_json(run_path, {
+        "recipe_sha256": recipe.content_hash(), "timings": timings, "device": device,
+        "host": platform.node(), "sample_layers_computed": layers_computed,
+        "created_unix": round(time.time(), 3),
+    })
+    save_recipe(recipe, out)
+    return CalibrationResult(recipe=recipe, recipe_path=out, plot_path=plot_path, run_record_path=run_path,
+                             timings=timings)
+
+
+@contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[key] = round(time.perf_counter() - start, 3)

@@ -1,0 +1,3 @@
+from visprune.cli import entry_point
+
+entry_point()

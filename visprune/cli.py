@@ -1,0 +1,111 @@
+"""The `visprune` command line. Each subcommand parses its flags and calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+from typing import Sequence
+
+from visprune.errors import VispruneError
+
+INTERNAL_ERROR_EXIT = 70
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _quiet_third_party_logs(args.verbose)
+    try:
+        return args.handler(args) or 0
+    except VispruneError as e:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception:  # a bug, not a user error: always show where
+        traceback.print_exc()
+        print("error: internal error in visprune (see the traceback above); please report it.", file=sys.stderr)
+        return INTERNAL_ERROR_EXIT
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="visprune", description="Visual-token pruning for LLaVA, from "
+                                     "calibration to deployable engines.")
+    parser.add_argument("--verbose", action="store_true", help="show tracebacks and library logs")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_calibrate(commands)
+    _add_recipe(commands)
+    return parser
+
+
+def _add_calibrate(commands) -> None:
+    p = commands.add_parser("calibrate", help="search a FitPrune pruning recipe for a FLOPs budget",
+                            description="Collect attention statistics on a calibration set and bisect FitPrune's "
+                                        "alpha until the recipe removes --reduction of the visual-token FLOPs.")
+    p.add_argument("--model", default="tiny", help="'tiny' (embedded) or a local llava-hf checkpoint folder")
+    p.add_argument("--reduction", type=float, required=True, help="fraction of visual-token FLOPs to remove, in (0, 1)")
+    p.add_argument("--out", type=Path, required=True, help="recipe path, e.g. runs/demo/recipe.json")
+    data = p.add_argument_group("calibration data")
+    data.add_argument("--data", type=Path, help="JSONL with one {image, question} per line (default: embedded set)")
+    data.add_argument("--images", type=Path, help="folder the JSONL's image paths resolve against")
+    data.add_argument("--samples", type=int, help="use a seeded subset of this many samples")
+    data.add_argument("--seed", type=int, default=0)
+    run = p.add_argument_group("execution")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    run.add_argument("--batch-size", type=int, default=8, help="samples per replayed batch")
+    run.add_argument("--no-plot", action="store_true", help="skip the tokens-per-layer PNG")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(handler=_run_calibrate)
+
+
+def _run_calibrate(args) -> int:
+    from calibrate import CalibrationConfig, calibrate
+    from calibrate.plots import format_recipe_summary
+
+    config = CalibrationConfig(model=args.model, reduction=args.reduction, data=args.data, images=args.images,
+                               samples=args.samples, seed=args.seed, device=args.device, batch_size=args.batch_size)
+    result = calibrate(config, args.out, plot=not args.no_plot, progress=not args.quiet)
+    print(format_recipe_summary(result.recipe))
+    print(f"calibration time                {result.timings['total_s']:.1f} s")
+    print(f"\nrecipe:     {result.recipe_path}")
+    if result.plot_path:
+        print(f"plot:       {result.plot_path}")
+    print(f"run record: {result.run_record_path}")
+    return 0
+
+
+def _add_recipe(commands) -> None:
+    p = commands.add_parser("recipe", help="check, summarise and plot recipes (calibrated or hand-written)")
+    p.add_argument("recipes", type=Path, nargs="+", help="recipe JSON files")
+    p.add_argument("--model", help="check the recipes against this model: 'tiny', 'llava-1.5-7b' (shapes only) "
+                                   "or a checkpoint folder; also computes their FLOPs reductions")
+    p.add_argument("--text-tokens", type=float, help="non-visual prompt tokens for the whole-LM FLOPs figure")
+    p.add_argument("--plot", type=Path, help="write visual tokens per layer of all recipes to this PNG")
+    p.set_defaults(handler=_run_recipe)
+
+
+def _run_recipe(args) -> int:
+    from calibrate import inspect_recipes
+
+    _, summary = inspect_recipes(args.recipes, model=args.model, plot=args.plot, text_tokens=args.text_tokens)
+    print(summary)
+    return 0
+
+
+def _quiet_third_party_logs(verbose: bool) -> None:
+    if verbose:
+        return
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def entry_point() -> None:
+    sys.exit(main())
+

@@ -1,0 +1,15 @@
+"""Model adapters: loading LLaVA checkpoints and encoding their inputs. Shared by every stage."""
+
+from visprune.models.inputs import EncodedPrompt, chat_prompt, encode_image_prompt, load_image
+from visprune.models.llava import (
+    LanguageModelShape,
+    LlavaBundle,
+    architecture_fingerprint,
+    load_llava,
+    num_visual_tokens,
+)
+
+__all__ = [
+    "EncodedPrompt", "LanguageModelShape", "LlavaBundle", "architecture_fingerprint", "chat_prompt",
+    "encode_image_prompt", "load_image", "load_llava", "num_visual_tokens",
+]

@@ -1,0 +1,89 @@
+"""Turning (image, question or prompt) into model inputs, and finding where the image sits in them.
+
+The image's position is read from the processor's output (the run of image-token ids), never assumed: the
+reference code's hard-coded offset 35 is only right for one template and tokenizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from visprune.errors import ImageLoadError, PromptError
+
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def load_image(path: Path) -> Any:
+    """Open an image file as RGB, with an error that names the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ImageLoadError(f"Image not found: {path}", "Check the path, or the --images folder it is resolved against.")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ImageLoadError(
+            f"Image does not decode: {path} ({e})",
+            "Replace the file with a valid PNG or JPEG (it may be truncated or not an image).",
+        ) from e
+
+
+def chat_prompt(processor: Any, question: str) -> str:
+    """The checkpoint's own chat template around one image and `question`, ending at the assistant's turn."""
+    if IMAGE_PLACEHOLDER in question:
+        raise PromptError(
+            f"The question already contains {IMAGE_PLACEHOLDER!r}: {question!r}",
+            "Give a plain question (the template adds the image), or use a `prompt` field with exactly one <image>.",
+        )
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+
+def check_single_image_placeholder(prompt: str) -> None:
+    count = prompt.count(IMAGE_PLACEHOLDER)
+    if count != 1:
+        raise PromptError(
+            f"A prompt must contain exactly one {IMAGE_PLACEHOLDER!r}; this one has {count}: {prompt[:80]!r}",
+            f"Put a single {IMAGE_PLACEHOLDER} where the image belongs, e.g. 'USER: <image>\\nWhat is shown? ASSISTANT:'.",
+        )
+
+
+@dataclass
+class EncodedPrompt:
+    """One tokenized sample. Shapes: input_ids [1, S], pixel_values [1, 3, H, W]; image occupies
+    positions [image_start, image_start + num_visual) of the sequence."""
+
+    input_ids: torch.Tensor
+    pixel_values: torch.Tensor
+    image_start: int
+    num_visual: int
+
+    @property
+    def seq_len(self) -> int:
+        return self.input_ids.shape[1]
+
+
+def encode_image_prompt(processor: Any, image: Any, prompt: str, image_token_id: int) -> EncodedPrompt:
+    """Tokenize `prompt` (with its image placeholder expanded by the processor) and preprocess `image`."""
+    check_single_image_placeholder(prompt)
+    batch = processor(images=image, text=prompt, return_tensors="pt")
+    input_ids = batch["input_ids"]
+    start, count = image_span(input_ids[0], image_token_id)
+    return EncodedPrompt(input_ids=input_ids, pixel_values=batch["pixel_values"], image_start=start, num_visual=count)
+
+
+def image_span(input_ids: torch.Tensor, image_token_id: int) -> tuple[int, int]:
+    """(start, length) of the one contiguous run of image tokens in a [S] id sequence."""
+    positions = (input_ids == image_token_id).nonzero().flatten().tolist()
+    if not positions or positions[-1] - positions[0] + 1 != len(positions):
+        raise PromptError(
+            "The tokenized prompt does not hold one contiguous block of image tokens.",
+            "Check that the prompt has one <image> and that the tokenizer maps it to the model's image token.",
+        )
+    return positions[0], len(positions)

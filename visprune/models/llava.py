@@ -1,0 +1,183 @@
+"""Loading LLaVA checkpoints (the embedded `tiny` or a local llava-hf folder) and describing their shapes."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from visprune.artifacts import atomic_directory, canonical_json, sha256_bytes
+from visprune.errors import ModelLoadError
+
+EMBEDDED_MODELS = ("tiny",)
+
+# Config keys that describe how a checkpoint was saved or run, not what it computes.
+_NON_ARCHITECTURE_KEYS = {
+    "_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures", "use_cache",
+    "_attn_implementation", "_attn_implementation_autoset", "attn_implementation", "output_attentions",
+    "output_hidden_states", "return_dict", "_commit_hash", "chunk_size_feed_forward",
+}
+
+
+def cache_root() -> Path:
+    """Where built artifacts such as the tiny checkpoint live (`VISPRUNE_CACHE` overrides)."""
+    return Path(os.environ.get("VISPRUNE_CACHE", Path.home() / ".cache" / "visprune"))
+
+
+@dataclass(frozen=True)
+class LanguageModelShape:
+    """The numbers the FLOPs model and recipe validation need, read from a LLaVA config."""
+
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    num_visual_tokens: int
+
+    @classmethod
+    def from_config(cls, config: Any) -> "LanguageModelShape":
+        text = config.text_config
+        return cls(
+            num_layers=text.num_hidden_layers,
+            hidden_size=text.hidden_size,
+            intermediate_size=text.intermediate_size,
+            num_heads=text.num_attention_heads,
+            num_kv_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+            num_visual_tokens=num_visual_tokens(config),
+        )
+
+
+def num_visual_tokens(config: Any) -> int:
+    """Visual tokens one image contributes: patches per side squared, CLS dropped by the "default" strategy."""
+    vision = config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    return patches if config.vision_feature_select_strategy == "default" else patches + 1
+
+
+def architecture_fingerprint(config: Any) -> str:
+    """Hash of the architecture part of a config: equal for the same shapes, whatever the weights or paths."""
+    return sha256_bytes(canonical_json(_architecture_dict(config.to_dict())))
+
+
+def _architecture_dict(d: dict) -> dict:
+    return {k: _architecture_dict(v) if isinstance(v, dict) else v
+            for k, v in d.items() if k not in _NON_ARCHITECTURE_KEYS}
+
+
+@dataclass
+class LlavaBundle:
+    """A loaded checkpoint: the model, its processor and where it came from."""
+
+    name: str
+    path: Path
+    model: Any
+    processor: Any
+    fingerprint: str
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def shape(self) -> LanguageModelShape:
+        return LanguageModelShape.from_config(self.model.config)
+
+    @property
+    def image_token_id(self) -> int:
+        return self.model.config.image_token_id
+
+
+def resolve_model_path(model: str) -> Path:
+    """`tiny` → its cache folder (built on first use); anything else → a local llava-hf checkpoint folder."""
+    if model in EMBEDDED_MODELS:
+        return ensure_tiny_checkpoint()
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise ModelLoadError(
+            f"Model not found: {model!r} is neither an embedded model nor a folder.",
+            f"Pass --model tiny, or the path of a local llava-hf checkpoint folder "
+            f"(one with config.json, e.g. a download of llava-hf/llava-1.5-7b-hf).",
+        )
+    return path
+
+
+def ensure_tiny_checkpoint() -> Path:
+    from visprune.models.tiny import TINY_BUILD_VERSION, build_tiny_llava
+
+    path = cache_root() / "models" / f"tiny-v{TINY_BUILD_VERSION}"
+    if not (path / "config.json").exists():
+        with atomic_directory(path) as staging:
+            build_tiny_llava(staging)
+    return path
+
+
+def read_llava_config(path: Path) -> Any:
+    """The checkpoint's config, after checking that it is a LLaVA-1.5-style (`llava`) model."""
+    config_file = path / "config.json"
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"Cannot read {config_file}: {e}",
+            "Point --model at a llava-hf checkpoint folder containing a valid config.json.",
+        ) from e
+    if model_type != "llava":
+        raise ModelLoadError(
+            f"{path} holds a {model_type!r} model, not a LLaVA-1.5 (`llava`) checkpoint.",
+            "visprune supports llava-hf LLaVA-1.5 checkpoints (model_type 'llava'), e.g. llava-hf/llava-1.5-7b-hf.",
+        )
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path)
+
+
+def load_llava(model: str, device: str = "cpu", dtype: Any = None) -> LlavaBundle:
+    """Load a checkpoint by name (`tiny`) or folder through `from_pretrained`, in eval mode on `device`."""
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    path = resolve_model_path(model)
+    config = read_llava_config(path)
+    dtype = dtype or torch.float32
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+        net = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="eager")
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"Cannot load the checkpoint in {path}: {e}",
+            "Check that the folder is a complete llava-hf checkpoint (weights, tokenizer and processor files).",
+        ) from e
+    net.to(device).eval()
+    name = model if model in EMBEDDED_MODELS else str(path.resolve())
+    return LlavaBundle(name=name, path=path, model=net, processor=processor,
+                       fingerprint=architecture_fingerprint(config))
+
+
+def load_llava_config(model: str) -> Any:
+    """Only the config of `tiny`, of a shape-only reference (`llava-1.5-7b`) or of a checkpoint folder:
+    enough to check recipes and count FLOPs without loading weights."""
+    if model in SHAPE_ONLY_MODELS:
+        return llava_1_5_7b_config()
+    return read_llava_config(resolve_model_path(model))
+
+
+# Architectures known by name without weights: for `visprune recipe --model`, FLOPs and benchmarks.
+SHAPE_ONLY_MODELS = ("llava-1.5-7b",)
+
+
+def llava_1_5_7b_config() -> Any:
+    """LLaVA-1.5-7B's architecture (llava-hf/llava-1.5-7b-hf), for FLOPs, recipe checks and benchmarks at its
+    shapes; no weights come with it."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(hidden_size=1024, image_size=336, intermediate_size=4096, num_attention_heads=16,
+                              num_hidden_layers=24, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                       num_hidden_layers=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                       pad_token_id=32001)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000, image_seq_length=576,
+                       projector_hidden_act="gelu", vision_feature_select_strategy="default",
+                       vision_feature_layer=-2)
