@@ -1,0 +1,61 @@
+"""Shared fixtures. The whole session uses a private cache, so the tiny model and the default calibration set
+are built from scratch exactly as on a fresh machine."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+os.environ["VISPRUNE_CACHE"] = tempfile.mkdtemp(prefix="visprune-test-cache-")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from visprune.models import load_llava
+
+    return load_llava("tiny")
+
+
+@pytest.fixture(scope="session")
+def default_set():
+    from calibrate.data import default_calibration_set
+
+    return default_calibration_set()
+
+
+@pytest.fixture(scope="session")
+def default_states(tiny, default_set):
+    from calibrate.stage import prepare_samples
+
+    return prepare_samples(tiny, default_set, batch_size=8)
+
+
+@pytest.fixture(scope="session")
+def default_search(tiny, default_states):
+    """RecipeSearch over the 64-sample default set with its reference pass done (shared, read-only use)."""
+    from calibrate.replay import DecoderReplay
+    from calibrate.search import RecipeSearch
+
+    search = RecipeSearch(DecoderReplay(tiny.model), default_states, tiny.shape, batch_size=8)
+    search.run_reference_pass()
+    return search
+
+
+@pytest.fixture(scope="session")
+def small_states(default_states):
+    """Eight samples of the default set, for checks that replay the model several times."""
+    return default_states[::8]
+
+
+def make_search(tiny, states, **kwargs):
+    from calibrate.replay import DecoderReplay
+    from calibrate.search import RecipeSearch
+
+    search = RecipeSearch(DecoderReplay(tiny.model), states, tiny.shape, **kwargs)
+    search.run_reference_pass()
+    return search

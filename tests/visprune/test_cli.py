@@ -1,0 +1,141 @@
+"""The `visprune` command line end to end: real model, real files, real exit codes."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from visprune.cli import main
+
+
+@pytest.fixture
+def small_set(tmp_path, default_set):
+    """A 3-sample JSONL set with its own image folder."""
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = []
+    for i, sample in enumerate(default_set.samples[:3]):
+        shutil.copy(sample.image, images / sample.image.name)
+        rows.append({"image": sample.image.name, "question": f"What is in picture {i}?"})
+    data = tmp_path / "set.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return data, images
+
+
+def run_cli(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.slow
+def test_calibrate_writes_a_byte_identical_recipe_for_the_same_seed(tmp_path, capsys):
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / name / "recipe.json"
+        code, stdout, _ = run_cli(capsys, "calibrate", "--model", "tiny", "--reduction", "0.6", "--samples", "6",
+                                  "--seed", "3", "--out", str(out), "--quiet")
+        assert code == 0, stdout
+        outs.append(out)
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+    recipe = json.loads(outs[0].read_text())
+    assert recipe["calibration"]["num_samples"] == 6 and recipe["seed"] == 3
+    assert 0.6 <= recipe["achieved"]["visual_flops_reduction"] <= 0.62
+    assert recipe["model"]["fingerprint"].startswith("sha256:")
+    assert (tmp_path / "a" / "recipe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    run = json.loads((tmp_path / "a" / "recipe.run.json").read_text())
+    assert run["timings"]["total_s"] > 0 and run["recipe_sha256"].startswith("sha256:")
+    assert "achieved visual-FLOPs reduction" in stdout and "recipe:" in stdout
+
+
+def test_calibrate_on_a_user_jsonl(tmp_path, capsys, small_set):
+    data, images = small_set
+    out = tmp_path / "out" / "recipe.json"
+    code, stdout, _ = run_cli(capsys, "calibrate", "--reduction", "0.5", "--data", str(data), "--images", str(images),
+                              "--out", str(out), "--quiet", "--no-plot")
+    assert code == 0
+    recipe = json.loads(out.read_text())
+    assert recipe["calibration"]["description"].startswith("set.jsonl (3 samples")
+    assert not (tmp_path / "out" / "recipe.png").exists()
+
+
+def _bad_image(folder):
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return "broken.png"
+
+
+@pytest.mark.parametrize("case, line, exit_code, fragment", [
+    ("missing image", {"image": "nowhere.png", "question": "q"}, 4, "Image not found"),
+    ("corrupt image", "BROKEN", 4, "does not decode"),
+    ("no image field", {"question": "q"}, 4, "has no 'image'"),
+    ("no question", {"image": "IMG"}, 4, "has no 'question'"),
+    ("prompt without <image>", {"image": "IMG", "prompt": "USER: hi ASSISTANT:"}, 4, "exactly one '<image>'"),
+    ("prompt with two <image>", {"image": "IMG", "prompt": "USER: <image><image> ASSISTANT:"}, 4, "has 2"),
+])
+def test_bad_calibration_data_fails_cleanly(tmp_path, capsys, small_set, case, line, exit_code, fragment):
+    data, images = small_set
+    good = data.read_text().splitlines()[0]
+    image = json.loads(good)["image"]
+    if line == "BROKEN":
+        line = {"image": _bad_image(images), "question": "q"}
+    line = json.loads(json.dumps(line).replace('"IMG"', json.dumps(image)))
+    data.write_text(good + "\n" + json.dumps(line) + "\n")
+    out = tmp_path / "out" / "recipe.json"
+    code, _, err = run_cli(capsys, "calibrate", "--reduction", "0.6", "--data", str(data), "--images", str(images),
+                           "--out", str(out), "--quiet")
+    assert code == exit_code, (case, err)
+    assert fragment in err and "Hint:" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # no recipe, plot, run record or temporary file
+
+
+@pytest.mark.parametrize("args, exit_code, fragment", [
+    (["--reduction", "0"], 2, "strictly between 0 and 1"),
+    (["--reduction", "1.2"], 2, "strictly between 0 and 1"),
+    (["--reduction", "-0.1"], 2, "strictly between 0 and 1"),
+    (["--reduction", "0.6", "--model", "/definitely/not/here"], 3, "Model not found"),
+    (["--reduction", "0.6", "--device", "tpu"], 2, "Unknown device"),
+])
+def test_bad_arguments_fail_cleanly(tmp_path, capsys, args, exit_code, fragment):
+    out = tmp_path / "recipe.json"
+    code, _, err = run_cli(capsys, "calibrate", *args, "--out", str(out), "--quiet")
+    assert code == exit_code and fragment in err and "Hint:" in err
+    assert not out.exists()
+
+
+def test_non_llava_checkpoint_is_rejected(tmp_path, capsys):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    code, _, err = run_cli(capsys, "calibrate", "--reduction", "0.6", "--model", str(tmp_path / "ckpt"),
+                           "--out", str(tmp_path / "r.json"), "--quiet")
+    assert code == 3 and "not a LLaVA-1.5" in err and "Hint:" in err
+
+
+def test_unreachable_budget_fails_without_writing(tmp_path, capsys, small_set):
+    data, images = small_set
+    out = tmp_path / "out" / "recipe.json"
+    code, _, err = run_cli(capsys, "calibrate", "--reduction", "0.999", "--data", str(data), "--images",
+                           str(images), "--out", str(out), "--quiet")
+    assert code == 6 and "No pruning strength reaches" in err and "Hint: Ask for at most" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_recipe_command_checks_the_shipped_7b_recipe(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "recipe", str(REPO / "recipes/llava-1.5-7b/fitprune-60.json"),
+                           str(REPO / "recipes/llava-1.5-7b/fitprune-80.json"), "--model", "llava-1.5-7b",
+                           "--plot", str(tmp_path / "both.png"))
+    assert code == 0
+    assert "achieved visual-FLOPs reduction 59.7%" in out and "achieved visual-FLOPs reduction 79.7%" in out
+    assert (tmp_path / "both.png").stat().st_size > 1000
+
+
+def test_recipe_command_rejects_a_recipe_for_another_model(capsys):
+    code, _, err = run_cli(capsys, "recipe", str(REPO / "recipes/llava-1.5-7b/fitprune-60.json"), "--model", "tiny")
+    assert code == 5 and "32 layers" in err and "Hint:" in err
+
+
+def test_console_script_is_installed():
+    result = subprocess.run([sys.executable, "-m", "visprune", "calibrate", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--reduction" in result.stdout
