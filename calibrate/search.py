@@ -91,7 +91,7 @@ class RecipeSearch:
         per_layer_bytes = sum(s.hidden.numel() * s.hidden.element_size() for s in states)
         cached_layers = min(self.shape.num_layers, self._trunk_cache_bytes // max(per_layer_bytes, 1))
         for layer in range(self.shape.num_layers):
-            a_self, a_cross, states = self._run_layer(layer, states, list(range(len(states))), alpha=None)
+            a_self, a_cross, _, states = self._run_layer(layer, states, list(range(len(states))), alpha=None)
             self.trunk.a_self.append(a_self)
             self.trunk.a_cross.append(a_cross)
             if layer < cached_layers:
@@ -131,9 +131,9 @@ class RecipeSearch:
                 if states[b] is None:
                     states[b] = self.trunk.state_entering(layer, b)
                 to_run.append(b)
-        _, _, updated = self._run_layer(layer, [states[b] for b in to_run], to_run, alpha, removed)
-        for b, state in zip(to_run, updated):
-            states[b] = state
+        _, _, run_removed, updated = self._run_layer(layer, [states[b] for b in to_run], to_run, alpha)
+        for b, removed_b, state in zip(to_run, run_removed, updated):
+            removed[b], states[b] = removed_b, state
         return removed
 
     def _select(self, layer: int, sample: int, a_self: torch.Tensor, a_cross: torch.Tensor,
@@ -141,27 +141,24 @@ class RecipeSearch:
         ref_self, ref_cross = self.trunk.reference_mass(layer, sample)
         return select_removals(a_self, a_cross, ref_self, ref_cross, alpha)
 
-    def _run_layer(self, layer: int, states: list[SampleState], sample_ids: list[int], alpha: float | None,
-                   removed_out: list[torch.Tensor] | None = None):
-        """Attention + decisions + MLP for `states` in length-sorted batches. alpha None: prune nothing."""
-        a_self: list[torch.Tensor] = [None] * len(states)  # type: ignore[list-item]
-        a_cross: list[torch.Tensor] = [None] * len(states)  # type: ignore[list-item]
-        outputs: list[SampleState] = [None] * len(states)  # type: ignore[list-item]
-        lengths = [s.seq_len for s in states]
-        for batch in batches_by_length(range(len(states)), lengths, self.batch_size):
+    def _run_layer(self, layer: int, states: list[SampleState], sample_ids: list[int], alpha: float | None):
+        """Attention, decisions and MLP for `states` in length-sorted batches (alpha None: prune nothing).
+
+        Returns per state: a_self, a_cross, removed visual positions, and the state leaving the layer.
+        """
+        count = len(states)
+        a_self, a_cross, removed, outputs = [None] * count, [None] * count, [None] * count, [None] * count
+        for batch in batches_by_length(range(count), [s.seq_len for s in states], self.batch_size):
             attention = self.replay.attend(layer, [states[i] for i in batch])
-            removed = []
             for j, i in enumerate(batch):
                 a_self[i], a_cross[i] = attention.a_self[j], attention.a_cross[j]
-                if alpha is None:
-                    removed.append(torch.empty(0, dtype=torch.long))
-                else:
-                    removed.append(self._select(layer, sample_ids[i], a_self[i], a_cross[i], alpha))
-                    removed_out[sample_ids[i]] = removed[-1]
-            for i, state in zip(batch, self.replay.finish(layer, attention, removed)):
+                removed[i] = (torch.empty(0, dtype=torch.long) if alpha is None
+                              else self._select(layer, sample_ids[i], a_self[i], a_cross[i], alpha))
+            finished = self.replay.finish(layer, attention, [removed[i] for i in batch])
+            for i, state in zip(batch, finished):
                 outputs[i] = state
             self.layers_computed += len(batch)
-        return a_self, a_cross, outputs
+        return a_self, a_cross, removed, outputs
 
     def search(self, reduction: float, tolerance: float = 0.01,
                on_step: Callable[[AlphaOutcome], None] | None = None,

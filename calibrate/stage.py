@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import platform
 import time
 from contextlib import contextmanager
@@ -89,7 +90,8 @@ def prepare_samples(bundle: LlavaBundle, dataset: CalibrationSet, batch_size: in
 
 
 def _bisect(search: RecipeSearch, config: CalibrationConfig, progress: bool) -> SearchResult:
-    with tqdm(total=7, desc="bisection on alpha", disable=not progress) as bar:
+    steps = math.ceil(math.log2(1.0 / config.alpha_tolerance))  # 7 at the default 0.01
+    with tqdm(total=steps, desc="bisection on alpha", disable=not progress) as bar:
         def on_step(outcome) -> None:
             bar.set_postfix(alpha=f"{outcome.alpha:.4f}", reduction=f"{outcome.visual_reduction:.3f}",
                             feasible="yes" if outcome.feasible else "no")
