@@ -36,7 +36,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ from calibrate.data import CalibrationSet, default_calibration_set, select_sampl
 from calibrate.flops import visual_flops
 from calibrate.replay import DecoderReplay
 from calibrate.search import RecipeSearch
-from calibrate.stage import prepare_samples, resolve_device
+from calibrate.stage import prepare_samples, resolve_batch_size, resolve_device
 from visprune.models import LlavaBundle, chat_prompt, encode_image_prompt, load_image, load_llava
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -315,7 +315,7 @@ def _warm_up(bundle: LlavaBundle, dataset: CalibrationSet) -> None:
                      pixel_values=enc.pixel_values.to(bundle.model.device, bundle.model.dtype), use_cache=False)
 
 
-def _diagnose(bundle, states, search, reference: ReferenceCalibration, ref_steps, our_steps, reduction, batch_size):
+def _diagnose(bundle, states, search, ref_steps, our_steps, reduction, batch_size):
     """At the first bisection step whose recipes differ: per-sample, per-layer deletions of (A) and (B)."""
     for a_step, b_step in zip(ref_steps, our_steps):
         if a_step.alpha != b_step.alpha or a_step.recipe_removed != b_step.recipe_removed:
@@ -339,13 +339,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=None, help="seeded subset of the default set (seed 0)")
     parser.add_argument("--reduction", type=float, default=0.6)
-    parser.add_argument("--batch-size", type=int, default=8, help="batch size of (B); (A) always runs batch 1")
+    parser.add_argument("--batch-size", type=int,
+                        help="batch size of (B); default: what `visprune calibrate` uses on --device. (A) runs batch 1")
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for calibration_speed.{json,md}")
     args = parser.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device, dtype = resolve_device(args.device)
+    args.batch_size = args.batch_size or resolve_batch_size(device)
     bundle = load_llava(args.model, device=device, dtype=dtype)
     dataset = select_samples(default_calibration_set(), args.samples, seed=0)
     num_samples = len(dataset.samples)
@@ -382,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         steps_identical = ([(s.alpha, s.feasible, s.recipe_removed) for s in ref_steps]
                            == [(s.alpha, s.feasible, s.recipe_removed) for s in our_result.steps])
         if not steps_identical:
-            diagnosis = _diagnose(bundle, states, search, reference, ref_steps, our_result.steps,
+            diagnosis = _diagnose(bundle, states, search, ref_steps, our_result.steps,
                                   args.reduction, args.batch_size)
 
     load_after = os.getloadavg()
@@ -436,7 +441,12 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(markdown)
     if diagnosis:
-        print("First differing bisection step:", json.dumps(diagnosis, indent=1)[:4000])
+        print(f"First differing bisection step: alpha A {diagnosis['alpha_A']}, B {diagnosis['alpha_B']}; "
+              f"recipe A {diagnosis['recipe_A']}, B {diagnosis['recipe_B']}")
+        rows = diagnosis["differing_sample_layers"]
+        print(f"{len(rows)} (layer, sample) deletion counts differ" + (", the first 50:" if len(rows) > 50 else ":"))
+        for row in rows[:50]:
+            print(f"  layer {row['layer']:2d} sample {row['sample']:3d}: A {row['A']:4d}  B {row['B']:4d}")
     return 0 if identical else 1
 
 
@@ -477,6 +487,11 @@ def _markdown(r: dict) -> str:
         f"{r['max_rel_diff_reference_mass']:.2e}",
         "",
     ]
+    if r["first_difference"]:
+        d = r["first_difference"]
+        lines += [f"First differing bisection step: alpha A {d['alpha_A']} / B {d['alpha_B']}, recipe A "
+                  f"{d['recipe_A']} / B {d['recipe_B']}; {len(d['differing_sample_layers'])} (layer, sample) "
+                  "deletion counts differ (listed in the JSON).", ""]
     return "\n".join(lines)
 
 

@@ -25,7 +25,7 @@ class CalibrationConfig:
     samples: int | None = None  # use a seeded subset of this many samples; None: all
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    batch_size: int = 8
+    batch_size: int | None = None  # samples replayed together; None: by device (see stage.resolve_batch_size)
     alpha_tolerance: float = 0.01  # bisection stops when the alpha interval is this narrow
 
     def __post_init__(self) -> None:
@@ -34,7 +34,7 @@ class CalibrationConfig:
                               "Give the fraction of visual-token FLOPs to remove, e.g. --reduction 0.6 for 60 %.")
         if self.samples is not None and self.samples < 1:
             raise ConfigError(f"--samples must be at least 1, got {self.samples}.", "Leave it out to use every sample.")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}.", "Try --batch-size 8.")
         if not 0.0 < self.alpha_tolerance < 1.0:
             raise ConfigError(f"alpha tolerance must lie in (0, 1), got {self.alpha_tolerance}.", "Use 0.01.")

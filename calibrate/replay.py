@@ -127,7 +127,9 @@ class DecoderReplay:
         cos, sin = self.language_model.rotary_emb(x, positions)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         k, v = repeat_kv(k, attn.num_key_value_groups), repeat_kv(v, attn.num_key_value_groups)
-        logits = torch.matmul(q, k.transpose(2, 3)) * attn.scaling + _causal_mask(key_valid, q.dtype)
+        # HF's order of operations (so rounding matches its eager forward), done in place to spare memory traffic
+        logits = torch.matmul(q, k.transpose(2, 3)).mul_(attn.scaling)
+        logits.masked_fill_(_blocked_keys(key_valid), torch.finfo(logits.dtype).min)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [B, H, S, S]
         context = torch.matmul(probs.to(v.dtype), v).transpose(1, 2).reshape(batch, seq, -1)
         a_self, a_cross = visual_scores(
@@ -162,10 +164,9 @@ def _pad(states: list[SampleState]) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return hidden, positions, key_valid
 
 
-def _causal_mask(key_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask [B, 1, S, S]: causal in sequence order (pruning keeps order) and blind to padding keys."""
+def _blocked_keys(key_valid: torch.Tensor) -> torch.Tensor:
+    """Boolean mask [B, 1, S, S] of keys a query may not see: later positions (pruning keeps order) and padding."""
     seq = key_valid.shape[1]
     causal = torch.ones(seq, seq, dtype=torch.bool, device=key_valid.device).tril()
-    allowed = causal[None, None] & key_valid[:, None, None, :]
-    return torch.zeros(allowed.shape, dtype=dtype, device=key_valid.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return ~(causal[None, None] & key_valid[:, None, None, :])
 

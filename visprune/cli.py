@@ -57,7 +57,7 @@ def _add_calibrate(commands) -> None:
     data.add_argument("--seed", type=int, default=0)
     run = p.add_argument_group("execution")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    run.add_argument("--batch-size", type=int, default=8, help="samples per replayed batch")
+    run.add_argument("--batch-size", type=int, help="samples per replayed batch (default: 2 on CPU, 16 on CUDA)")
     run.add_argument("--no-plot", action="store_true", help="skip the tokens-per-layer PNG")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=_run_calibrate)
