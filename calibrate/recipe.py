@@ -22,7 +22,7 @@ from visprune.models.llava import LanguageModelShape
 
 RECIPE_SCHEMA = "visprune.recipe"
 RECIPE_SCHEMA_VERSION = 1
-METHODS = ("fitprune",)
+METHODS = ("fitprune", "none")  # "none": the unpruned model, exported through the same code
 
 
 @dataclass
@@ -93,6 +93,11 @@ def _check_counts(recipe: Recipe, source: str) -> None:
     if recipe.total_removed >= recipe.num_visual_tokens:
         raise RecipeError(f"{source} deletes {recipe.total_removed} of {recipe.num_visual_tokens} visual tokens.",
                           "Every layer must keep at least one visual token; lower the counts.")
+
+
+def unpruned_recipe(shape: LanguageModelShape) -> Recipe:
+    """The recipe that removes nothing: the unpruned baseline goes through the same export code."""
+    return Recipe(method="none", num_visual_tokens=shape.num_visual_tokens, removed=[0] * shape.num_layers)
 
 
 def load_recipe(path: Path) -> Recipe:

@@ -60,3 +60,15 @@ class BudgetUnreachableError(VispruneError):
     """No pruning strength meets the requested FLOPs reduction."""
 
     exit_code = 6
+
+
+class ExportError(VispruneError):
+    """The exported graphs are not fit for deployment (e.g. the TensorRT-readiness lint failed)."""
+
+    exit_code = 7
+
+
+class ArtifactMismatchError(VispruneError):
+    """An artifact does not match the model, recipe or upstream artifact it is used with, or is incomplete."""
+
+    exit_code = 8

@@ -78,9 +78,9 @@ def encode_image_prompt(processor: Any, image: Any, prompt: str, image_token_id:
     return EncodedPrompt(input_ids=input_ids, pixel_values=batch["pixel_values"], image_start=start, num_visual=count)
 
 
-def image_span(input_ids: torch.Tensor, image_token_id: int) -> tuple[int, int]:
-    """(start, length) of the one contiguous run of image tokens in a [S] id sequence."""
-    positions = (input_ids == image_token_id).nonzero().flatten().tolist()
+def image_span(input_ids: Any, image_token_id: int) -> tuple[int, int]:
+    """(start, length) of the one contiguous run of image tokens in a [S] id sequence (torch or numpy)."""
+    positions = [i for i, token in enumerate(input_ids.tolist()) if token == image_token_id]
     if not positions or positions[-1] - positions[0] + 1 != len(positions):
         raise PromptError(
             "The tokenized prompt does not hold one contiguous block of image tokens.",

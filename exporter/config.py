@@ -1,0 +1,33 @@
+"""The export stage's one typed, versioned config."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from visprune.errors import ConfigError
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    VERSION = 1
+
+    model: str = "tiny"  # "tiny" or a local llava-hf checkpoint folder
+    recipe: Path | None = None  # None: the unpruned model
+    dtype: str = "float32"  # graph dtype; float16/bfloat16 keep norms, softmax and scores in float32
+    opset: int = 18
+    max_seq: int = 2048  # longest prompt (text + image tokens) + generated tokens the graphs accept
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"Unknown --dtype {self.dtype!r}.", f"Use one of: {', '.join(DTYPES)}.")
+        if self.opset < 18:
+            raise ConfigError(f"--opset {self.opset} is too old.", "Use opset 18 or newer.")
+        if self.max_seq < 2:
+            raise ConfigError(f"--max-seq must be at least 2, got {self.max_seq}.", "Try --max-seq 2048.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.VERSION, **asdict(self), "recipe": str(self.recipe) if self.recipe else None}

@@ -1,0 +1,133 @@
+"""`export_onnx(config, out_dir)`: the export stage, from checkpoint + recipe to a linted, self-describing ONNX set.
+
+The set holds vision.onnx, prefill.onnx (the recipe baked in), decode.onnx, embed_tokens.npy (the token
+embedding matrix, so the runtime needs no PyTorch), processor/ (the checkpoint's own tokenizer, chat template
+and image processor) and manifest.json. It is written into a staging folder and renamed into place only when
+every graph exported and passed the lint.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from calibrate.recipe import Recipe, check_recipe_fits, load_recipe, unpruned_recipe
+from exporter.config import ExportConfig
+from exporter.graphs import export_decode, export_prefill, export_vision, kv_stages
+from exporter.lint import lint_onnx
+from visprune.artifacts import atomic_directory, atomic_write_json, tool_versions
+from visprune.errors import ExportError
+from visprune.models import LlavaBundle, chat_prompt, encode_image_prompt, load_llava
+
+ONNX_SET_SCHEMA = "visprune.onnx_set"
+ONNX_SET_SCHEMA_VERSION = 1
+GRAPHS = ("vision", "prefill", "decode")
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    manifest: dict[str, Any]
+
+
+def export_onnx(config: ExportConfig, out_dir: Path, progress: bool = True) -> ExportResult:
+    """Export the vision, pruned prefill and decode graphs of `config.model` with `config.recipe` baked in."""
+    start = time.perf_counter()
+    bundle = load_llava(config.model, device="cpu", dtype=_TORCH_DTYPES[config.dtype])
+    recipe = load_recipe(config.recipe) if config.recipe else unpruned_recipe(bundle.shape)
+    check_recipe_fits(recipe, bundle.shape, bundle.fingerprint)
+    image_start = template_image_start(bundle)
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as staging:
+        for graph in _progress(GRAPHS, progress):
+            _export_graph(graph, bundle, recipe, image_start, config, staging / f"{graph}.onnx")
+        lint_exported_set(staging, recipe)
+        embeddings = bundle.model.get_input_embeddings().weight.detach().float().numpy()
+        np.save(staging / "embed_tokens.npy", embeddings.astype(_numpy_dtype(config.dtype)))
+        bundle.processor.save_pretrained(staging / "processor")
+        manifest = _manifest(config, bundle, recipe, image_start, staging, time.perf_counter() - start)
+        atomic_write_json(staging / "manifest.json", manifest)
+    return ExportResult(out_dir=out_dir, manifest=manifest)
+
+
+def template_image_start(bundle: LlavaBundle) -> int:
+    """Where the chat template puts the image: a property of the template and tokenizer, baked into prefill."""
+    from PIL import Image
+
+    size = bundle.config.vision_config.image_size
+    blank = Image.new("RGB", (size, size))
+    return encode_image_prompt(bundle.processor, blank, chat_prompt(bundle.processor, "?"), bundle.image_token_id).image_start
+
+
+def lint_exported_set(folder: Path, recipe: Recipe) -> None:
+    """Run the TensorRT-readiness lint on every graph; one error lists every violation."""
+    stages = kv_stages(recipe)
+    violations = [v for graph in GRAPHS
+                  for v in lint_onnx(folder / f"{graph}.onnx", stages if graph != "vision" else None)]
+    if violations:
+        listing = "\n".join(f"  - {v}" for v in violations)
+        raise ExportError(f"The exported graphs are not TensorRT-ready ({len(violations)} problems):\n{listing}",
+                          "This is a visprune bug unless you changed the export code; please report it with the list.")
+
+
+def _export_graph(graph: str, bundle: LlavaBundle, recipe: Recipe, image_start: int, config: ExportConfig,
+                  out: Path) -> None:
+    if graph == "vision":
+        export_vision(bundle.model, out, config.opset)
+    elif graph == "prefill":
+        export_prefill(bundle.model, recipe, image_start, config.max_seq, out, config.opset)
+    else:
+        export_decode(bundle.model, recipe, image_start, config.max_seq, out, config.opset)
+
+
+def _manifest(config: ExportConfig, bundle: LlavaBundle, recipe: Recipe, image_start: int, folder: Path,
+              seconds: float) -> dict[str, Any]:
+    tokenizer = bundle.processor.tokenizer
+    return {
+        "schema": ONNX_SET_SCHEMA,
+        "schema_version": ONNX_SET_SCHEMA_VERSION,
+        "model": {"name": bundle.name, "path": str(bundle.path.resolve()), "fingerprint": bundle.fingerprint},
+        "recipe": {"sha256": recipe.content_hash(), "method": recipe.method, "removed": recipe.removed,
+                   "keep": recipe.keep, "num_visual_tokens": recipe.num_visual_tokens},
+        "prompt": {"image_start": image_start, "num_visual_tokens": recipe.num_visual_tokens,
+                   "max_seq": config.max_seq, "image_token_id": bundle.image_token_id,
+                   "eos_token_id": tokenizer.eos_token_id},
+        "dtype": config.dtype,
+        "kv_stages": kv_stages(recipe),
+        "graphs": {graph: {"file": f"{graph}.onnx", **describe_io(folder / f"{graph}.onnx")} for graph in GRAPHS},
+        "embeddings": {"file": "embed_tokens.npy", "shape": list(bundle.model.get_input_embeddings().weight.shape)},
+        "processor": "processor",
+        "config": config.to_dict(),
+        "tools": tool_versions("torch", "transformers", "onnx", "onnxscript"),
+        "export_seconds": round(seconds, 2),
+    }
+
+
+def describe_io(path: Path) -> dict[str, list[dict[str, Any]]]:
+    """Names, dtypes and dims (numbers or symbolic names) of a graph's inputs and outputs, read from the file."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+
+    def describe(value) -> dict[str, Any]:
+        tensor = value.type.tensor_type
+        return {"name": value.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name,
+                "shape": [d.dim_param or d.dim_value for d in tensor.shape.dim]}
+
+    return {"inputs": [describe(v) for v in graph.input], "outputs": [describe(v) for v in graph.output]}
+
+
+def _numpy_dtype(dtype: str):
+    # numpy has no bfloat16: bfloat16 graphs take their embeddings as float32 and cast on the way in.
+    return np.float16 if dtype == "float16" else np.float32
+
+
+def _progress(items, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc="exporting graphs", disable=not enabled)

@@ -1,0 +1,106 @@
+"""Tracing the three graphs to ONNX with the dynamo exporter: vision, pruned prefill, decode.
+
+Dynamic dims get example sizes of at least 2 (torch.export specialises 0 and 1) and no derived expressions
+are declared: each KV stage of the decode graph has its own independent length dim, `past_len_s{stage}`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.export import Dim
+
+from calibrate.recipe import Recipe
+from exporter.pruned_lm import LlamaDecodeStep, PrunedLlamaPrefill
+
+EXAMPLE_BATCH = 2
+EXAMPLE_TEXT = 12
+
+
+class VisionFeatures(nn.Module):
+    """pixel_values [B, 3, H, W] -> image_features [B, N, D]: tower output at the feature layer, CLS dropped
+    under the "default" strategy, then the projector."""
+
+    def __init__(self, llava: nn.Module):
+        super().__init__()
+        self.tower = llava.model.vision_tower
+        self.projector = llava.model.multi_modal_projector
+        self.layer = llava.config.vision_feature_layer
+        self.drop_cls = llava.config.vision_feature_select_strategy == "default"
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden = self.tower(pixel_values, output_hidden_states=True).hidden_states[self.layer]
+        return self.projector(hidden[:, 1:] if self.drop_cls else hidden)
+
+
+def kv_stages(recipe: Recipe) -> list[int]:
+    """Stage of each layer's KV cache: how many pruning layers come before it."""
+    stages, stage = [], 0
+    for removed in recipe.removed:
+        stages.append(stage)
+        stage += 1 if removed else 0
+    return stages
+
+
+def export_vision(llava: nn.Module, out: Path, opset: int) -> None:
+    size = llava.config.vision_config.image_size
+    example = torch.zeros(EXAMPLE_BATCH, 3, size, size, dtype=llava.dtype)
+    _export(VisionFeatures(llava), (example,), out, opset, ["pixel_values"], ["image_features"],
+            {"pixel_values": {0: Dim("batch")}})
+
+
+def export_prefill(llava: nn.Module, recipe: Recipe, image_start: int, max_seq: int, out: Path, opset: int) -> None:
+    hidden = llava.config.text_config.hidden_size
+    min_seq = image_start + recipe.num_visual_tokens + 1
+    example = torch.zeros(EXAMPLE_BATCH, min_seq + EXAMPLE_TEXT, hidden, dtype=llava.dtype)
+    pruning_layers = [i for i, r in enumerate(recipe.removed) if r]
+    outputs = ["logits", *_kv_names("present", recipe.num_layers), *[f"kept_indices.{i}" for i in pruning_layers]]
+    _export(PrunedLlamaPrefill(llava, recipe, image_start), (example,), out, opset, ["inputs_embeds"], outputs,
+            {"inputs_embeds": {0: Dim("batch"), 1: Dim("seq", min=min_seq, max=max_seq)}})
+
+
+def export_decode(llava: nn.Module, recipe: Recipe, image_start: int, max_seq: int, out: Path, opset: int) -> None:
+    text = llava.config.text_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    example_len = image_start + recipe.num_visual_tokens + EXAMPLE_TEXT
+    stage_of = kv_stages(recipe)
+    dims = [Dim(f"past_len_s{s}", min=1, max=max_seq) for s in range(max(stage_of) + 1)]
+    lengths = [example_len - sum(recipe.removed[:layer]) for layer in range(recipe.num_layers)]
+    past = [torch.zeros(EXAMPLE_BATCH, kv_heads, lengths[layer], head_dim, dtype=llava.dtype)
+            for layer in range(recipe.num_layers) for _ in ("key", "value")]
+    embeds = torch.zeros(EXAMPLE_BATCH, 1, text.hidden_size, dtype=llava.dtype)
+    positions = torch.full((EXAMPLE_BATCH, 1), example_len, dtype=torch.long)
+    batch = Dim("batch")
+    past_shapes = [{0: batch, 2: dims[stage_of[layer]]} for layer in range(recipe.num_layers) for _ in range(2)]
+    _export(LlamaDecodeStep(llava), (embeds, positions, past), out, opset,
+            ["inputs_embeds", "position_ids", *_kv_names("past", recipe.num_layers)],
+            ["logits", *_kv_names("present", recipe.num_layers)],
+            {"inputs_embeds": {0: batch}, "position_ids": {0: batch}, "past": past_shapes})
+
+
+def _kv_names(prefix: str, num_layers: int) -> list[str]:
+    return [f"{prefix}.{layer}.{kind}" for layer in range(num_layers) for kind in ("key", "value")]
+
+
+def _export(module: nn.Module, args: tuple, out: Path, opset: int, input_names: list[str],
+            output_names: list[str], dynamic_shapes: dict) -> None:
+    """torch.onnx.export(dynamo=True) with its progress chatter kept off the user's terminal."""
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module.eval(), args, dynamo=True, opset_version=opset, input_names=input_names,
+            output_names=output_names, dynamic_shapes=dynamic_shapes, optimize=True, verbose=False,
+        )
+    program.save(str(out), external_data=_needs_external_data(module))
+
+
+def _needs_external_data(module: nn.Module) -> bool:
+    """ONNX protobufs cap at 2 GB: bigger models keep their weights in a side file."""
+    size = sum(p.numel() * p.element_size() for p in module.parameters())
+    return size > 1_800_000_000

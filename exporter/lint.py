@@ -1,0 +1,108 @@
+"""TensorRT-readiness lint for exported graphs (deploy_constraints.md §3): what can be checked without TensorRT.
+
+Rules: the ONNX full check passes; only standard domains; every TopK has a constant K <= 3840 and sorted=1;
+no op with a data-dependent output shape (NonZero and friends); KV stages have distinct dim names; a graph
+over 2 GB keeps its weights as external data. All violations are collected, then reported together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from onnx import numpy_helper
+
+TOPK_MAX_K = 3840
+STANDARD_DOMAINS = {"", "ai.onnx"}
+DATA_DEPENDENT_OPS = {"NonZero", "Unique", "Compress", "NonMaxSuppression", "StringSplit"}
+PROTOBUF_LIMIT = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class Violation:
+    graph: str
+    rule: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.graph}: [{self.rule}] {self.detail}"
+
+
+def lint_onnx(path: Path, kv_stage_of_layer: list[int] | None = None) -> list[Violation]:
+    """Every TensorRT-readiness violation in the graph at `path` (empty when it is clean)."""
+    path = Path(path)
+    name = path.name
+    violations = _full_check(path)
+    model = onnx.load(str(path), load_external_data=False)
+    constants = _constant_values(model.graph)
+    for node in model.graph.node:
+        violations += _node_violations(name, node, constants)
+    if kv_stage_of_layer is not None:
+        violations += _kv_dim_violations(name, model.graph, kv_stage_of_layer)
+    if path.stat().st_size > PROTOBUF_LIMIT:
+        violations.append(Violation(name, "external-data", f"{path.stat().st_size} bytes inline; over 2 GB must "
+                                                            "keep weights as external data"))
+    return violations
+
+
+def _full_check(path: Path) -> list[Violation]:
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+        return []
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        return [Violation(path.name, "onnx-checker", str(e).splitlines()[0])]
+
+
+def _node_violations(graph: str, node: onnx.NodeProto, constants: dict) -> list[Violation]:
+    where = f"node {node.name or node.op_type}"
+    found = []
+    if node.domain not in STANDARD_DOMAINS:
+        found.append(Violation(graph, "standard-domain", f"{where} uses domain {node.domain!r}"))
+    if node.op_type in DATA_DEPENDENT_OPS:
+        found.append(Violation(graph, "static-shapes", f"{where} is {node.op_type}: its output shape depends on data"))
+    if node.op_type == "TopK":
+        found += _topk_violations(graph, node, constants, where)
+    return found
+
+
+def _topk_violations(graph: str, node: onnx.NodeProto, constants: dict, where: str) -> list[Violation]:
+    found = []
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if attrs.get("sorted", 1) != 1:
+        found.append(Violation(graph, "topk-sorted", f"{where} has sorted=0; TensorRT needs sorted=1"))
+    k = constants.get(node.input[1]) if len(node.input) > 1 else None
+    if k is None:
+        found.append(Violation(graph, "topk-constant-k", f"{where} takes K from a computed tensor"))
+    elif int(k.reshape(-1)[0]) > TOPK_MAX_K:
+        found.append(Violation(graph, "topk-k-limit", f"{where} has K={int(k.reshape(-1)[0])} > {TOPK_MAX_K}"))
+    return found
+
+
+def _constant_values(graph: onnx.GraphProto) -> dict:
+    """Initializers and Constant-node outputs by name (as numpy arrays)."""
+    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer if not init.external_data}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    values[node.output[0]] = numpy_helper.to_array(attr.t)
+    return values
+
+
+def _kv_dim_violations(graph: str, g: onnx.GraphProto, stage_of_layer: list[int]) -> list[Violation]:
+    """KV tensors of different stages must not share a symbolic length name (TensorRT needs distinct names)."""
+    names_by_stage: dict[int, set[str]] = {}
+    for value in list(g.input) + list(g.output):
+        parts = value.name.split(".")
+        if len(parts) == 3 and parts[0] in ("past", "present") and parts[1].isdigit():
+            dim = value.type.tensor_type.shape.dim[2]
+            names_by_stage.setdefault(stage_of_layer[int(parts[1])], set()).add(dim.dim_param or str(dim.dim_value))
+    found = []
+    stages = sorted(names_by_stage)
+    for i, a in enumerate(stages):
+        for b in stages[i + 1:]:
+            shared = {n for n in names_by_stage[a] & names_by_stage[b] if not n.isdigit()}
+            if shared:
+                found.append(Violation(graph, "kv-dim-names", f"stages {a} and {b} share KV length dim {shared}"))
+    return found

@@ -1,0 +1,178 @@
+"""Parity reports: (a) the engine against the PyTorch reference of the same pruned model, (b) pruned against
+unpruned (both in PyTorch, same weights) on prompts that calibration did not use.
+
+(a) per prompt: first-token and per-step logits error, kept indices per pruning layer, greedy tokens.
+(b) per prompt: next-token top-1 agreement, KL(unpruned || pruned) of the first-token distribution, and
+whether the greedy answers match exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from calibrate.recipe import Recipe, unpruned_recipe
+from exporter.graphs import VisionFeatures
+from exporter.pruned_lm import LlamaDecodeStep, PrunedLlamaPrefill
+from runtime.pipeline import Pipeline
+from visprune.artifacts import atomic_write_bytes, atomic_write_json
+from visprune.errors import ArtifactMismatchError, VispruneError
+from visprune.models import LlavaBundle, load_llava
+
+# Logits tolerance of engine vs reference, by export dtype (max abs error).
+TOLERANCE = {"float32": 1e-4, "float16": 5e-2, "bfloat16": 2e-1}
+HELD_OUT_QUESTIONS = ["What is the dominant color here?", "Is this picture taken at night?",
+                      "What shape is the biggest thing?", "Name one object in the photo."]
+
+
+class ParityError(VispruneError):
+    exit_code = 9
+
+
+@dataclass
+class PromptCase:
+    image: Path
+    question: str
+
+
+def default_parity_prompts(count: int = 8) -> list[PromptCase]:
+    """Default-set photographs with questions that calibration never asked."""
+    from calibrate.data import default_calibration_set
+
+    images = sorted({s.image for s in default_calibration_set().samples})
+    return [PromptCase(images[(7 * i) % len(images)], HELD_OUT_QUESTIONS[i % len(HELD_OUT_QUESTIONS)])
+            for i in range(count)]
+
+
+class TorchReference:
+    """The pruned model of an engine, in PyTorch: same inputs, same recipe, same semantics."""
+
+    def __init__(self, bundle: LlavaBundle, recipe: Recipe, image_start: int):
+        self.bundle = bundle
+        self.vision = VisionFeatures(bundle.model).eval()
+        self.prefill = PrunedLlamaPrefill(bundle.model, recipe, image_start).eval()
+        self.decode = LlamaDecodeStep(bundle.model).eval()
+        self.image_start, self.num_visual = image_start, recipe.num_visual_tokens
+
+    @torch.no_grad()
+    def generate(self, input_ids: np.ndarray, pixel_values: np.ndarray, max_new_tokens: int):
+        """Greedy tokens, per-step logits [V] and kept indices, like `Pipeline.generate`."""
+        ids = torch.from_numpy(input_ids)
+        embeds = self.bundle.model.get_input_embeddings()(ids)
+        features = self.vision(torch.from_numpy(pixel_values).to(embeds.dtype))
+        embeds[:, self.image_start:self.image_start + self.num_visual] = features
+        logits, past, kept = self.prefill(embeds)
+        pruning_layers = [i for i, r in enumerate(self.prefill.removed) if r]
+        kept_by_layer = {layer: k[0].tolist() for layer, k in zip(pruning_layers, kept)}
+        tokens, step_logits = [], []
+        for step in range(max_new_tokens):
+            step_logits.append(logits[0].float().numpy())
+            tokens.append(int(logits[0].argmax()))
+            if tokens[-1] == self.bundle.processor.tokenizer.eos_token_id or step == max_new_tokens - 1:
+                break
+            token_embed = self.bundle.model.get_input_embeddings()(torch.tensor([[tokens[-1]]]))
+            logits, past = self.decode(token_embed, torch.tensor([[ids.shape[1] + step]]), past)
+        return tokens, step_logits, kept_by_layer
+
+
+def parity_report(engine_dir: Path, model: str, out_dir: Path, prompts: list[PromptCase] | None = None,
+                  max_new_tokens: int = 8, allow_failure: bool = False) -> dict[str, Any]:
+    """Write parity.json and parity.md to `out_dir`; raise ParityError on failure unless `allow_failure`."""
+    pipe = Pipeline.from_engine_dir(engine_dir)
+    onnx_set = pipe.manifest["onnx_set"]
+    bundle = load_llava(model)
+    if bundle.fingerprint != onnx_set["model"]["fingerprint"]:
+        raise ArtifactMismatchError(f"The engine in {engine_dir} was exported from a different model "
+                                    f"({onnx_set['model']['name']}) than {model}.",
+                                    "Pass the --model the engine was exported from, or export and build again.")
+    recipe = Recipe(onnx_set["recipe"]["method"], onnx_set["recipe"]["num_visual_tokens"], onnx_set["recipe"]["removed"])
+    pruned = TorchReference(bundle, recipe, pipe.image_start)
+    unpruned = TorchReference(bundle, unpruned_recipe(bundle.shape), pipe.image_start)
+    tolerance = TOLERANCE[onnx_set["dtype"]]
+    cases = [_compare_case(pipe, pruned, unpruned, case, max_new_tokens) for case in prompts or default_parity_prompts()]
+    report = _summarize(cases, tolerance, onnx_set)
+    out_dir = Path(out_dir)
+    atomic_write_json(out_dir / "parity.json", report)
+    atomic_write_bytes(out_dir / "parity.md", _markdown(report).encode())
+    if not report["engine_vs_reference"]["passed"] and not allow_failure:
+        raise ParityError(f"The engine does not match the PyTorch reference: {report['engine_vs_reference']['failures']}",
+                          f"See {out_dir / 'parity.md'}; pass --allow-parity-failure to keep going anyway.")
+    return report
+
+
+def _compare_case(pipe: Pipeline, pruned: TorchReference, unpruned: TorchReference, case: PromptCase,
+                  max_new_tokens: int) -> dict[str, Any]:
+    prompt = pipe.chat_prompt(case.question)
+    input_ids, pixel_values = pipe.encode(case.image, prompt)
+    engine = pipe.generate(case.image, prompt, max_new_tokens=max_new_tokens, keep_logits=True)
+    ref_tokens, ref_logits, ref_kept = pruned.generate(input_ids, pixel_values, max_new_tokens)
+    base_tokens, base_logits, _ = unpruned.generate(input_ids, pixel_values, max_new_tokens)
+    steps = min(len(engine.step_logits), len(ref_logits))
+    abs_err = [float(np.abs(engine.step_logits[i] - ref_logits[i]).max()) for i in range(steps)]
+    rel_err = [e / max(float(np.abs(ref_logits[i]).max()), 1e-12) for i, e in enumerate(abs_err)]
+    return {
+        "image": case.image.name, "question": case.question,
+        "max_abs_logits_error": abs_err, "max_rel_logits_error": rel_err,
+        "kept_indices_equal": engine.kept_indices == ref_kept,
+        "tokens_equal": engine.token_ids == ref_tokens, "engine_tokens": engine.token_ids,
+        "first_token_top1_agree": int(np.argmax(base_logits[0])) == int(np.argmax(ref_logits[0])),
+        "first_token_kl": _kl(base_logits[0], ref_logits[0]),
+        "answer_exact_match": base_tokens == ref_tokens,
+    }
+
+
+def _summarize(cases: list[dict[str, Any]], tolerance: float, onnx_set: dict[str, Any]) -> dict[str, Any]:
+    worst = max(max(c["max_abs_logits_error"]) for c in cases)
+    failures = []
+    if worst > tolerance:
+        failures.append(f"max abs logits error {worst:.2e} > {tolerance:.0e}")
+    if not all(c["kept_indices_equal"] for c in cases):
+        failures.append("kept indices differ")
+    if not all(c["tokens_equal"] for c in cases):
+        failures.append("greedy tokens differ")
+    return {
+        "schema": "visprune.parity_report", "schema_version": 1,
+        "engine": {"recipe_sha256": onnx_set["recipe"]["sha256"], "dtype": onnx_set["dtype"],
+                   "model": onnx_set["model"]["name"]},
+        "engine_vs_reference": {"passed": not failures, "failures": failures, "tolerance": tolerance,
+                                "max_abs_logits_error": worst, "prompts": len(cases)},
+        "pruned_vs_unpruned": {
+            "first_token_top1_agreement": float(np.mean([c["first_token_top1_agree"] for c in cases])),
+            "mean_first_token_kl": float(np.mean([c["first_token_kl"] for c in cases])),
+            "answer_exact_match_rate": float(np.mean([c["answer_exact_match"] for c in cases])),
+        },
+        "cases": cases,
+    }
+
+
+def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    """KL(p || q) of the softmax distributions of two logit vectors, in nats."""
+    log_p = p_logits - np.logaddexp.reduce(p_logits)
+    log_q = q_logits - np.logaddexp.reduce(q_logits)
+    return float(np.sum(np.exp(log_p) * (log_p - log_q)))
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    a, b = report["engine_vs_reference"], report["pruned_vs_unpruned"]
+    lines = [
+        "# Parity report", "",
+        f"Model `{report['engine']['model']}`, export dtype {report['engine']['dtype']}, "
+        f"recipe {report['engine']['recipe_sha256'][:19]}…", "",
+        "## Engine vs. PyTorch reference (same pruned model)", "",
+        f"**{'PASSED' if a['passed'] else 'FAILED'}** over {a['prompts']} prompts: max abs logits error "
+        f"{a['max_abs_logits_error']:.2e} (tolerance {a['tolerance']:.0e}); "
+        + ("; ".join(a["failures"]) if a["failures"] else "kept indices and greedy tokens identical."), "",
+        "| image | question | max abs err | kept equal | tokens equal |", "|---|---|---:|---|---|",
+    ]
+    lines += [f"| {c['image']} | {c['question']} | {max(c['max_abs_logits_error']):.2e} | "
+              f"{'yes' if c['kept_indices_equal'] else 'NO'} | {'yes' if c['tokens_equal'] else 'NO'} |"
+              for c in report["cases"]]
+    lines += ["", "## Pruned vs. unpruned (PyTorch, same weights, prompts not used for calibration)", "",
+              f"- first-token top-1 agreement: {b['first_token_top1_agreement']:.0%}",
+              f"- mean KL(unpruned ‖ pruned) of the first token: {b['mean_first_token_kl']:.4f} nats",
+              f"- greedy answers identical: {b['answer_exact_match_rate']:.0%}", ""]
+    return "\n".join(lines)
