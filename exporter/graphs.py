@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import warnings
 from pathlib import Path
 
@@ -91,12 +92,16 @@ def _kv_names(prefix: str, num_layers: int) -> list[str]:
 def _export(module: nn.Module, args: tuple, out: Path, opset: int, input_names: list[str],
             output_names: list[str], dynamic_shapes: dict) -> None:
     """torch.onnx.export(dynamo=True) with its progress chatter kept off the user's terminal."""
+    onnx_logger = logging.getLogger("torch.onnx")
+    level = onnx_logger.level
+    onnx_logger.setLevel(logging.ERROR)  # e.g. "torchvision is not installed. Skipping torchvision::nms"
     with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module.eval(), args, dynamo=True, opset_version=opset, input_names=input_names,
             output_names=output_names, dynamic_shapes=dynamic_shapes, optimize=True, verbose=False,
         )
+    onnx_logger.setLevel(level)
     program.save(str(out), external_data=_needs_external_data(module))
 
 

@@ -59,3 +59,28 @@ def make_search(tiny, states, **kwargs):
     search = RecipeSearch(DecoderReplay(tiny.model), states, tiny.shape, **kwargs)
     search.run_reference_pass()
     return search
+
+
+# A realistic calibrated recipe for tiny (60 % on the default set), written down so fixtures need no search.
+TINY_RECIPE_60 = [143, 101, 44, 41, 18, 28, 0, 0]
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """Pruned and unpruned ONNX sets and ORT engines of tiny, exported once per session (about 90 s)."""
+    import json
+
+    from engines import BuildConfig, build_engine
+    from exporter import ExportConfig, export_onnx
+
+    root = tmp_path_factory.mktemp("exported")
+    recipe = root / "recipe.json"
+    recipe.write_text(json.dumps({"method": "fitprune", "num_visual_tokens": 576, "removed": TINY_RECIPE_60}))
+    paths = {}
+    for name, recipe_path in (("pruned", recipe), ("unpruned", None)):
+        export_onnx(ExportConfig(model="tiny", recipe=recipe_path), root / f"{name}-onnx", progress=False)
+        build_engine(BuildConfig(), root / f"{name}-onnx", root / f"{name}-engine")
+        paths[name] = root / f"{name}-engine"
+        paths[f"{name}-onnx"] = root / f"{name}-onnx"
+    paths["recipe"] = recipe
+    return paths

@@ -40,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_calibrate(commands)
     _add_recipe(commands)
+    _add_export(commands)
+    _add_build(commands)
+    _add_run(commands)
+    _add_report(commands)
     return parser
 
 
@@ -94,6 +98,92 @@ def _run_recipe(args) -> int:
 
     _, summary = inspect_recipes(args.recipes, model=args.model, plot=args.plot, text_tokens=args.text_tokens)
     print(summary)
+    return 0
+
+
+def _add_export(commands) -> None:
+    p = commands.add_parser("export", help="export vision, pruned prefill and decode graphs to ONNX",
+                            description="Bake a recipe's per-layer keep counts into the language model and export "
+                                        "the ONNX set (linted for TensorRT). Without --recipe: the unpruned model.")
+    p.add_argument("--model", default="tiny", help="'tiny' or a local llava-hf checkpoint folder")
+    p.add_argument("--recipe", type=Path, help="recipe JSON (default: unpruned)")
+    p.add_argument("--out", type=Path, required=True, help="ONNX set folder, e.g. runs/demo/onnx")
+    p.add_argument("--dtype", default="float32", help="float32 (CPU), float16 or bfloat16 (GPU)")
+    p.add_argument("--max-seq", type=int, default=2048, help="longest prompt plus generated tokens")
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_run_export)
+
+
+def _run_export(args) -> int:
+    from exporter import ExportConfig, export_onnx
+
+    config = ExportConfig(model=args.model, recipe=args.recipe, dtype=args.dtype, opset=args.opset,
+                          max_seq=args.max_seq)
+    result = export_onnx(config, args.out, progress=not args.quiet)
+    recipe = result.manifest["recipe"]
+    print(f"exported {args.out} in {result.manifest['export_seconds']:.1f} s "
+          f"(recipe {recipe['method']}: {recipe['num_visual_tokens']} -> {recipe['keep'][-1]} visual tokens; lint clean)")
+    return 0
+
+
+def _add_build(commands) -> None:
+    p = commands.add_parser("build", help="build engines from an exported ONNX set")
+    p.add_argument("--onnx", type=Path, required=True, help="ONNX set folder from `visprune export`")
+    p.add_argument("--out", type=Path, required=True, help="engine folder")
+    p.add_argument("--backend", default="onnxruntime", help="onnxruntime")
+    p.add_argument("--optimization-level", default="extended", help="disabled, basic, extended or all")
+    p.set_defaults(handler=_run_build)
+
+
+def _run_build(args) -> int:
+    from engines import BuildConfig, build_engine
+
+    manifest = build_engine(BuildConfig(backend=args.backend, optimization_level=args.optimization_level),
+                            args.onnx, args.out)
+    print(f"built {args.out}: {manifest['backend']} {manifest['onnxruntime_version']}, "
+          f"providers {', '.join(manifest['providers'])}, optimization {manifest['optimization_level']}")
+    return 0
+
+
+def _add_run(commands) -> None:
+    p = commands.add_parser("run", help="generate text for an image and a prompt over an engine")
+    p.add_argument("--engine", type=Path, required=True, help="engine folder from `visprune build`")
+    p.add_argument("--image", type=Path, required=True)
+    p.add_argument("--prompt", required=True, help="a question, or a full prompt with one <image>")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.set_defaults(handler=_run_run)
+
+
+def _run_run(args) -> int:
+    from runtime import Pipeline
+
+    pipe = Pipeline.from_engine_dir(args.engine)
+    prompt = args.prompt if "<image>" in args.prompt else pipe.chat_prompt(args.prompt)
+    generation = pipe.generate(args.image, prompt, max_new_tokens=args.max_new_tokens)
+    print(generation.text)
+    t = generation.timings
+    print(f"[vision {1e3 * t['vision_s']:.1f} ms, prefill {1e3 * t['prefill_s']:.1f} ms, "
+          f"decode {1e3 * t['decode_s_per_token']:.2f} ms/token over {t['decode_tokens']} tokens]", file=sys.stderr)
+    return 0
+
+
+def _add_report(commands) -> None:
+    p = commands.add_parser("report", help="parity of an engine vs. the PyTorch reference, pruned vs. unpruned")
+    p.add_argument("--engine", type=Path, required=True)
+    p.add_argument("--model", default="tiny", help="the checkpoint the engine was exported from")
+    p.add_argument("--out", type=Path, required=True, help="report folder (parity.json, parity.md)")
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--allow-parity-failure", action="store_true", help="exit 0 even if parity fails")
+    p.set_defaults(handler=_run_report)
+
+
+def _run_report(args) -> int:
+    from runtime.parity import parity_report
+
+    parity_report(args.engine, args.model, args.out, max_new_tokens=args.max_new_tokens,
+                  allow_failure=args.allow_parity_failure)
+    print((args.out / "parity.md").read_text())
     return 0
 
 

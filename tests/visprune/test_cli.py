@@ -139,3 +139,32 @@ def test_recipe_command_rejects_a_recipe_for_another_model(capsys):
 def test_console_script_is_installed():
     result = subprocess.run([sys.executable, "-m", "visprune", "calibrate", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--reduction" in result.stdout
+
+
+def test_run_and_report_commands(exported, capsys, tmp_path, default_set):
+    image = default_set.samples[0].image
+    code, out, err = run_cli(capsys, "run", "--engine", str(exported["pruned"]), "--image", str(image),
+                             "--prompt", "What is shown?", "--max-new-tokens", "3")
+    assert code == 0 and out.strip() and "prefill" in err and "ms/token" in err
+    code, out, _ = run_cli(capsys, "report", "--engine", str(exported["pruned"]), "--out", str(tmp_path / "r"),
+                           "--max-new-tokens", "2")
+    assert code == 0 and "PASSED" in out and (tmp_path / "r" / "parity.json").exists()
+
+
+def test_run_rejects_a_missing_engine_and_a_bad_image(exported, capsys, tmp_path):
+    code, _, err = run_cli(capsys, "run", "--engine", str(tmp_path), "--image", "x.png", "--prompt", "hi")
+    assert code == 8 and "No engine manifest" in err and "Hint:" in err
+    code, _, err = run_cli(capsys, "run", "--engine", str(exported["pruned"]), "--image", str(tmp_path / "none.png"),
+                           "--prompt", "hi")
+    assert code == 4 and "Image not found" in err
+
+
+def test_export_rejects_a_recipe_for_another_model(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "export", "--recipe", str(REPO / "recipes/llava-1.5-7b/fitprune-60.json"),
+                           "--out", str(tmp_path / "onnx"), "--quiet")
+    assert code == 5 and "32 layers" in err and not (tmp_path / "onnx").exists()
+
+
+def test_build_rejects_tensorrt_here_with_a_hint(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "build", "--onnx", str(tmp_path), "--out", str(tmp_path / "e"), "--backend", "tensorrt")
+    assert code == 2 and "Hint:" in err

@@ -1,0 +1,28 @@
+"""Engine folders: manifest contents and the configs they accept."""
+
+import json
+
+import pytest
+
+from engines import BuildConfig
+from visprune.artifacts import sha256_file
+from visprune.errors import ConfigError
+
+
+def test_engine_manifest_records_backend_and_upstream(exported):
+    manifest = json.loads((exported["pruned"] / "engine.json").read_text())
+    assert manifest["schema"] == "visprune.engine_set" and manifest["backend"] == "onnxruntime"
+    assert manifest["providers"] == ["CPUExecutionProvider"] and manifest["optimization_level"] == "extended"
+    assert manifest["onnxruntime_version"]
+    assert manifest["upstream"]["manifest_sha256"] == sha256_file(exported["pruned-onnx"] / "manifest.json")
+    assert manifest["onnx_set"]["recipe"]["keep"][-1] == 201
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"backend": "tensorrt"}, "not available in this version"),
+    ({"backend": "openvino"}, "Unknown backend"),
+    ({"optimization_level": "max"}, "Unknown optimization level"),
+])
+def test_bad_build_configs_are_rejected(kwargs, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        BuildConfig(**kwargs)

@@ -1,0 +1,79 @@
+"""The exported ONNX set: manifest, graph contract, and edge recipes through ONNX Runtime vs PyTorch."""
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from calibrate.recipe import Recipe
+from conftest import TINY_RECIPE_60
+from exporter import ExportConfig, export_onnx
+from exporter.graphs import export_prefill
+from exporter.pruned_lm import PrunedLlamaPrefill
+from visprune.artifacts import sha256_bytes, canonical_json
+from visprune.errors import RecipeError
+
+
+def test_manifest_describes_the_set(exported):
+    manifest = json.loads((exported["pruned-onnx"] / "manifest.json").read_text())
+    assert manifest["schema"] == "visprune.onnx_set" and manifest["schema_version"] == 1
+    assert manifest["prompt"]["image_start"] == 4 and manifest["prompt"]["num_visual_tokens"] == 576
+    assert manifest["recipe"]["removed"] == TINY_RECIPE_60 and manifest["recipe"]["keep"][-1] == 201
+    assert manifest["kv_stages"] == [0, 1, 2, 3, 4, 5, 6, 6]
+    prefill = manifest["graphs"]["prefill"]
+    assert prefill["inputs"] == [{"name": "inputs_embeds", "dtype": "float32", "shape": ["batch", "seq", 64]}]
+    outputs = {o["name"]: o["shape"] for o in prefill["outputs"]}
+    assert outputs["kept_indices.0"] == ["batch", 433] and "kept_indices.6" not in outputs
+    kv_dims = {outputs[f"present.{layer}.key"][2] for layer in range(8)}
+    assert len(kv_dims) == 7  # one length per KV stage (layers 6 and 7 share one)
+    decode_inputs = {i["name"]: i["shape"] for i in manifest["graphs"]["decode"]["inputs"]}
+    assert decode_inputs["past.0.key"][2] == "past_len_s0" and decode_inputs["past.7.key"][2] == "past_len_s6"
+    assert manifest["model"]["fingerprint"].startswith("sha256:")
+    for name in ("vision.onnx", "prefill.onnx", "decode.onnx", "embed_tokens.npy", "processor/tokenizer.json"):
+        assert (exported["pruned-onnx"] / name).exists(), name
+
+
+def test_unpruned_export_uses_the_same_code_path(exported):
+    manifest = json.loads((exported["unpruned-onnx"] / "manifest.json").read_text())
+    assert manifest["recipe"]["method"] == "none" and manifest["recipe"]["keep"] == [576] * 8
+    assert manifest["kv_stages"] == [0] * 8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, removed", [
+    ("keep one visual token", [575, 0, 0, 0, 0, 0, 0, 0]),
+    ("prune only at layer 0", [300, 0, 0, 0, 0, 0, 0, 0]),
+    ("prune only at the last layer", [0, 0, 0, 0, 0, 0, 0, 400]),
+])
+def test_edge_recipes_match_pytorch(tmp_path, tiny, default_states, name, removed):
+    recipe = Recipe("fitprune", 576, removed)
+    path = tmp_path / "prefill.onnx"
+    export_prefill(tiny.model, recipe, 4, 2048, path, 18)
+    embeds = torch.stack([default_states[0].hidden, default_states[0].hidden])  # batch 2
+    with torch.no_grad():
+        ref_logits, ref_kv, ref_kept = PrunedLlamaPrefill(tiny.model, recipe, 4)(embeds)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"inputs_embeds": embeds.numpy()})))
+    assert np.abs(outputs["logits"] - ref_logits.numpy()).max() <= 1e-4
+    layer = next(i for i, r in enumerate(removed) if r)
+    assert (outputs[f"kept_indices.{layer}"] == ref_kept[0].numpy()).all()
+    assert outputs[f"kept_indices.{layer}"].shape == (2, 576 - sum(removed))
+    assert np.all(np.diff(outputs[f"kept_indices.{layer}"], axis=1) > 0)  # ascending, original order
+    seq = embeds.shape[1]
+    assert outputs["present.7.key"].shape[2] == seq - sum(removed[:7])
+
+
+def test_a_recipe_for_another_model_is_rejected_before_anything_is_written(tmp_path):
+    bad = tmp_path / "recipe.json"
+    bad.write_text(json.dumps({"method": "fitprune", "num_visual_tokens": 576, "removed": [1] * 32}))
+    with pytest.raises(RecipeError, match="32 layers"):
+        export_onnx(ExportConfig(model="tiny", recipe=bad), tmp_path / "onnx", progress=False)
+    assert not (tmp_path / "onnx").exists()
+
+
+def test_recipe_hash_in_the_manifest_is_the_recipes(exported):
+    manifest = json.loads((exported["pruned-onnx"] / "manifest.json").read_text())
+    expected = Recipe("fitprune", 576, TINY_RECIPE_60).content_hash()
+    assert manifest["recipe"]["sha256"] == expected != sha256_bytes(canonical_json({}))

@@ -1,0 +1,82 @@
+"""The TensorRT-readiness lint on hand-built graphs with planted problems, and on a real export."""
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from exporter.lint import lint_onnx
+
+
+def save_graph(tmp_path, nodes, inputs, outputs, initializers=(), name="g.onnx"):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    path = tmp_path / name
+    onnx.save(model, path)
+    return path
+
+
+def topk_graph(tmp_path, k, sorted_=1, constant=True):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5000])
+    outs = [helper.make_tensor_value_info("v", TensorProto.FLOAT, [1, None]),
+            helper.make_tensor_value_info("i", TensorProto.INT64, [1, None])]
+    inits, inputs = [], [x]
+    if constant:
+        inits.append(helper.make_tensor("k", TensorProto.INT64, [1], [k]))
+    else:
+        inputs.append(helper.make_tensor_value_info("k", TensorProto.INT64, [1]))
+    node = helper.make_node("TopK", ["x", "k"], ["v", "i"], axis=1, sorted=sorted_, name="topk")
+    return save_graph(tmp_path, [node], inputs, outs, inits)
+
+
+def rules(violations):
+    return sorted(v.rule for v in violations)
+
+
+def test_a_clean_topk_passes(tmp_path):
+    assert lint_onnx(topk_graph(tmp_path, 576)) == []
+
+
+def test_topk_over_3840_is_caught(tmp_path):
+    violations = lint_onnx(topk_graph(tmp_path, 4000))
+    assert rules(violations) == ["topk-k-limit"] and "K=4000 > 3840" in str(violations[0])
+
+
+def test_unsorted_and_computed_k_are_caught(tmp_path):
+    assert rules(lint_onnx(topk_graph(tmp_path, 10, sorted_=0))) == ["topk-sorted"]
+    assert rules(lint_onnx(topk_graph(tmp_path, 10, constant=False))) == ["topk-constant-k"]
+
+
+def test_a_planted_nonzero_is_caught(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])
+    y = helper.make_tensor_value_info("y", TensorProto.INT64, [1, None])
+    path = save_graph(tmp_path, [helper.make_node("NonZero", ["x"], ["y"], name="nz")], [x], [y])
+    assert rules(lint_onnx(path)) == ["static-shapes"]
+
+
+def test_custom_domains_are_caught(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])
+    node = helper.make_node("FancyAttention", ["x"], ["y"], domain="com.microsoft", name="fancy")
+    graph = helper.make_graph([node], "g", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    onnx.save(model, tmp_path / "g.onnx")
+    assert "standard-domain" in rules(lint_onnx(tmp_path / "g.onnx"))
+
+
+def test_kv_stages_sharing_a_dim_name_are_caught(tmp_path):
+    kv = [helper.make_tensor_value_info(f"past.{i}.key", TensorProto.FLOAT, [1, 4, "past_len", 16]) for i in range(2)]
+    outs = [helper.make_tensor_value_info(f"present.{i}.key", TensorProto.FLOAT, [1, 4, "past_len", 16]) for i in range(2)]
+    nodes = [helper.make_node("Identity", [f"past.{i}.key"], [f"present.{i}.key"]) for i in range(2)]
+    path = save_graph(tmp_path, nodes, kv, outs)
+    assert lint_onnx(path, kv_stage_of_layer=[0, 0]) == []
+    assert rules(lint_onnx(path, kv_stage_of_layer=[0, 1])) == ["kv-dim-names"]
+
+
+@pytest.mark.parametrize("graph", ["vision", "prefill", "decode"])
+def test_the_real_export_is_clean(exported, graph):
+    from exporter.graphs import kv_stages
+    from conftest import TINY_RECIPE_60
+    from calibrate.recipe import Recipe
+
+    stages = kv_stages(Recipe("fitprune", 576, TINY_RECIPE_60)) if graph != "vision" else None
+    assert lint_onnx(exported["pruned-onnx"] / f"{graph}.onnx", stages) == []
