@@ -102,11 +102,13 @@ def _attention(layer: nn.Module, rotary: nn.Module, hidden: torch.Tensor, positi
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     if past is not None:
         k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-    logits = torch.matmul(q, repeat_kv(k, attn.num_key_value_groups).transpose(2, 3)) * attn.scaling
+    # Upcast before the softmax: `softmax(x, dtype=float32)` exports as a half-precision Softmax plus a Cast,
+    # which would lose the float32 island that fp16/bf16 graphs need.
+    logits = (torch.matmul(q, repeat_kv(k, attn.num_key_value_groups).transpose(2, 3)) * attn.scaling).float()
     if causal:
         blocked = torch.ones(seq, seq, dtype=torch.bool, device=hidden.device).tril().logical_not()
-        logits = logits.masked_fill(blocked, torch.finfo(logits.dtype).min)
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        logits = logits.masked_fill(blocked, torch.finfo(torch.float32).min)
+    probs = torch.softmax(logits, dim=-1)
     context = torch.matmul(probs.to(v.dtype), repeat_kv(v, attn.num_key_value_groups))
     return context.transpose(1, 2).reshape(batch, seq, -1), probs, k, v
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from calibrate.recipe import Recipe, unpruned_recipe
+from calibrate.recipe import Recipe, load_recipe, unpruned_recipe
 from exporter.graphs import VisionFeatures
 from exporter.pruned_lm import LlamaDecodeStep, PrunedLlamaPrefill
 from runtime.pipeline import Pipeline
@@ -80,10 +80,15 @@ class TorchReference:
 
 
 def parity_report(engine_dir: Path, model: str, out_dir: Path, prompts: list[PromptCase] | None = None,
-                  max_new_tokens: int = 8, allow_failure: bool = False) -> dict[str, Any]:
-    """Write parity.json and parity.md to `out_dir`; raise ParityError on failure unless `allow_failure`."""
+                  max_new_tokens: int = 8, allow_failure: bool = False, recipe: Path | None = None) -> dict[str, Any]:
+    """Write parity.json and parity.md to `out_dir`; raise ParityError on failure unless `allow_failure`.
+
+    With `recipe`, the engine must have been exported from exactly that recipe.
+    """
     pipe = Pipeline.from_engine_dir(engine_dir)
     onnx_set = pipe.manifest["onnx_set"]
+    if recipe is not None:
+        check_engine_recipe(onnx_set, load_recipe(recipe), engine_dir)
     bundle = load_llava(model)
     if bundle.fingerprint != onnx_set["model"]["fingerprint"]:
         raise ArtifactMismatchError(f"The engine in {engine_dir} was exported from a different model "
@@ -102,6 +107,15 @@ def parity_report(engine_dir: Path, model: str, out_dir: Path, prompts: list[Pro
         raise ParityError(f"The engine does not match the PyTorch reference: {report['engine_vs_reference']['failures']}",
                           f"See {out_dir / 'parity.md'}; pass --allow-parity-failure to keep going anyway.")
     return report
+
+
+def check_engine_recipe(onnx_set: dict[str, Any], recipe: Recipe, engine_dir: Path) -> None:
+    if onnx_set["recipe"]["sha256"] != recipe.content_hash():
+        raise ArtifactMismatchError(
+            f"The engine in {engine_dir} was exported from recipe {onnx_set['recipe']['sha256'][:19]}… "
+            f"(keep {onnx_set['recipe']['keep'][-1]}), not from the given one ({recipe.content_hash()[:19]}…, "
+            f"keep {recipe.keep[-1]}).",
+            "Export and build again from this recipe, or leave --recipe out.")
 
 
 def _compare_case(pipe: Pipeline, pruned: TorchReference, unpruned: TorchReference, case: PromptCase,

@@ -172,6 +172,7 @@ def _add_report(commands) -> None:
     p = commands.add_parser("report", help="parity of an engine vs. the PyTorch reference, pruned vs. unpruned")
     p.add_argument("--engine", type=Path, required=True)
     p.add_argument("--model", default="tiny", help="the checkpoint the engine was exported from")
+    p.add_argument("--recipe", type=Path, help="check that the engine was exported from this recipe")
     p.add_argument("--out", type=Path, required=True, help="report folder (parity.json, parity.md)")
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--allow-parity-failure", action="store_true", help="exit 0 even if parity fails")
@@ -182,7 +183,7 @@ def _run_report(args) -> int:
     from runtime.parity import parity_report
 
     parity_report(args.engine, args.model, args.out, max_new_tokens=args.max_new_tokens,
-                  allow_failure=args.allow_parity_failure)
+                  allow_failure=args.allow_parity_failure, recipe=args.recipe)
     print((args.out / "parity.md").read_text())
     return 0
 

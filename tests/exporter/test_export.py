@@ -77,3 +77,26 @@ def test_recipe_hash_in_the_manifest_is_the_recipes(exported):
     manifest = json.loads((exported["pruned-onnx"] / "manifest.json").read_text())
     expected = Recipe("fitprune", 576, TINY_RECIPE_60).content_hash()
     assert manifest["recipe"]["sha256"] == expected != sha256_bytes(canonical_json({}))
+
+
+@pytest.mark.slow
+def test_float16_export_keeps_float32_islands(tmp_path):
+    """fp16 weights and activations, but softmax and the pruning scores run in float32 (needed by TensorRT 11
+    strong typing, and for ranking stability)."""
+    import onnx
+
+    from visprune.models import load_llava
+
+    bundle = load_llava("tiny", dtype=torch.float16)
+    export_prefill(bundle.model, Recipe("fitprune", 576, TINY_RECIPE_60), 4, 2048, tmp_path / "p.onnx", 18)
+    model = onnx.shape_inference.infer_shapes(onnx.load(tmp_path / "p.onnx"))
+    graph = model.graph
+    dtype_of = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    float32, float16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    weight_matrices = [i for i in graph.initializer if len(i.dims) == 2 and i.data_type in (float32, float16)]
+    assert weight_matrices and {i.data_type for i in weight_matrices} == {float16}
+    softmax = [n for n in graph.node if n.op_type == "Softmax"]
+    assert len(softmax) == 8 and all(dtype_of[n.input[0]] == float32 for n in softmax)
+    scores = [n for n in graph.node if n.op_type == "TopK" and dtype_of[n.input[0]] != onnx.TensorProto.INT64]
+    assert len(scores) == 6 and all(dtype_of[n.input[0]] == float32 for n in scores)
+    assert dtype_of["logits"] == float16

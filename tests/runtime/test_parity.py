@@ -69,3 +69,14 @@ def test_building_from_an_incomplete_onnx_set_writes_nothing(exported, tmp_path)
     with pytest.raises(ArtifactMismatchError, match="cannot load"):
         build_engine(BuildConfig(), onnx_dir, tmp_path / "engine")
     assert not (tmp_path / "engine").exists()
+
+
+def test_an_engine_from_another_recipe_is_rejected(exported, tmp_path):
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"method": "fitprune", "num_visual_tokens": 576, "removed": [100, 0, 0, 0, 0, 0, 0, 0]}))
+    with pytest.raises(ArtifactMismatchError, match="exported from recipe"):
+        parity_report(exported["pruned"], "tiny", tmp_path / "r", recipe=other)
+    assert not (tmp_path / "r").exists()
+    report = parity_report(exported["pruned"], "tiny", tmp_path / "ok", recipe=exported["recipe"],
+                           prompts=default_parity_prompts(1), max_new_tokens=2)
+    assert report["engine_vs_reference"]["passed"]
