@@ -98,3 +98,19 @@ def test_an_image_that_does_not_open_is_rejected(pruned, tmp_path):
     (tmp_path / "x.png").write_bytes(b"nope")
     with pytest.raises(ImageLoadError, match="does not decode"):
         pruned.generate(tmp_path / "x.png", pruned.chat_prompt("Why?"), max_new_tokens=2)
+
+
+def test_the_engine_path_needs_no_pytorch(exported, cat_image):
+    """Generation works in a process where importing torch fails (transformers then skips it too)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from runtime import Pipeline\n"
+        f"pipe = Pipeline.from_engine_dir({str(exported['pruned'])!r})\n"
+        f"print(pipe.generate({str(cat_image)!r}, pipe.chat_prompt('What?'), max_new_tokens=3).token_ids)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().startswith("[")

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from visprune.errors import ImageLoadError, PromptError
+
+if TYPE_CHECKING:  # the runtime uses this module without PyTorch
+    import torch
 
 IMAGE_PLACEHOLDER = "<image>"
 
