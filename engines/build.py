@@ -7,19 +7,24 @@ providers, the ORT version, the optimization level and the hash of the upstream 
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from visprune.artifacts import atomic_directory, atomic_write_json, sha256_file, tool_versions
+from visprune.artifacts import (
+    ENGINE_SET_SCHEMA,
+    GRAPH_NAMES,
+    GRAPH_SET_FILES,
+    ONNX_SET_SCHEMA,
+    atomic_directory,
+    atomic_write_json,
+    read_manifest,
+    sha256_file,
+    tool_versions,
+)
 from visprune.errors import ArtifactMismatchError, ConfigError
 
-ENGINE_SCHEMA = "visprune.engine_set"
-ENGINE_SCHEMA_VERSION = 1
-ONNX_SET_SCHEMA, ONNX_SET_SCHEMA_VERSION = "visprune.onnx_set", 1
-GRAPHS = ("vision", "prefill", "decode")
 BACKENDS = ("onnxruntime",)
 # "extended" optimizations are portable across machines; "all" adds layout changes for this CPU only.
 OPT_LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
@@ -51,12 +56,12 @@ def build_engine(config: BuildConfig, onnx_dir: Path, out_dir: Path) -> dict[str
     onnx_dir = Path(onnx_dir)
     onnx_manifest = read_onnx_set_manifest(onnx_dir)
     with atomic_directory(Path(out_dir)) as staging:
-        for graph in GRAPHS:
+        for graph in GRAPH_NAMES:
             _optimize(onnx_dir / f"{graph}.onnx", staging / f"{graph}.onnx", config)
         shutil.copy(onnx_dir / "embed_tokens.npy", staging / "embed_tokens.npy")
         shutil.copytree(onnx_dir / "processor", staging / "processor")
         manifest = {
-            "schema": ENGINE_SCHEMA, "schema_version": ENGINE_SCHEMA_VERSION,
+            "schema": ENGINE_SET_SCHEMA[0], "schema_version": ENGINE_SET_SCHEMA[1],
             "backend": config.backend, "providers": list(config.providers),
             "onnxruntime_version": ort.__version__, "optimization_level": config.optimization_level,
             "upstream": {"onnx_dir": str(onnx_dir.resolve()), "manifest_sha256": sha256_file(onnx_dir / "manifest.json")},
@@ -68,25 +73,13 @@ def build_engine(config: BuildConfig, onnx_dir: Path, out_dir: Path) -> dict[str
 
 
 def read_onnx_set_manifest(onnx_dir: Path) -> dict[str, Any]:
-    """The ONNX set's manifest after checking its schema and that every file it names is there."""
-    manifest = _read_json(onnx_dir / "manifest.json", "ONNX set", "Export it with `visprune export`.")
-    if (manifest.get("schema"), manifest.get("schema_version")) != (ONNX_SET_SCHEMA, ONNX_SET_SCHEMA_VERSION):
-        raise ArtifactMismatchError(f"{onnx_dir} is not a visprune ONNX set of schema version {ONNX_SET_SCHEMA_VERSION}.",
-                                    "Export it again with this version: `visprune export ...`.")
-    _require_files(onnx_dir, [f"{g}.onnx" for g in GRAPHS] + ["embed_tokens.npy", "processor"],
-                   "Export again with `visprune export`; the folder is incomplete.")
-    return manifest
+    return read_manifest(onnx_dir, "manifest.json", ONNX_SET_SCHEMA, GRAPH_SET_FILES, "ONNX set",
+                         "Export it again with `visprune export ...`.")
 
 
 def load_engine_manifest(engine_dir: Path) -> dict[str, Any]:
-    engine_dir = Path(engine_dir)
-    manifest = _read_json(engine_dir / "engine.json", "engine", "Build it with `visprune build --onnx DIR --out DIR`.")
-    if (manifest.get("schema"), manifest.get("schema_version")) != (ENGINE_SCHEMA, ENGINE_SCHEMA_VERSION):
-        raise ArtifactMismatchError(f"{engine_dir} is not a visprune engine of schema version {ENGINE_SCHEMA_VERSION}.",
-                                    "Rebuild it with this version: `visprune build ...`.")
-    _require_files(engine_dir, [f"{g}.onnx" for g in GRAPHS] + ["embed_tokens.npy", "processor"],
-                   "Rebuild the engine with `visprune build`; the folder is incomplete.")
-    return manifest
+    return read_manifest(engine_dir, "engine.json", ENGINE_SET_SCHEMA, GRAPH_SET_FILES, "engine",
+                         "Build it again with `visprune build --onnx DIR --out DIR`.")
 
 
 def _optimize(source: Path, target: Path, config: BuildConfig) -> None:
@@ -100,18 +93,3 @@ def _optimize(source: Path, target: Path, config: BuildConfig) -> None:
     except Exception as e:  # ORT raises its own exception types for corrupt or invalid models
         raise ArtifactMismatchError(f"ONNX Runtime cannot load {source}: {str(e).splitlines()[0]}",
                                     "The file is corrupt or truncated; export the set again with `visprune export`.") from e
-
-
-def _read_json(path: Path, what: str, hint: str) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise ArtifactMismatchError(f"No {what} manifest at {path}.", hint) from e
-    except ValueError as e:
-        raise ArtifactMismatchError(f"The {what} manifest {path} is not valid JSON ({e}).", hint) from e
-
-
-def _require_files(folder: Path, names: list[str], hint: str) -> None:
-    missing = [n for n in names if not (folder / n).exists()]
-    if missing:
-        raise ArtifactMismatchError(f"{folder} lacks {', '.join(missing)}.", hint)

@@ -21,13 +21,10 @@ from calibrate.recipe import Recipe, check_recipe_fits, load_recipe, unpruned_re
 from exporter.config import ExportConfig
 from exporter.graphs import export_decode, export_prefill, export_vision, kv_stages
 from exporter.lint import lint_onnx
-from visprune.artifacts import atomic_directory, atomic_write_json, tool_versions
+from visprune.artifacts import GRAPH_NAMES, ONNX_SET_SCHEMA, atomic_directory, atomic_write_json, tool_versions
 from visprune.errors import ExportError
 from visprune.models import LlavaBundle, chat_prompt, encode_image_prompt, load_llava
 
-ONNX_SET_SCHEMA = "visprune.onnx_set"
-ONNX_SET_SCHEMA_VERSION = 1
-GRAPHS = ("vision", "prefill", "decode")
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -46,7 +43,7 @@ def export_onnx(config: ExportConfig, out_dir: Path, progress: bool = True) -> E
     image_start = template_image_start(bundle)
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as staging:
-        for graph in _progress(GRAPHS, progress):
+        for graph in _progress(GRAPH_NAMES, progress):
             _export_graph(graph, bundle, recipe, image_start, config, staging / f"{graph}.onnx")
         lint_exported_set(staging, recipe)
         embeddings = bundle.model.get_input_embeddings().weight.detach().float().numpy()
@@ -69,7 +66,7 @@ def template_image_start(bundle: LlavaBundle) -> int:
 def lint_exported_set(folder: Path, recipe: Recipe) -> None:
     """Run the TensorRT-readiness lint on every graph; one error lists every violation."""
     stages = kv_stages(recipe)
-    violations = [v for graph in GRAPHS
+    violations = [v for graph in GRAPH_NAMES
                   for v in lint_onnx(folder / f"{graph}.onnx", stages if graph != "vision" else None)]
     if violations:
         listing = "\n".join(f"  - {v}" for v in violations)
@@ -91,8 +88,8 @@ def _manifest(config: ExportConfig, bundle: LlavaBundle, recipe: Recipe, image_s
               seconds: float) -> dict[str, Any]:
     tokenizer = bundle.processor.tokenizer
     return {
-        "schema": ONNX_SET_SCHEMA,
-        "schema_version": ONNX_SET_SCHEMA_VERSION,
+        "schema": ONNX_SET_SCHEMA[0],
+        "schema_version": ONNX_SET_SCHEMA[1],
         "model": {"name": bundle.name, "path": str(bundle.path.resolve()), "fingerprint": bundle.fingerprint},
         "recipe": {"sha256": recipe.content_hash(), "method": recipe.method, "removed": recipe.removed,
                    "keep": recipe.keep, "num_visual_tokens": recipe.num_visual_tokens},
@@ -101,7 +98,7 @@ def _manifest(config: ExportConfig, bundle: LlavaBundle, recipe: Recipe, image_s
                    "eos_token_id": tokenizer.eos_token_id},
         "dtype": config.dtype,
         "kv_stages": kv_stages(recipe),
-        "graphs": {graph: {"file": f"{graph}.onnx", **describe_io(folder / f"{graph}.onnx")} for graph in GRAPHS},
+        "graphs": {graph: {"file": f"{graph}.onnx", **describe_io(folder / f"{graph}.onnx")} for graph in GRAPH_NAMES},
         "embeddings": {"file": "embed_tokens.npy", "shape": list(bundle.model.get_input_embeddings().weight.shape)},
         "processor": "processor",
         "config": config.to_dict(),

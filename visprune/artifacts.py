@@ -91,3 +91,33 @@ def tool_versions(*packages: str) -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
+
+
+# Schemas of the artifacts the stages hand to each other (name, version).
+ONNX_SET_SCHEMA = ("visprune.onnx_set", 1)
+ENGINE_SET_SCHEMA = ("visprune.engine_set", 1)
+GRAPH_NAMES = ("vision", "prefill", "decode")
+GRAPH_SET_FILES = tuple(f"{g}.onnx" for g in GRAPH_NAMES) + ("embed_tokens.npy", "processor")
+
+
+def read_manifest(folder: Path, filename: str, schema: tuple[str, int], required: tuple[str, ...],
+                  what: str, hint: str) -> dict[str, Any]:
+    """A stage's manifest, after checking its schema and that every file the stage needs is in `folder`.
+
+    Raises ArtifactMismatchError with `hint` (the command that recreates the artifact) otherwise.
+    """
+    from visprune.errors import ArtifactMismatchError
+
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / filename).read_text())
+    except FileNotFoundError as e:
+        raise ArtifactMismatchError(f"No {what} manifest at {folder / filename}.", hint) from e
+    except ValueError as e:
+        raise ArtifactMismatchError(f"The {what} manifest {folder / filename} is not valid JSON ({e}).", hint) from e
+    if (manifest.get("schema"), manifest.get("schema_version")) != schema:
+        raise ArtifactMismatchError(f"{folder} is not a visprune {what} of schema version {schema[1]}.", hint)
+    missing = [name for name in required if not (folder / name).exists()]
+    if missing:
+        raise ArtifactMismatchError(f"{folder} lacks {', '.join(missing)}.", f"The folder is incomplete. {hint}")
+    return manifest
