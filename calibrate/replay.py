@@ -2,8 +2,8 @@
 
 FitPrune's calibration needs, per sample and layer, the attention statistics of the *current* (already pruned)
 sequence, and then the layer's output for the tokens that survive. `DecoderReplay` computes both for a padded
-batch of samples of different lengths, with exactly the math of the Hugging Face Llama layer (RMSNorm, RoPE at
-each token's original position, eager softmax in float32). The layer is split in two so that tokens pruned at
+batch of samples of different lengths, with exactly the math of the Hugging Face Llama layer
+(`visprune.models.decoder`: RoPE at each token's original position, eager softmax in float32). The layer is split in two so that tokens pruned at
 layer i still act as queries and keys in layer i's attention but skip its output projection and MLP.
 
 Shape legend: B batch, S sequence (padded), N visual tokens of the image, n visual tokens present, T text tokens
@@ -20,6 +20,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from calibrate.scoring import visual_scores
 from visprune.errors import PromptError
+from visprune.models import decoder
 from visprune.models.inputs import EncodedPrompt
 
 
@@ -115,23 +116,9 @@ class DecoderReplay:
     @torch.no_grad()
     def attend(self, layer_idx: int, states: list[SampleState]) -> LayerAttention:
         """Layer `layer_idx`'s attention for a batch, with FitPrune's head-max scores per sample."""
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
-
-        layer = self.layers[layer_idx]
-        attn = layer.self_attn
         hidden, positions, key_valid = _pad(states)
-        batch, seq, _ = hidden.shape
-        x = layer.input_layernorm(hidden)
-        q, k, v = (proj(x).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
-                   for proj in (attn.q_proj, attn.k_proj, attn.v_proj))  # [B, H, S, Dh]
-        cos, sin = self.language_model.rotary_emb(x, positions)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        k, v = repeat_kv(k, attn.num_key_value_groups), repeat_kv(v, attn.num_key_value_groups)
-        # HF's order of operations (so rounding matches its eager forward), done in place to spare memory traffic
-        logits = torch.matmul(q, k.transpose(2, 3)).mul_(attn.scaling)
-        logits.masked_fill_(_blocked_keys(key_valid), torch.finfo(logits.dtype).min)
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [B, H, S, S]
-        context = torch.matmul(probs.to(v.dtype), v).transpose(1, 2).reshape(batch, seq, -1)
+        context, probs, _, _ = decoder.attend(self.layers[layer_idx], self.language_model.rotary_emb, hidden,
+                                              positions, blocked=_blocked_keys(key_valid))
         a_self, a_cross = visual_scores(
             probs.amax(dim=1), [s.prefix for s in states], [s.num_visual for s in states], [s.text for s in states])
         return LayerAttention(states=states, context=context, a_self=a_self, a_cross=a_cross)
@@ -139,12 +126,10 @@ class DecoderReplay:
     @torch.no_grad()
     def finish(self, layer_idx: int, attention: LayerAttention, removed: list[torch.Tensor]) -> list[SampleState]:
         """Output projection and MLP for the rows that survive; `removed[b]` are visual positions (0..n_b-1)."""
-        layer = self.layers[layer_idx]
         rows = [s.keep_rows(r) for s, r in zip(attention.states, removed)]
         context = torch.cat([attention.context[b, r.to(attention.context.device)] for b, r in enumerate(rows)])
         residual = torch.cat([s.hidden[r.to(s.hidden.device)] for s, r in zip(attention.states, rows)])
-        hidden = residual + layer.self_attn.o_proj(context)
-        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))  # row-wise, so no padding needed
+        hidden = decoder.finish_layer(self.layers[layer_idx], residual, context)  # row-wise, so no padding needed
         outputs = torch.split(hidden, [len(r) for r in rows])
         return [s.after_removal(out, rem) for s, out, rem in zip(attention.states, outputs, removed)]
 
@@ -166,7 +151,5 @@ def _pad(states: list[SampleState]) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 def _blocked_keys(key_valid: torch.Tensor) -> torch.Tensor:
     """Boolean mask [B, 1, S, S] of keys a query may not see: later positions (pruning keeps order) and padding."""
-    seq = key_valid.shape[1]
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=key_valid.device).tril()
-    return ~(causal[None, None] & key_valid[:, None, None, :])
+    return decoder.causal_blocked(key_valid.shape[1], key_valid.device)[None, None] | ~key_valid[:, None, None, :]
 

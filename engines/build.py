@@ -88,8 +88,15 @@ def _optimize(source: Path, target: Path, config: BuildConfig) -> None:
     options = ort.SessionOptions()
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[config.optimization_level])
     options.optimized_model_filepath = str(target)
+    open_ort_session(source, list(config.providers), options,
+                     hint="The file is corrupt or truncated; export the set again with `visprune export`.")
+
+
+def open_ort_session(path: Path, providers: list[str], options=None, hint: str = ""):
+    """An ONNX Runtime session for `path`, with ORT's load failures turned into ArtifactMismatchError."""
+    import onnxruntime as ort
+
     try:
-        ort.InferenceSession(str(source), options, providers=list(config.providers))
+        return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as e:  # ORT raises its own exception types for corrupt or invalid models
-        raise ArtifactMismatchError(f"ONNX Runtime cannot load {source}: {str(e).splitlines()[0]}",
-                                    "The file is corrupt or truncated; export the set again with `visprune export`.") from e
+        raise ArtifactMismatchError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0]}", hint) from e

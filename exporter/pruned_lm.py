@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from calibrate.recipe import Recipe
+from visprune.models.decoder import attend, causal_blocked, finish_layer
 
 
 class PrunedLlamaPrefill(nn.Module):
@@ -42,13 +43,14 @@ class PrunedLlamaPrefill(nn.Module):
         visual_ids = torch.arange(self.num_visual, device=hidden.device).unsqueeze(0).expand(batch, -1)  # [B, n]
         presents, kept = [], []
         for layer, removed in zip(self.layers, self.removed):
-            context, probs, key, value = _attention(layer, self.rotary, hidden, positions, causal=True)
+            context, probs, key, value = attend(layer, self.rotary, hidden, positions,
+                                                blocked=causal_blocked(hidden.shape[1], hidden.device))
             presents += [key, value]
             if removed:
                 rows, visual_ids = self._surviving_rows(probs, visual_ids, visual_ids.shape[1] - removed)
                 kept.append(visual_ids)
                 hidden, context, positions = (_take_rows(t, rows) for t in (hidden, context, positions))
-            hidden = _finish_layer(layer, hidden, context)
+            hidden = finish_layer(layer, hidden, context)
         logits = self.lm_head(self.norm(hidden[:, -1]))
         return logits, presents, kept
 
@@ -80,42 +82,11 @@ class LlamaDecodeStep(nn.Module):
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, past: list[torch.Tensor]):
         hidden, presents = inputs_embeds, []
         for i, layer in enumerate(self.layers):
-            context, _, key, value = _attention(layer, self.rotary, hidden, position_ids, causal=False,
-                                                past=(past[2 * i], past[2 * i + 1]))
+            context, _, key, value = attend(layer, self.rotary, hidden, position_ids,
+                                            past=(past[2 * i], past[2 * i + 1]))  # one new token: sees all
             presents += [key, value]
-            hidden = _finish_layer(layer, hidden, context)
+            hidden = finish_layer(layer, hidden, context)
         return self.lm_head(self.norm(hidden[:, -1])), presents
-
-
-def _attention(layer: nn.Module, rotary: nn.Module, hidden: torch.Tensor, positions: torch.Tensor, causal: bool,
-               past: tuple[torch.Tensor, torch.Tensor] | None = None):
-    """HF Llama eager attention, float32 softmax. Returns context [B, S, H*Dh] (before o_proj), probabilities
-    [B, H, S, S_kv] (float32), and this layer's cache key/value [B, Hkv, S_kv, Dh] (RoPE applied)."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
-
-    attn = layer.self_attn
-    batch, seq, _ = hidden.shape
-    x = layer.input_layernorm(hidden)
-    q, k, v = (proj(x).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
-               for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-    cos, sin = rotary(x, positions)
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    if past is not None:
-        k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-    # Upcast before the softmax: `softmax(x, dtype=float32)` exports as a half-precision Softmax plus a Cast,
-    # which would lose the float32 island that fp16/bf16 graphs need.
-    logits = (torch.matmul(q, repeat_kv(k, attn.num_key_value_groups).transpose(2, 3)) * attn.scaling).float()
-    if causal:
-        blocked = torch.ones(seq, seq, dtype=torch.bool, device=hidden.device).tril().logical_not()
-        logits = logits.masked_fill(blocked, torch.finfo(torch.float32).min)
-    probs = torch.softmax(logits, dim=-1)
-    context = torch.matmul(probs.to(v.dtype), repeat_kv(v, attn.num_key_value_groups))
-    return context.transpose(1, 2).reshape(batch, seq, -1), probs, k, v
-
-
-def _finish_layer(layer: nn.Module, hidden: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-    hidden = hidden + layer.self_attn.o_proj(context)
-    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 
 def _take_rows(tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from engines.build import load_engine_manifest
-from visprune.errors import ArtifactMismatchError, PromptError
+from engines.build import load_engine_manifest, open_ort_session
+from visprune.artifacts import GRAPH_NAMES
+from visprune.errors import PromptError
 from visprune.models.inputs import IMAGE_PLACEHOLDER, check_single_image_placeholder, image_span, load_image
 
 
@@ -49,20 +50,14 @@ class Pipeline:
 
     @classmethod
     def from_engine_dir(cls, engine_dir: Path, providers: list[str] | None = None) -> "Pipeline":
-        import onnxruntime as ort
         from transformers import AutoProcessor
 
         engine_dir = Path(engine_dir)
         manifest = load_engine_manifest(engine_dir)
         providers = providers or manifest["providers"]
-        sessions = {}
-        for graph in ("vision", "prefill", "decode"):
-            try:
-                sessions[graph] = ort.InferenceSession(str(engine_dir / f"{graph}.onnx"), providers=providers)
-            except Exception as e:  # ORT's own exception types for unreadable models
-                raise ArtifactMismatchError(f"ONNX Runtime cannot load {engine_dir / f'{graph}.onnx'}: "
-                                            f"{str(e).splitlines()[0]}",
-                                            "The engine folder is damaged; rebuild it with `visprune build`.") from e
+        sessions = {graph: open_ort_session(engine_dir / f"{graph}.onnx", providers,
+                                            hint="The engine folder is damaged; rebuild it with `visprune build`.")
+                    for graph in GRAPH_NAMES}
         embeddings = np.load(engine_dir / "embed_tokens.npy")
         processor = AutoProcessor.from_pretrained(engine_dir / "processor")
         return cls(engine_dir, manifest, sessions, embeddings, processor)

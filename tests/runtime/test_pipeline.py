@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from exporter.pruned_lm import _attention, _finish_layer, _take_rows
+from exporter.pruned_lm import _take_rows
+from visprune.models.decoder import attend, causal_blocked, finish_layer
 from runtime import Pipeline
 from visprune.errors import ImageLoadError, PromptError
 
@@ -45,7 +46,7 @@ def no_cache_logits(model, prompt_embeds, kept_by_layer, tokens, image_start):
     positions = torch.arange(hidden.shape[1]).unsqueeze(0)
     visual = torch.arange(576)
     for index, layer in enumerate(lm.layers):
-        context, _, _, _ = _attention(layer, lm.rotary_emb, hidden, positions, causal=True)
+        context, _, _, _ = attend(layer, lm.rotary_emb, hidden, positions, blocked=causal_blocked(hidden.shape[1]))
         if index in kept_by_layer:
             kept = torch.tensor(kept_by_layer[index])
             local = torch.searchsorted(visual, kept)
@@ -53,7 +54,7 @@ def no_cache_logits(model, prompt_embeds, kept_by_layer, tokens, image_start):
                               torch.arange(image_start + len(visual), hidden.shape[1])]).unsqueeze(0)
             hidden, context, positions = (_take_rows(t, rows) for t in (hidden, context, positions))
             visual = kept
-        hidden = _finish_layer(layer, hidden, context)
+        hidden = finish_layer(layer, hidden, context)
     return model.lm_head(lm.norm(hidden[:, -1]))[0].numpy()
 
 
