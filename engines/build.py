@@ -1,8 +1,14 @@
-"""`build_engine`: from an ONNX set to an engine folder the runtime loads.
+"""`build_engine`: from an ONNX set to an engine folder the runtime loads, for one of three backends.
 
-For ONNX Runtime a build is: check the ONNX set's manifest, let ORT apply its graph optimizations once and save
-the optimized models, copy the embeddings and processor, and write an engine manifest that records the
-providers, the ORT version, the optimization level and the hash of the upstream manifest.
+- onnxruntime: ORT applies its graph optimizations once for the chosen device (CPU, or CUDA with onnxruntime-gpu)
+  and the optimized graphs are saved; the session must really get the providers asked for.
+- tensorrt: one serialized engine per graph with optimization profiles from `max_prompt_tokens` /
+  `max_new_tokens` and a timing cache (engines/tensorrt.py).
+- pytorch: no graphs; the folder records the model and recipe the runtime rebuilds the pruned model from, so the
+  same pruned model runs in PyTorch (eager or torch.compile) on CPU or CUDA.
+
+Every folder also holds the token embeddings and the processor (the runtime's host side), and `engine.json`:
+the backend's facts, the hash of the upstream ONNX manifest and that manifest itself.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from engines.profiles import prompt_length_range
 from visprune.artifacts import (
     ENGINE_SET_SCHEMA,
     GRAPH_NAMES,
@@ -23,50 +30,70 @@ from visprune.artifacts import (
     sha256_file,
     tool_versions,
 )
-from visprune.errors import ArtifactMismatchError, ConfigError
+from visprune.errors import ArtifactMismatchError, BackendUnavailableError, ConfigError
 
-BACKENDS = ("onnxruntime",)
+BACKENDS = ("onnxruntime", "tensorrt", "pytorch")
+DEVICES = ("cpu", "cuda")
 # "extended" optimizations are portable across machines; "all" adds layout changes for this CPU only.
 OPT_LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
               "all": "ORT_ENABLE_ALL"}
+ORT_PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+HOST_FILES = ("embed_tokens.npy", "processor")
+ENGINE_FILES = {"onnxruntime": tuple(f"{g}.onnx" for g in GRAPH_NAMES) + HOST_FILES,
+                "tensorrt": tuple(f"{g}.plan" for g in GRAPH_NAMES) + HOST_FILES,
+                "pytorch": HOST_FILES}
 
 
 @dataclass(frozen=True)
 class BuildConfig:
-    VERSION = 1
+    """How to build an engine folder. TensorRT always runs on CUDA; `device` applies to the other backends."""
+
+    VERSION = 2
 
     backend: str = "onnxruntime"
-    optimization_level: str = "extended"
-    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    device: str = "cpu"
+    optimization_level: str = "extended"  # ONNX Runtime graph optimizations
+    max_prompt_tokens: int = 1024  # TensorRT profiles: whole prompt, image tokens included
+    max_new_tokens: int = 256
+    workspace_gib: float | None = None  # TensorRT workspace limit (None: TensorRT's default, the GPU's memory)
+    builder_optimization_level: int = 3  # TensorRT 0-5
+    timing_cache: Path | None = None  # a TensorRT timing cache file to start from (shared between builds)
+    torch_compile: bool = False  # PyTorch backend: torch.compile the prefill and decode modules
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
-            hint = ("TensorRT engines are not available in this version; use --backend onnxruntime."
-                    if self.backend == "tensorrt" else f"Use one of: {', '.join(BACKENDS)}.")
-            raise ConfigError(f"Unknown backend {self.backend!r}.", hint)
+            raise ConfigError(f"Unknown backend {self.backend!r}.", f"Use one of: {', '.join(BACKENDS)}.")
+        if self.device not in DEVICES:
+            raise ConfigError(f"Unknown device {self.device!r}.", f"Use one of: {', '.join(DEVICES)}.")
         if self.optimization_level not in OPT_LEVELS:
             raise ConfigError(f"Unknown optimization level {self.optimization_level!r}.",
                               f"Use one of: {', '.join(OPT_LEVELS)}.")
+        if not 0 <= self.builder_optimization_level <= 5:
+            raise ConfigError(f"TensorRT builder optimization level {self.builder_optimization_level} is not in 0-5.",
+                              "Use 3 (TensorRT's default) or 5 for the longest search.")
+
+    def to_dict(self) -> dict[str, Any]:
+        fields = asdict(self)
+        fields["timing_cache"] = str(self.timing_cache) if self.timing_cache else None
+        return {"version": self.VERSION, **fields}
 
 
 def build_engine(config: BuildConfig, onnx_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Build an ONNX Runtime engine folder from `onnx_dir`; returns the engine manifest."""
-    import onnxruntime as ort
-
+    """Build an engine folder for `config.backend` from the ONNX set in `onnx_dir`; returns its manifest."""
     onnx_dir = Path(onnx_dir)
     onnx_manifest = read_onnx_set_manifest(onnx_dir)
+    if config.backend == "tensorrt":
+        prompt_length_range(onnx_manifest, config.max_prompt_tokens, config.max_new_tokens)  # fail before building
+    build_graphs = {"onnxruntime": _build_onnxruntime, "tensorrt": _build_tensorrt, "pytorch": _build_pytorch}
     with atomic_directory(Path(out_dir)) as staging:
-        for graph in GRAPH_NAMES:
-            _optimize(onnx_dir / f"{graph}.onnx", staging / f"{graph}.onnx", config)
-        shutil.copy(onnx_dir / "embed_tokens.npy", staging / "embed_tokens.npy")
-        shutil.copytree(onnx_dir / "processor", staging / "processor")
+        backend_facts = build_graphs[config.backend](config, onnx_dir, onnx_manifest, staging)
+        for name in HOST_FILES:
+            (shutil.copytree if (onnx_dir / name).is_dir() else shutil.copy)(onnx_dir / name, staging / name)
         manifest = {
-            "schema": ENGINE_SET_SCHEMA[0], "schema_version": ENGINE_SET_SCHEMA[1],
-            "backend": config.backend, "providers": list(config.providers),
-            "onnxruntime_version": ort.__version__, "optimization_level": config.optimization_level,
+            "schema": ENGINE_SET_SCHEMA[0], "schema_version": ENGINE_SET_SCHEMA[1], "backend": config.backend,
+            **backend_facts,
             "upstream": {"onnx_dir": str(onnx_dir.resolve()), "manifest_sha256": sha256_file(onnx_dir / "manifest.json")},
-            "onnx_set": onnx_manifest, "config": {"version": config.VERSION, **asdict(config)},
-            "tools": tool_versions("onnxruntime"),
+            "onnx_set": onnx_manifest, "config": config.to_dict(),
         }
         atomic_write_json(staging / "engine.json", manifest)
     return manifest
@@ -78,18 +105,64 @@ def read_onnx_set_manifest(onnx_dir: Path) -> dict[str, Any]:
 
 
 def load_engine_manifest(engine_dir: Path) -> dict[str, Any]:
-    return read_manifest(engine_dir, "engine.json", ENGINE_SET_SCHEMA, GRAPH_SET_FILES, "engine",
-                         "Build it again with `visprune build --onnx DIR --out DIR`.")
+    hint = "Build it again with `visprune build --onnx DIR --out DIR`."
+    manifest = read_manifest(engine_dir, "engine.json", ENGINE_SET_SCHEMA, HOST_FILES, "engine", hint)
+    if manifest.get("backend") not in ENGINE_FILES:
+        raise ArtifactMismatchError(f"{engine_dir} is an engine of unknown backend {manifest.get('backend')!r}.", hint)
+    missing = [name for name in ENGINE_FILES[manifest["backend"]] if not (Path(engine_dir) / name).exists()]
+    if missing:
+        raise ArtifactMismatchError(f"{engine_dir} lacks {', '.join(missing)}.", f"The folder is incomplete. {hint}")
+    return manifest
 
 
-def _optimize(source: Path, target: Path, config: BuildConfig) -> None:
+def _build_onnxruntime(config: BuildConfig, onnx_dir: Path, onnx_manifest: dict, staging: Path) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    providers = ORT_PROVIDERS[config.device]
+    for graph in GRAPH_NAMES:
+        session = _optimize(onnx_dir / f"{graph}.onnx", staging / f"{graph}.onnx", config, providers)
+        check_session_providers(session, providers)
+    return {"device": config.device, "providers": providers, "onnxruntime_version": ort.__version__,
+            "optimization_level": config.optimization_level, "tools": tool_versions("onnxruntime", "onnxruntime-gpu")}
+
+
+def _build_tensorrt(config: BuildConfig, onnx_dir: Path, onnx_manifest: dict, staging: Path) -> dict[str, Any]:
+    from engines.tensorrt import build_tensorrt_plans
+
+    return {"device": "cuda", **build_tensorrt_plans(config, onnx_dir, onnx_manifest, staging)}
+
+
+def _build_pytorch(config: BuildConfig, onnx_dir: Path, onnx_manifest: dict, staging: Path) -> dict[str, Any]:
+    import torch
+
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailableError("--device cuda was asked for, but this PyTorch sees no CUDA GPU.",
+                                      "Use --device cpu, or install PyTorch's CUDA build on a GPU host (README).")
+    return {"device": config.device, "torch_compile": config.torch_compile, "model": onnx_manifest["model"],
+            "tools": tool_versions("torch", "transformers")}
+
+
+def _optimize(source: Path, target: Path, config: BuildConfig, providers: list[str]):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[config.optimization_level])
     options.optimized_model_filepath = str(target)
-    open_ort_session(source, list(config.providers), options,
-                     hint="The file is corrupt or truncated; export the set again with `visprune export`.")
+    return open_ort_session(source, providers, options,
+                            hint="The file is corrupt or truncated; export the set again with `visprune export`.")
+
+
+def check_session_providers(session, requested: list[str]) -> None:
+    """onnxruntime-gpu silently falls back to CPU when CUDA cannot load; an engine must get what it asked for."""
+    import onnxruntime as ort
+
+    got = session.get_providers()
+    if got[0] != requested[0]:
+        available = ort.get_available_providers()
+        raise BackendUnavailableError(
+            f"ONNX Runtime gave the session {got}, not {requested[0]} (this onnxruntime offers {available}).",
+            "For CUDA install onnxruntime-gpu instead of onnxruntime on a GPU host with CUDA 12 (README 'GPU "
+            "hosts'), or build with --device cpu.")
 
 
 def open_ort_session(path: Path, providers: list[str], options=None, hint: str = ""):

@@ -13,15 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from calibrate.recipe import Recipe, load_recipe, unpruned_recipe
-from exporter.graphs import VisionFeatures
-from exporter.pruned_lm import LlamaDecodeStep, PrunedLlamaPrefill
 from runtime.pipeline import Pipeline
+from runtime.torch_runner import TorchRunner
 from visprune.artifacts import atomic_write_bytes, atomic_write_json
 from visprune.errors import ArtifactMismatchError, VispruneError
-from visprune.models import LlavaBundle, load_llava
+from visprune.models import load_llava
 
 # Logits tolerance of engine vs reference, by export dtype (max abs error).
 TOLERANCE = {"float32": 1e-4, "float16": 5e-2, "bfloat16": 2e-1}
@@ -48,42 +46,13 @@ def default_parity_prompts(count: int = 8) -> list[PromptCase]:
             for i in range(count)]
 
 
-class TorchReference:
-    """The pruned model of an engine, in PyTorch: same inputs, same recipe, same semantics."""
-
-    def __init__(self, bundle: LlavaBundle, recipe: Recipe, image_start: int):
-        self.bundle = bundle
-        self.vision = VisionFeatures(bundle.model).eval()
-        self.prefill = PrunedLlamaPrefill(bundle.model, recipe, image_start).eval()
-        self.decode = LlamaDecodeStep(bundle.model).eval()
-        self.image_start, self.num_visual = image_start, recipe.num_visual_tokens
-
-    @torch.no_grad()
-    def generate(self, input_ids: np.ndarray, pixel_values: np.ndarray, max_new_tokens: int):
-        """Greedy tokens, per-step logits [V] and kept indices, like `Pipeline.generate`."""
-        ids = torch.from_numpy(input_ids)
-        embeds = self.bundle.model.get_input_embeddings()(ids)
-        features = self.vision(torch.from_numpy(pixel_values).to(embeds.dtype))
-        embeds[:, self.image_start:self.image_start + self.num_visual] = features
-        logits, past, kept = self.prefill(embeds)
-        pruning_layers = [i for i, r in enumerate(self.prefill.removed) if r]
-        kept_by_layer = {layer: k[0].tolist() for layer, k in zip(pruning_layers, kept)}
-        tokens, step_logits = [], []
-        for step in range(max_new_tokens):
-            step_logits.append(logits[0].float().numpy())
-            tokens.append(int(logits[0].argmax()))
-            if tokens[-1] == self.bundle.processor.tokenizer.eos_token_id or step == max_new_tokens - 1:
-                break
-            token_embed = self.bundle.model.get_input_embeddings()(torch.tensor([[tokens[-1]]]))
-            logits, past = self.decode(token_embed, torch.tensor([[ids.shape[1] + step]]), past)
-        return tokens, step_logits, kept_by_layer
-
-
 def parity_report(engine_dir: Path, model: str, out_dir: Path, prompts: list[PromptCase] | None = None,
-                  max_new_tokens: int = 8, allow_failure: bool = False, recipe: Path | None = None) -> dict[str, Any]:
+                  max_new_tokens: int = 8, allow_failure: bool = False, recipe: Path | None = None,
+                  reference_device: str = "cpu") -> dict[str, Any]:
     """Write parity.json and parity.md to `out_dir`; raise ParityError on failure unless `allow_failure`.
 
-    With `recipe`, the engine must have been exported from exactly that recipe.
+    The reference is the PyTorch backend in float32 on `reference_device`. With `recipe`, the engine must have
+    been exported from exactly that recipe.
     """
     pipe = Pipeline.from_engine_dir(engine_dir)
     onnx_set = pipe.manifest["onnx_set"]
@@ -95,8 +64,8 @@ def parity_report(engine_dir: Path, model: str, out_dir: Path, prompts: list[Pro
                                     f"({onnx_set['model']['name']}) than {model}.",
                                     "Pass the --model the engine was exported from, or export and build again.")
     recipe = Recipe(onnx_set["recipe"]["method"], onnx_set["recipe"]["num_visual_tokens"], onnx_set["recipe"]["removed"])
-    pruned = TorchReference(bundle, recipe, pipe.image_start)
-    unpruned = TorchReference(bundle, unpruned_recipe(bundle.shape), pipe.image_start)
+    pruned = pipe.with_runner(TorchRunner(bundle, recipe, pipe.image_start, reference_device))
+    unpruned = pipe.with_runner(TorchRunner(bundle, unpruned_recipe(bundle.shape), pipe.image_start, reference_device))
     tolerance = TOLERANCE[onnx_set["dtype"]]
     cases = [_compare_case(pipe, pruned, unpruned, case, max_new_tokens) for case in prompts or default_parity_prompts()]
     report = _summarize(cases, tolerance, onnx_set)
@@ -118,13 +87,14 @@ def check_engine_recipe(onnx_set: dict[str, Any], recipe: Recipe, engine_dir: Pa
             "Export and build again from this recipe, or leave --recipe out.")
 
 
-def _compare_case(pipe: Pipeline, pruned: TorchReference, unpruned: TorchReference, case: PromptCase,
+def _compare_case(pipe: Pipeline, pruned: Pipeline, unpruned: Pipeline, case: PromptCase,
                   max_new_tokens: int) -> dict[str, Any]:
     prompt = pipe.chat_prompt(case.question)
-    input_ids, pixel_values = pipe.encode(case.image, prompt)
     engine = pipe.generate(case.image, prompt, max_new_tokens=max_new_tokens, keep_logits=True)
-    ref_tokens, ref_logits, ref_kept = pruned.generate(input_ids, pixel_values, max_new_tokens)
-    base_tokens, base_logits, _ = unpruned.generate(input_ids, pixel_values, max_new_tokens)
+    reference = pruned.generate(case.image, prompt, max_new_tokens=max_new_tokens, keep_logits=True)
+    baseline = unpruned.generate(case.image, prompt, max_new_tokens=max_new_tokens, keep_logits=True)
+    ref_tokens, ref_logits, ref_kept = reference.token_ids, reference.step_logits, reference.kept_indices
+    base_tokens, base_logits = baseline.token_ids, baseline.step_logits
     steps = min(len(engine.step_logits), len(ref_logits))
     abs_err = [float(np.abs(engine.step_logits[i] - ref_logits[i]).max()) for i in range(steps)]
     rel_err = [e / max(float(np.abs(ref_logits[i]).max()), 1e-12) for i, e in enumerate(abs_err)]

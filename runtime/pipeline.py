@@ -1,9 +1,10 @@
-"""`Pipeline`: image + prompt -> text over an engine folder. NumPy and ONNX Runtime only on the engine path.
+"""`Pipeline`: image + prompt -> text over an engine folder of any backend (runtime/runners.py).
 
 Flow: the checkpoint's own processor tokenizes the prompt (its `<image>` expanded) and preprocesses the image;
-vision.onnx gives image features; token embeddings come from the saved matrix, with the features spliced in at
-the image's position; prefill.onnx prunes as the recipe says and returns the first logits and per-layer KV;
-decode.onnx then runs one token at a time at logical positions continuing from the unpruned length.
+the vision graph gives image features; token embeddings come from the saved matrix, with the features spliced in
+at the image's position; prefill prunes as the recipe says and returns the first logits and per-layer KV; decode
+then runs one token at a time at logical positions continuing from the unpruned length. Over ONNX Runtime the
+whole path is NumPy and ONNX Runtime: no PyTorch is imported.
 
 Shape legend: B batch (1 here), S prompt length, N visual tokens, D hidden, V vocabulary.
 """
@@ -17,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from engines.build import load_engine_manifest, open_ort_session
-from visprune.artifacts import GRAPH_NAMES
+from engines.build import load_engine_manifest
+from engines.profiles import check_request_fits
+from runtime.runners import Runner, open_runner
 from visprune.errors import PromptError
 from visprune.models.inputs import IMAGE_PLACEHOLDER, check_single_image_placeholder, image_span, load_image
 
@@ -27,7 +29,7 @@ from visprune.models.inputs import IMAGE_PLACEHOLDER, check_single_image_placeho
 class Generation:
     text: str
     token_ids: list[int]
-    timings: dict[str, float]
+    timings: dict[str, float]  # vision_s, prefill_s, ttft_s, decode_s_per_token, decode_tokens, prompt_tokens, kv_bytes
     kept_indices: dict[int, list[int]] = field(default_factory=dict)  # layer -> kept image indices
     step_logits: list[np.ndarray] = field(default_factory=list)  # [V] per generated token
 
@@ -35,32 +37,34 @@ class Generation:
 class Pipeline:
     """Loads an engine folder once; `generate` runs one image and prompt (batch 1)."""
 
-    def __init__(self, engine_dir: Path, manifest: dict[str, Any], sessions: dict[str, Any], embeddings: np.ndarray,
+    def __init__(self, engine_dir: Path, manifest: dict[str, Any], runner: Runner, embeddings: np.ndarray,
                  processor: Any):
         self.engine_dir = Path(engine_dir)
         self.manifest = manifest
-        self.sessions = sessions
+        self.runner = runner
         self.embeddings = embeddings  # [V, D]
         self.processor = processor
         prompt = manifest["onnx_set"]["prompt"]
         self.image_start, self.num_visual = prompt["image_start"], prompt["num_visual_tokens"]
         self.max_seq, self.eos_token_id = prompt["max_seq"], prompt["eos_token_id"]
         self.image_token_id = prompt["image_token_id"]
-        self.num_layers = len(manifest["onnx_set"]["kv_stages"])
+        # numpy has no bfloat16: such sets take float32 on the host and the backend casts
+        self.host_dtype = np.float16 if manifest["onnx_set"]["dtype"] == "float16" else np.float32
 
     @classmethod
-    def from_engine_dir(cls, engine_dir: Path, providers: list[str] | None = None) -> "Pipeline":
+    def from_engine_dir(cls, engine_dir: Path) -> "Pipeline":
         from transformers import AutoProcessor
 
         engine_dir = Path(engine_dir)
         manifest = load_engine_manifest(engine_dir)
-        providers = providers or manifest["providers"]
-        sessions = {graph: open_ort_session(engine_dir / f"{graph}.onnx", providers,
-                                            hint="The engine folder is damaged; rebuild it with `visprune build`.")
-                    for graph in GRAPH_NAMES}
+        runner = open_runner(engine_dir, manifest)
         embeddings = np.load(engine_dir / "embed_tokens.npy")
         processor = AutoProcessor.from_pretrained(engine_dir / "processor")
-        return cls(engine_dir, manifest, sessions, embeddings, processor)
+        return cls(engine_dir, manifest, runner, embeddings, processor)
+
+    def with_runner(self, runner: Runner) -> "Pipeline":
+        """The same prompt handling over another runner (e.g. the PyTorch reference of this engine)."""
+        return Pipeline(self.engine_dir, self.manifest, runner, self.embeddings, self.processor)
 
     def chat_prompt(self, question: str) -> str:
         from visprune.models.inputs import chat_prompt
@@ -80,51 +84,40 @@ class Pipeline:
                 f"The prompt puts the image at token {start} ({count} tokens); this engine was exported for "
                 f"token {self.image_start} ({self.num_visual} tokens).",
                 f"Keep the text before {IMAGE_PLACEHOLDER} as the chat template writes it (use a plain question).")
-        return input_ids, batch["pixel_values"].astype(self._input_dtype("vision", 0))
+        return input_ids, batch["pixel_values"].astype(self.host_dtype)
+
+    def check_request(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """PromptError if the request does not fit the export's max_seq or the engine's built shapes."""
+        if prompt_tokens + max_new_tokens > self.max_seq:
+            raise PromptError(f"The prompt has {prompt_tokens} tokens; with {max_new_tokens} new tokens that "
+                              f"exceeds the {self.max_seq} this engine allows.",
+                              "Shorten the prompt, lower --max-new-tokens, or export with a larger --max-seq.")
+        if "limits" in self.manifest:  # TensorRT: the optimization profiles' ranges
+            check_request_fits(self.manifest["limits"], prompt_tokens, max_new_tokens, self.engine_dir)
 
     def generate(self, image: Any, prompt: str, max_new_tokens: int = 32, keep_logits: bool = False) -> Generation:
         """Greedy decoding from `prompt` (a full prompt with one `<image>`) about `image` (a path or PIL image)."""
         input_ids, pixel_values = self.encode(image, prompt)
-        if input_ids.shape[1] + max_new_tokens > self.max_seq:
-            raise PromptError(f"The prompt has {input_ids.shape[1]} tokens; with {max_new_tokens} new tokens that "
-                              f"exceeds the {self.max_seq} this engine allows.",
-                              "Shorten the prompt, lower --max-new-tokens, or export with a larger --max-seq.")
-        timings: dict[str, float] = {}
+        self.check_request(input_ids.shape[1], max_new_tokens)
+        timings: dict[str, float] = {"prompt_tokens": input_ids.shape[1]}
         start = time.perf_counter()
-        features = self.sessions["vision"].run(None, {"pixel_values": pixel_values})[0]
+        features = self.runner.image_features(pixel_values)
         timings["vision_s"] = time.perf_counter() - start
-        logits, past, kept = self.prefill(self.embed(input_ids, features), timings)
-        tokens, step_logits = self._decode_greedy(logits, past, input_ids.shape[1], max_new_tokens, timings)
+        prefill_start = time.perf_counter()
+        first = self.runner.prefill(self.embed(input_ids, features))
+        timings["prefill_s"] = time.perf_counter() - prefill_start
+        timings["ttft_s"] = time.perf_counter() - start
+        timings["kv_bytes"] = self.runner.kv_bytes(first.past)
+        tokens, step_logits = self._decode_greedy(first.logits, first.past, input_ids.shape[1], max_new_tokens, timings)
         text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True)
-        return Generation(text=text, token_ids=tokens, timings=timings, kept_indices=kept,
+        return Generation(text=text, token_ids=tokens, timings=timings, kept_indices=first.kept,
                           step_logits=step_logits if keep_logits else [])
 
     def embed(self, input_ids: np.ndarray, image_features: np.ndarray) -> np.ndarray:
         """inputs_embeds [1, S, D]: token embeddings with the image features at the image's position."""
-        embeds = self.embeddings[input_ids].astype(self._input_dtype("prefill", 0))
+        embeds = self.embeddings[input_ids].astype(self.host_dtype)
         embeds[:, self.image_start:self.image_start + self.num_visual] = image_features
         return embeds
-
-    def prefill(self, inputs_embeds: np.ndarray, timings: dict[str, float] | None = None):
-        """First-token logits [1, V], the per-layer KV list, and kept image indices per pruning layer."""
-        start = time.perf_counter()
-        outputs = self.sessions["prefill"].run(None, {"inputs_embeds": inputs_embeds})
-        if timings is not None:
-            timings["prefill_s"] = time.perf_counter() - start
-        names = [o.name for o in self.sessions["prefill"].get_outputs()]
-        named = dict(zip(names, outputs))
-        past = [named[f"present.{layer}.{kind}"] for layer in range(self.num_layers) for kind in ("key", "value")]
-        kept = {int(n.split(".")[1]): named[n][0].tolist() for n in names if n.startswith("kept_indices.")}
-        return named["logits"], past, kept
-
-    def decode_step(self, token_id: int, position: int, past: list[np.ndarray]):
-        """Logits [1, V] and the grown per-layer KV list after feeding one token at logical `position`."""
-        feed = {"inputs_embeds": self.embeddings[[[token_id]]].astype(self._input_dtype("decode", 0)),
-                "position_ids": np.array([[position]], dtype=np.int64)}
-        for layer in range(self.num_layers):
-            feed[f"past.{layer}.key"], feed[f"past.{layer}.value"] = past[2 * layer], past[2 * layer + 1]
-        logits, *presents = self.sessions["decode"].run(None, feed)
-        return logits, presents
 
     def _decode_greedy(self, logits, past, prompt_len, max_new_tokens, timings):
         tokens, step_logits, step_times = [], [], []
@@ -135,12 +128,9 @@ class Pipeline:
             if token == self.eos_token_id or step == max_new_tokens - 1:
                 break
             start = time.perf_counter()
-            logits, past = self.decode_step(token, prompt_len + step, past)
+            embeds = self.embeddings[[[token]]].astype(self.host_dtype)
+            logits, past = self.runner.decode(embeds, prompt_len + step, past)
             step_times.append(time.perf_counter() - start)
         timings["decode_s_per_token"] = float(np.mean(step_times)) if step_times else 0.0
         timings["decode_tokens"] = len(step_times)
         return tokens, step_logits
-
-    def _input_dtype(self, graph: str, index: int):
-        kind = self.sessions[graph].get_inputs()[index].type  # e.g. "tensor(float)"
-        return {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(kind, np.float32)

@@ -72,3 +72,15 @@ class ArtifactMismatchError(VispruneError):
     """An artifact does not match the model, recipe or upstream artifact it is used with, or is incomplete."""
 
     exit_code = 8
+
+
+class BackendUnavailableError(VispruneError):
+    """A backend (TensorRT, CUDA, an ONNX Runtime provider) is not installed or has no device here."""
+
+    exit_code = 10
+
+
+class EngineBuildError(VispruneError):
+    """An engine builder rejected the graphs or ran out of memory."""
+
+    exit_code = 11

@@ -19,7 +19,8 @@ def test_engine_manifest_records_backend_and_upstream(exported):
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
-    ({"backend": "tensorrt"}, "not available in this version"),
+    ({"device": "tpu"}, "Unknown device"),
+    ({"builder_optimization_level": 7}, "not in 0-5"),
     ({"backend": "openvino"}, "Unknown backend"),
     ({"optimization_level": "max"}, "Unknown optimization level"),
 ])

@@ -1,0 +1,116 @@
+"""Backends behind `Pipeline`: one small interface over ONNX Runtime, TensorRT and PyTorch.
+
+A runner takes and returns host (NumPy) arrays at the edges the pipeline touches: pixel values in and image
+features out, input embeddings in and last-position logits out. The KV cache stays wherever the backend keeps it
+(OrtValues, CUDA buffers, torch tensors) and is opaque to the pipeline. Because every call ends with host data,
+a call's wall time includes the device work: timings need no extra synchronization.
+
+Shape legend: B batch (1), S prompt length, N visual tokens, D hidden, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from visprune.artifacts import GRAPH_NAMES
+from visprune.errors import ConfigError
+
+
+@dataclass
+class PrefillOutput:
+    logits: np.ndarray  # [1, V] float32
+    past: Any  # the backend's KV cache
+    kept: dict[int, list[int]]  # pruning layer -> kept image indices (ascending)
+
+
+class Runner(Protocol):
+    backend: str
+    device: str
+
+    def image_features(self, pixel_values: np.ndarray) -> np.ndarray: ...  # [1, 3, H, W] -> [1, N, D]
+
+    def prefill(self, inputs_embeds: np.ndarray) -> PrefillOutput: ...  # [1, S, D]
+
+    def decode(self, inputs_embeds: np.ndarray, position: int, past: Any) -> tuple[np.ndarray, Any]: ...  # [1, 1, D]
+
+    def kv_bytes(self, past: Any) -> int: ...
+
+
+def open_runner(engine_dir: Path, manifest: dict[str, Any]) -> Runner:
+    """The runner for an engine folder's backend (imported lazily: each backend needs only its own packages)."""
+    backend = manifest["backend"]
+    if backend == "onnxruntime":
+        return OrtRunner.open(engine_dir, manifest)
+    if backend == "tensorrt":
+        from runtime.tensorrt_runner import TensorRTRunner
+
+        return TensorRTRunner.open(engine_dir, manifest)
+    from runtime.torch_runner import TorchRunner
+
+    return TorchRunner.open(engine_dir, manifest)
+
+
+class OrtRunner:
+    """ONNX Runtime sessions with IO binding: prefill and decode outputs stay on the session's device (CPU or CUDA)
+    and the next decode step binds them as inputs, so the KV cache never round-trips through host memory."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, sessions: dict[str, Any], device: str, num_layers: int):
+        self.sessions, self.device, self.num_layers = sessions, device, num_layers
+        self._outputs = {graph: [o.name for o in s.get_outputs()] for graph, s in sessions.items()}
+
+    @classmethod
+    def open(cls, engine_dir: Path, manifest: dict[str, Any]) -> "OrtRunner":
+        from engines.build import check_session_providers, open_ort_session
+
+        if manifest["onnx_set"]["dtype"] == "bfloat16":
+            raise ConfigError("ONNX Runtime engines take float32 or float16 sets; this one is bfloat16.",
+                              "Export with --dtype float16 (or float32), or build a TensorRT engine.")
+        providers = manifest["providers"]
+        sessions = {}
+        for graph in GRAPH_NAMES:
+            sessions[graph] = open_ort_session(Path(engine_dir) / f"{graph}.onnx", providers,
+                                               hint="The engine folder is damaged; rebuild it with `visprune build`.")
+            check_session_providers(sessions[graph], providers)
+        return cls(sessions, manifest.get("device", "cpu"), len(manifest["onnx_set"]["kv_stages"]))
+
+    def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self.sessions["vision"].run(None, {"pixel_values": pixel_values})[0]
+
+    def prefill(self, inputs_embeds: np.ndarray) -> PrefillOutput:
+        values = self._run_bound("prefill", {"inputs_embeds": inputs_embeds}, {})
+        kept = {int(name.split(".")[1]): value.numpy()[0].tolist()
+                for name, value in values.items() if name.startswith("kept_indices.")}
+        return PrefillOutput(values["logits"].numpy(), self._presents(values), kept)
+
+    def decode(self, inputs_embeds: np.ndarray, position: int, past: list[Any]) -> tuple[np.ndarray, list[Any]]:
+        host = {"inputs_embeds": inputs_embeds, "position_ids": np.array([[position]], dtype=np.int64)}
+        names = [f"past.{layer}.{kind}" for layer in range(self.num_layers) for kind in ("key", "value")]
+        values = self._run_bound("decode", host, dict(zip(names, past)))
+        return values["logits"].numpy(), self._presents(values)
+
+    def kv_bytes(self, past: list[Any]) -> int:
+        return sum(int(np.prod(v.shape())) * _ORT_ITEMSIZE[v.data_type()] for v in past)
+
+    def _run_bound(self, graph: str, host: dict[str, np.ndarray], device: dict[str, Any]) -> dict[str, Any]:
+        session = self.sessions[graph]
+        binding = session.io_binding()
+        for name, array in host.items():
+            binding.bind_cpu_input(name, array)
+        for name, value in device.items():
+            binding.bind_ortvalue_input(name, value)
+        for name in self._outputs[graph]:
+            binding.bind_output(name, self.device)
+        session.run_with_iobinding(binding)
+        return dict(zip(self._outputs[graph], binding.get_outputs()))
+
+    def _presents(self, values: dict[str, Any]) -> list[Any]:
+        return [values[f"present.{layer}.{kind}"] for layer in range(self.num_layers) for kind in ("key", "value")]
+
+
+_ORT_ITEMSIZE = {"tensor(float)": 4, "tensor(float16)": 2, "tensor(bfloat16)": 2, "tensor(int64)": 8}

@@ -1,0 +1,88 @@
+"""The pruned model in PyTorch, eager or `torch.compile`d, on CPU or CUDA.
+
+It is the parity reference and the GPU path that runs wherever PyTorch does. It runs the very modules the
+exporter traces (exporter/pruned_lm.py), so its semantics are the engines' semantics by construction.
+
+Shape legend: B batch (1), S prompt length, N visual tokens, D hidden, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from calibrate.recipe import Recipe, unpruned_recipe
+from exporter.graphs import VisionFeatures
+from exporter.pruned_lm import LlamaDecodeStep, PrunedLlamaPrefill
+from runtime.runners import PrefillOutput
+from visprune.errors import ArtifactMismatchError, BackendUnavailableError
+from visprune.models import LlavaBundle, load_llava
+from visprune.models.llava import EMBEDDED_MODELS
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class TorchRunner:
+    backend = "pytorch"
+
+    def __init__(self, bundle: LlavaBundle, recipe: Recipe, image_start: int, device: str = "cpu",
+                 compile: bool = False):
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise BackendUnavailableError(f"Device {device} was asked for, but this PyTorch sees no CUDA GPU.",
+                                          "Use device cpu, or install PyTorch's CUDA build on a GPU host (README).")
+        self.bundle, self.device, self.compiled = bundle, device, compile
+        model = bundle.model.to(device)
+        self.dtype = model.dtype
+        self.vision = VisionFeatures(model).eval()
+        prefill, decode = PrunedLlamaPrefill(model, recipe, image_start).eval(), LlamaDecodeStep(model).eval()
+        # dynamic=True: one graph for every prompt length and KV length instead of a recompile per shape
+        self._prefill = torch.compile(prefill, dynamic=True) if compile else prefill
+        self._decode = torch.compile(decode, dynamic=True) if compile else decode
+        self.pruning_layers = [layer for layer, removed in enumerate(recipe.removed) if removed]
+
+    @classmethod
+    def from_model(cls, model: str, recipe: Recipe | None = None, image_start: int | None = None,
+                   device: str = "cpu", dtype: str = "float32", compile: bool = False) -> "TorchRunner":
+        """Load `model` ('tiny' or a checkpoint folder) and prune it as `recipe` says (None: unpruned)."""
+        from exporter.export import template_image_start
+
+        bundle = load_llava(model, device="cpu", dtype=TORCH_DTYPES[dtype])
+        image_start = template_image_start(bundle) if image_start is None else image_start
+        return cls(bundle, recipe or unpruned_recipe(bundle.shape), image_start, device, compile)
+
+    @classmethod
+    def open(cls, engine_dir: Path, manifest: dict[str, Any]) -> "TorchRunner":
+        onnx_set = manifest["onnx_set"]
+        model = onnx_set["model"]["name"] if onnx_set["model"]["name"] in EMBEDDED_MODELS else onnx_set["model"]["path"]
+        bundle = load_llava(model, device="cpu", dtype=TORCH_DTYPES[onnx_set["dtype"]])
+        if bundle.fingerprint != onnx_set["model"]["fingerprint"]:
+            raise ArtifactMismatchError(f"The checkpoint at {model} no longer matches the one {engine_dir} was built "
+                                        "from.", "Export and build again from the checkpoint you have now.")
+        recipe = Recipe(**{k: onnx_set["recipe"][k] for k in ("method", "num_visual_tokens", "removed")})
+        return cls(bundle, recipe, onnx_set["prompt"]["image_start"], manifest["device"], manifest["torch_compile"])
+
+    @torch.no_grad()
+    def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
+        features = self.vision(torch.from_numpy(pixel_values).to(self.device, self.dtype))
+        return features.float().cpu().numpy()
+
+    @torch.no_grad()
+    def prefill(self, inputs_embeds: np.ndarray) -> PrefillOutput:
+        logits, presents, kept = self._prefill(self._tensor(inputs_embeds))
+        kept_by_layer = {layer: k[0].tolist() for layer, k in zip(self.pruning_layers, kept)}
+        return PrefillOutput(logits.float().cpu().numpy(), presents, kept_by_layer)
+
+    @torch.no_grad()
+    def decode(self, inputs_embeds: np.ndarray, position: int, past: list[torch.Tensor]):
+        positions = torch.tensor([[position]], device=self.device)
+        logits, presents = self._decode(self._tensor(inputs_embeds), positions, past)
+        return logits.float().cpu().numpy(), presents
+
+    def kv_bytes(self, past: list[torch.Tensor]) -> int:
+        return sum(t.numel() * t.element_size() for t in past)
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, self.dtype)
