@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 from calibrate.recipe import Recipe
-from visprune.artifacts import atomic_write_bytes
+from visprune.figures import pyplot, save_figure
 
 
 def plot_tokens_per_layer(recipes: list[tuple[str, Recipe]], out: Path, title: str = "Visual tokens per layer") -> None:
     """One step line per recipe: visual tokens entering each decoder layer (PNG, written atomically)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     for label, recipe in recipes:
         entering = [recipe.num_visual_tokens] + recipe.keep[:-1]
@@ -26,11 +21,7 @@ def plot_tokens_per_layer(recipes: list[tuple[str, Recipe]], out: Path, title: s
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    atomic_write_bytes(Path(out), buffer.getvalue())
+    save_figure(fig, out)
 
 
 def format_recipe_summary(recipe: Recipe, width: int = 40) -> str:

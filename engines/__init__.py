@@ -1,9 +1,10 @@
-"""Stage 3, engines: build runnable engines from an exported ONNX set (ONNX Runtime here; TensorRT next).
+"""Stage 3, engines: build runnable engines from an exported ONNX set: ONNX Runtime (CPU or CUDA), TensorRT
+(NVIDIA GPUs), or the PyTorch backend's record of the pruned model.
 
     from engines import BuildConfig, build_engine
     build_engine(BuildConfig(backend="onnxruntime"), "runs/demo/onnx", "runs/demo/engine")
 """
 
-from engines.build import BuildConfig, build_engine, load_engine_manifest
+from engines.build import BuildConfig, auto_backend, build_engine, load_engine_manifest
 
-__all__ = ["BuildConfig", "build_engine", "load_engine_manifest"]
+__all__ = ["BuildConfig", "auto_backend", "build_engine", "load_engine_manifest"]

@@ -14,7 +14,7 @@ the backend's facts, the hash of the upstream ONNX manifest and that manifest it
 from __future__ import annotations
 
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from visprune.artifacts import (
 )
 from visprune.errors import ArtifactMismatchError, BackendUnavailableError, ConfigError
 
-BACKENDS = ("onnxruntime", "tensorrt", "pytorch")
+BACKENDS = ("onnxruntime", "tensorrt", "pytorch", "auto")  # auto: TensorRT where available, else onnxruntime
 DEVICES = ("cpu", "cuda")
 # "extended" optimizations are portable across machines; "all" adds layout changes for this CPU only.
 OPT_LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
@@ -82,6 +82,8 @@ def build_engine(config: BuildConfig, onnx_dir: Path, out_dir: Path) -> dict[str
     """Build an engine folder for `config.backend` from the ONNX set in `onnx_dir`; returns its manifest."""
     onnx_dir = Path(onnx_dir)
     onnx_manifest = read_onnx_set_manifest(onnx_dir)
+    if config.backend == "auto":
+        config = replace(config, backend=auto_backend())
     if config.backend == "tensorrt":
         prompt_length_range(onnx_manifest, config.max_prompt_tokens, config.max_new_tokens)  # fail before building
     build_graphs = {"onnxruntime": _build_onnxruntime, "tensorrt": _build_tensorrt, "pytorch": _build_pytorch}
@@ -97,6 +99,18 @@ def build_engine(config: BuildConfig, onnx_dir: Path, out_dir: Path) -> dict[str
         }
         atomic_write_json(staging / "engine.json", manifest)
     return manifest
+
+
+def auto_backend() -> str:
+    """TensorRT where it is installed and a GPU is visible, else ONNX Runtime."""
+    from engines.tensorrt import gpu_identity, import_tensorrt
+
+    try:
+        import_tensorrt()
+        gpu_identity()
+    except BackendUnavailableError:
+        return "onnxruntime"
+    return "tensorrt"
 
 
 def read_onnx_set_manifest(onnx_dir: Path) -> dict[str, Any]:

@@ -9,7 +9,7 @@ every graph exported and passed the lint.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +97,7 @@ def _manifest(config: ExportConfig, bundle: LlavaBundle, recipe: Recipe, image_s
                    "max_seq": config.max_seq, "image_token_id": bundle.image_token_id,
                    "eos_token_id": tokenizer.eos_token_id},
         "dtype": config.dtype,
+        "language_model": asdict(bundle.shape),  # what FLOPs figures downstream need
         "kv_stages": kv_stages(recipe),
         "graphs": {graph: {"file": f"{graph}.onnx", **describe_io(folder / f"{graph}.onnx")} for graph in GRAPH_NAMES},
         "embeddings": {"file": "embed_tokens.npy", "shape": list(bundle.model.get_input_embeddings().weight.shape)},

@@ -16,7 +16,7 @@ INTERNAL_ERROR_EXIT = 70
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    _quiet_third_party_logs(args.verbose)
+    quiet_third_party_logs(args.verbose)
     try:
         return args.handler(args) or 0
     except VispruneError as e:
@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_build(commands)
     _add_run(commands)
     _add_report(commands)
+    _add_pipeline(commands)
     return parser
 
 
@@ -128,21 +129,37 @@ def _run_export(args) -> int:
 
 
 def _add_build(commands) -> None:
-    p = commands.add_parser("build", help="build engines from an exported ONNX set")
+    p = commands.add_parser("build", help="build engines from an exported ONNX set",
+                            description="Build an engine folder: ONNX Runtime (CPU or CUDA), TensorRT (NVIDIA GPU) "
+                                        "or the PyTorch backend (eager or torch.compile).")
     p.add_argument("--onnx", type=Path, required=True, help="ONNX set folder from `visprune export`")
     p.add_argument("--out", type=Path, required=True, help="engine folder")
-    p.add_argument("--backend", default="onnxruntime", help="onnxruntime")
-    p.add_argument("--optimization-level", default="extended", help="disabled, basic, extended or all")
+    p.add_argument("--backend", default="onnxruntime", help="onnxruntime, tensorrt, pytorch, or auto (TensorRT "
+                                                            "where installed with a GPU, else onnxruntime)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (onnxruntime, pytorch; TensorRT is always cuda)")
+    ort = p.add_argument_group("onnxruntime")
+    ort.add_argument("--optimization-level", default="extended", help="disabled, basic, extended or all")
+    trt = p.add_argument_group("tensorrt")
+    trt.add_argument("--max-prompt-tokens", type=int, default=1024, help="longest prompt, image tokens included")
+    trt.add_argument("--max-new-tokens", type=int, default=256, help="most tokens generated per request")
+    trt.add_argument("--workspace-gib", type=float, help="cap TensorRT's workspace memory")
+    trt.add_argument("--builder-optimization-level", type=int, default=3, help="0-5 (TensorRT's default: 3)")
+    trt.add_argument("--timing-cache", type=Path, help="timing cache file to reuse and update across builds")
+    torch_group = p.add_argument_group("pytorch")
+    torch_group.add_argument("--compile", action="store_true", help="torch.compile the prefill and decode modules")
     p.set_defaults(handler=_run_build)
 
 
 def _run_build(args) -> int:
     from engines import BuildConfig, build_engine
 
-    manifest = build_engine(BuildConfig(backend=args.backend, optimization_level=args.optimization_level),
-                            args.onnx, args.out)
-    print(f"built {args.out}: {manifest['backend']} {manifest['onnxruntime_version']}, "
-          f"providers {', '.join(manifest['providers'])}, optimization {manifest['optimization_level']}")
+    config = BuildConfig(backend=args.backend, device=args.device, optimization_level=args.optimization_level, max_prompt_tokens=args.max_prompt_tokens,
+                         max_new_tokens=args.max_new_tokens, workspace_gib=args.workspace_gib,
+                         builder_optimization_level=args.builder_optimization_level, timing_cache=args.timing_cache,
+                         torch_compile=args.compile)
+    manifest = build_engine(config, args.onnx, args.out)
+    version = {"onnxruntime": "onnxruntime_version", "tensorrt": "tensorrt_version"}.get(manifest["backend"])
+    print(f"built {args.out}: {manifest['backend']} {manifest.get(version, '')} on {manifest['device']}")
     return 0
 
 
@@ -169,26 +186,68 @@ def _run_run(args) -> int:
 
 
 def _add_report(commands) -> None:
-    p = commands.add_parser("report", help="parity of an engine vs. the PyTorch reference, pruned vs. unpruned")
+    p = commands.add_parser("report", help="parity vs. the PyTorch reference, and latency vs. a baseline engine",
+                            description="Parity (default): the engine against the PyTorch reference, and pruned "
+                                        "against unpruned. --latency: the engine and --baseline side by side.")
     p.add_argument("--engine", type=Path, required=True)
-    p.add_argument("--model", default="tiny", help="the checkpoint the engine was exported from")
-    p.add_argument("--recipe", type=Path, help="check that the engine was exported from this recipe")
-    p.add_argument("--out", type=Path, required=True, help="report folder (parity.json, parity.md)")
-    p.add_argument("--max-new-tokens", type=int, default=8)
-    p.add_argument("--allow-parity-failure", action="store_true", help="exit 0 even if parity fails")
+    p.add_argument("--out", type=Path, required=True, help="report folder")
+    parity = p.add_argument_group("parity")
+    parity.add_argument("--model", default="tiny", help="the checkpoint the engine was exported from")
+    parity.add_argument("--recipe", type=Path, help="check that the engine was exported from this recipe")
+    parity.add_argument("--max-new-tokens", type=int, default=8)
+    parity.add_argument("--allow-parity-failure", action="store_true", help="exit 0 even if parity fails")
+    parity.add_argument("--no-parity", action="store_true", help="skip the parity report")
+    latency = p.add_argument_group("latency")
+    latency.add_argument("--latency", action="store_true", help="write latency.json/.md/.png")
+    latency.add_argument("--baseline", type=Path, help="engine to compare with (normally the unpruned one)")
+    latency.add_argument("--image", type=Path, help="request image (default: a cat photograph)")
+    latency.add_argument("--new-tokens", type=int, default=16, help="tokens generated per timed request")
+    latency.add_argument("--warmup", type=int, default=3, help="untimed requests per engine first")
+    latency.add_argument("--rounds", type=int, default=10, help="timed requests per engine")
     p.set_defaults(handler=_run_report)
 
 
 def _run_report(args) -> int:
-    from runtime.parity import parity_report
+    from runtime.report import ReportConfig, write_reports
 
-    parity_report(args.engine, args.model, args.out, max_new_tokens=args.max_new_tokens,
-                  allow_failure=args.allow_parity_failure, recipe=args.recipe)
-    print((args.out / "parity.md").read_text())
+    config = ReportConfig(parity=not args.no_parity, model=args.model, recipe=args.recipe,
+                          max_new_tokens=args.max_new_tokens, allow_parity_failure=args.allow_parity_failure,
+                          latency=args.latency, baseline=args.baseline, image=args.image, new_tokens=args.new_tokens,
+                          warmup=args.warmup, rounds=args.rounds)
+    for path in write_reports(config, args.engine, args.out):
+        print(path.read_text())
     return 0
 
 
-def _quiet_third_party_logs(verbose: bool) -> None:
+def _add_pipeline(commands) -> None:
+    p = commands.add_parser("pipeline", help="calibrate, export, build, run and report in one command",
+                            description="The whole product on one model: a FitPrune recipe for --reduction, pruned "
+                                        "and unpruned engines, one answer, parity and latency reports, report.md.")
+    p.add_argument("--model", default="tiny", help="'tiny' or a local llava-hf checkpoint folder")
+    p.add_argument("--reduction", type=float, default=0.6, help="fraction of visual-token FLOPs to remove")
+    p.add_argument("--out", type=Path, required=True, help="run folder, e.g. runs/demo")
+    p.add_argument("--backend", default="auto", help="auto (TensorRT where available, else onnxruntime), "
+                                                     "onnxruntime, tensorrt or pytorch")
+    p.add_argument("--device", default="auto", help="calibration device: auto, cpu, cuda")
+    p.add_argument("--data", type=Path, help="calibration JSONL (default: embedded set)")
+    p.add_argument("--images", type=Path, help="folder the JSONL's image paths resolve against")
+    p.add_argument("--samples", type=int, help="calibrate on a seeded subset of this many samples")
+    p.add_argument("--latency-rounds", type=int, default=10)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(handler=_run_pipeline)
+
+
+def _run_pipeline(args) -> int:
+    from runtime.end_to_end import PipelineConfig, format_summary, run_pipeline
+
+    config = PipelineConfig(model=args.model, reduction=args.reduction, backend=args.backend, device=args.device,
+                            data=args.data, images=args.images, samples=args.samples,
+                            latency_rounds=args.latency_rounds)
+    print(format_summary(run_pipeline(config, args.out, progress=not args.quiet)))
+    return 0
+
+
+def quiet_third_party_logs(verbose: bool) -> None:
     if verbose:
         return
     import transformers

@@ -19,6 +19,9 @@ class VispruneError(Exception):
     def __str__(self) -> str:
         return f"{self.message}\nHint: {self.hint}"
 
+    def __reduce__(self):  # picklable with both arguments, so errors cross process boundaries intact
+        return type(self), (self.message, self.hint)
+
 
 class ConfigError(VispruneError):
     """A stage config or CLI value is out of range."""

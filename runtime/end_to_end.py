@@ -1,0 +1,256 @@
+"""`run_pipeline(config, out)`: the whole product in one call, as `visprune pipeline` runs it.
+
+calibrate -> export (pruned, and the unpruned baseline) -> build (TensorRT where available, else ONNX Runtime)
+-> run one sample request -> parity and latency reports -> report.md with the plots. The unpruned export does not
+depend on the recipe, so it runs in a second process while calibration and the pruned export run here.
+
+Layout of `out`: recipe.json/.png, onnx/, onnx-unpruned/, engine/, engine-unpruned/, sample.png,
+report/{parity,latency}.{json,md}, report/*.png, report.md, pipeline.json (config, stage times, headline figures).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from calibrate import CalibrationConfig, calibrate
+from engines import BuildConfig, auto_backend, build_engine
+from exporter import ExportConfig, export_onnx
+from visprune.artifacts import atomic_write_bytes, atomic_write_json
+from visprune.errors import ConfigError
+from visprune.models.llava import resolve_model_path
+
+SAMPLE_QUESTION = "What animal is this?"
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    VERSION = 1
+
+    model: str = "tiny"
+    reduction: float = 0.6
+    backend: str = "auto"  # auto | onnxruntime | tensorrt | pytorch
+    device: str = "auto"  # calibration device
+    data: Path | None = None
+    images: Path | None = None
+    samples: int | None = None
+    max_new_tokens: int = 16
+    latency_rounds: int = 10
+    parity_prompts: int = 8
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("auto", "onnxruntime", "tensorrt", "pytorch"):
+            raise ConfigError(f"Unknown backend {self.backend!r}.", "Use auto, onnxruntime, tensorrt or pytorch.")
+        CalibrationConfig(model=self.model, reduction=self.reduction, device=self.device, samples=self.samples)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.VERSION, **{k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}}
+
+
+@dataclass
+class PipelineResult:
+    out_dir: Path
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    figures: dict[str, Any] = field(default_factory=dict)
+    answer: str = ""
+
+
+def run_pipeline(config: PipelineConfig, out_dir: Path, progress: bool = True) -> PipelineResult:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = PipelineResult(out)
+    backend = auto_backend() if config.backend == "auto" else config.backend
+    dtype = "float16" if backend == "tensorrt" else "float32"
+    resolve_model_path(config.model)  # builds `tiny` once here, before two processes could race to build it
+    export = ExportConfig(model=config.model, dtype=dtype)
+    with InBackground(_export_and_build, export, backend, out / "onnx-unpruned", out / "engine-unpruned") as baseline:
+        with _stage(result, "calibrate"):
+            calibrate(CalibrationConfig(model=config.model, reduction=config.reduction, device=config.device,
+                                        data=config.data, images=config.images, samples=config.samples),
+                      out / "recipe.json", progress=progress)
+        with _stage(result, "export + build (pruned)"):
+            _export_and_build(ExportConfig(model=config.model, recipe=out / "recipe.json", dtype=dtype), backend,
+                              out / "onnx", out / "engine", progress)
+        with _stage(result, "export + build (unpruned, overlapped)"):
+            baseline.result()
+    _run_and_report(config, result)
+    atomic_write_json(out / "pipeline.json", {"config": config.to_dict(), "backend": backend, "answer": result.answer,
+                                              "stage_seconds": result.stage_seconds, "figures": result.figures})
+    return result
+
+
+def format_summary(result: PipelineResult) -> str:
+    """The table `visprune pipeline` ends with."""
+    f = result.figures
+    rows = [(name, f"{seconds:.1f} s") for name, seconds in result.stage_seconds.items()]
+    rows += [("total", f"{sum(result.stage_seconds.values()):.1f} s"), ("", ""),
+             ("visual tokens", f["visual_tokens"]), ("visual-FLOPs reduction", f"{f['visual_flops_reduction']:.1%}"),
+             ("whole-LM FLOPs ratio", f"{f['lm_flops_ratio']:.3f}"),
+             ("prefill latency ratio", f"{f['prefill_latency_ratio']:.3f} ({f['prefill_speedup']:.2f}x faster)"),
+             ("KV-cache bytes ratio", f"{f['kv_bytes_ratio']:.3f}"),
+             ("parity vs. PyTorch", f"{'passed' if f['parity_passed'] else 'FAILED'} "
+                                    f"(max abs logits error {f['max_abs_logits_error']:.1e})"),
+             ("sample answer", repr(result.answer)), ("report", str(result.out_dir / "report.md"))]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _export_and_build(export: ExportConfig, backend: str, onnx_dir: Path, engine_dir: Path,
+                      progress: bool = False) -> None:
+    export_onnx(export, onnx_dir, progress=progress)
+    device = "cuda" if backend == "tensorrt" else "cpu"
+    build_engine(BuildConfig(backend=backend, device=device, max_prompt_tokens=1024, max_new_tokens=256),
+                 onnx_dir, engine_dir)
+
+
+def _run_and_report(config: PipelineConfig, result: PipelineResult) -> None:
+    from runtime.latency import default_latency_image, latency_report
+    from runtime.parity import default_parity_prompts, parity_report
+    from runtime.pipeline import Pipeline
+
+    out = result.out_dir
+    image = default_latency_image()
+    image.save(out / "sample.png")
+    with _stage(result, "run (one request)"):
+        pipe = Pipeline.from_engine_dir(out / "engine")
+        generation = pipe.generate(out / "sample.png", pipe.chat_prompt(SAMPLE_QUESTION), config.max_new_tokens)
+        result.answer = generation.text
+    with _stage(result, "parity report"):
+        parity = parity_report(out / "engine", config.model, out / "report", recipe=out / "recipe.json",
+                               prompts=default_parity_prompts(config.parity_prompts))
+    with _stage(result, "latency report"):
+        latency = latency_report(out / "engine", out / "engine-unpruned", out / "report", image=out / "sample.png",
+                                 rounds=config.latency_rounds)
+    _plots(pipe, out, generation.kept_indices, parity)
+    result.figures = _headline(out, parity, latency)
+    atomic_write_bytes(out / "report.md", report_markdown(result, parity, latency).encode())
+
+
+def _plots(pipe, out: Path, kept: dict[int, list[int]], parity: dict[str, Any]) -> None:
+    from runtime.plots import model_view, plot_kept_tokens, plot_parity
+
+    _, pixel_values = pipe.encode(out / "sample.png", pipe.chat_prompt(SAMPLE_QUESTION))
+    plot_kept_tokens(model_view(pixel_values, pipe.processor), kept, pipe.num_visual, out / "report" / "kept_tokens.png")
+    plot_parity(parity, out / "report" / "parity.png")
+
+
+def _headline(out: Path, parity: dict[str, Any], latency: dict[str, Any]) -> dict[str, Any]:
+    import json
+
+    recipe = json.loads((out / "recipe.json").read_text())
+    ratios = latency["ratios"]
+    return {
+        "visual_tokens": f"{recipe['num_visual_tokens']} -> {recipe['num_visual_tokens'] - sum(recipe['removed'])}",
+        "visual_flops_reduction": recipe["achieved"]["visual_flops_reduction"],
+        "lm_flops_ratio": ratios["lm_flops_ratio"], "prefill_latency_ratio": ratios["prefill_latency_ratio"],
+        "prefill_speedup": ratios["prefill_speedup"], "kv_bytes_ratio": ratios["kv_bytes_ratio"],
+        "parity_passed": parity["engine_vs_reference"]["passed"],
+        "max_abs_logits_error": parity["engine_vs_reference"]["max_abs_logits_error"],
+        "first_token_top1_agreement": parity["pruned_vs_unpruned"]["first_token_top1_agreement"],
+    }
+
+
+def report_markdown(result: PipelineResult, parity: dict[str, Any], latency: dict[str, Any]) -> str:
+    f, e = result.figures, latency["engines"]["pruned"]
+    stages = "\n".join(f"| {name} | {seconds:.1f} |" for name, seconds in result.stage_seconds.items())
+    return f"""# visprune pipeline report
+
+Engine: {e['backend']} on {e['device']} ({e['dtype']}), recipe {e['recipe_method']}: visual tokens {f['visual_tokens']}
+(visual-FLOPs reduction {f['visual_flops_reduction']:.1%}). Sample answer: "{result.answer}"
+
+| figure | value |
+|---|---:|
+| whole-LM FLOPs ratio (pruned / unpruned) | {f['lm_flops_ratio']:.3f} |
+| prefill latency ratio (p50) | {f['prefill_latency_ratio']:.3f} |
+| prefill speedup | {f['prefill_speedup']:.2f}x |
+| KV-cache bytes ratio | {f['kv_bytes_ratio']:.3f} |
+| parity vs. PyTorch | {'passed' if f['parity_passed'] else 'FAILED'} (max abs logits error {f['max_abs_logits_error']:.1e}) |
+| first-token top-1 agreement, pruned vs. unpruned | {f['first_token_top1_agreement']:.0%} |
+
+## Visual tokens per layer
+
+![tokens per layer](recipe.png)
+
+## Kept tokens on the sample image
+
+![kept tokens](report/kept_tokens.png)
+
+## Latency vs. FLOPs
+
+![latency](report/latency.png)
+
+Details and method: [report/latency.md](report/latency.md).
+
+## Parity
+
+![parity](report/parity.png)
+
+Details: [report/parity.md](report/parity.md).
+
+## Stage wall times (s)
+
+| stage | seconds |
+|---|---:|
+{stages}
+"""
+
+
+class InBackground:
+    """`fn(*args)` in a spawned process. `result()` waits and re-raises its error; leaving the block early (an
+    error here) terminates it, so a failed run does not wait for work nobody will use."""
+
+    def __init__(self, fn: Callable, *args: Any):
+        context = multiprocessing.get_context("spawn")  # no fork: torch and ORT thread pools do not survive it
+        self._receive, self._send = context.Pipe(duplex=False)
+        self._process = context.Process(target=_call_and_send, args=(self._send, fn, args), daemon=True)
+
+    def __enter__(self) -> "InBackground":
+        self._process.start()
+        self._send.close()  # the child holds the only writer now, so recv() sees its death as EOF
+        return self
+
+    def result(self) -> Any:
+        try:
+            ok, value = self._receive.recv()
+        except EOFError:
+            ok, value = False, RuntimeError(f"the background process died (exit code {self._process.exitcode})")
+        self._process.join()
+        if not ok:
+            raise value
+        return value
+
+    def __exit__(self, *exc) -> bool:
+        if self._process.is_alive():
+            self._process.terminate()
+        self._process.join()
+        return False
+
+
+def _call_and_send(send, fn: Callable, args: tuple) -> None:
+    from visprune.cli import quiet_third_party_logs
+
+    quiet_third_party_logs(verbose=False)
+    try:
+        send.send((True, fn(*args)))
+    except BaseException as e:  # every failure goes back to the parent, which raises it
+        try:
+            send.send((False, e))
+        except Exception:  # an exception that does not pickle
+            send.send((False, RuntimeError(f"{type(e).__name__}: {e}")))
+
+
+class _stage:
+    """Times a block into result.stage_seconds."""
+
+    def __init__(self, result: PipelineResult, name: str):
+        self.result, self.name = result, name
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.result.stage_seconds[self.name] = round(time.perf_counter() - self.start, 2)
+        return False

@@ -1,0 +1,359 @@
+"""Latency reports: a pruned engine and its baseline (normally the unpruned engine) measured side by side in one
+run, with the FLOPs ratio next to the latency ratio and the method written down with the numbers.
+
+Method (recorded in every report):
+- One request = vision -> embed -> prefill -> first token -> `new_tokens - 1` decode steps, stamped with one
+  clock between phases. TTFT runs from preprocessed inputs to the first token (tokenizer and image
+  preprocessing excluded: they are the same for every engine).
+- Every runner call returns host arrays, so each stamp is taken after the device finished (synchronized).
+- Warm-up requests per engine first; then rounds. In each round every engine gets one untimed request (so ORT's
+  spinning threads and caches of the other engine do not bill this one) and one timed request; the engine order
+  alternates between rounds to cancel drift.
+- Memory: the change in resident memory (CPU) or in device memory in use (CUDA) from before the engine is loaded
+  to after its warm-up: weights plus working memory. KV bytes: the cache after prefill and after the last token.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from runtime.pipeline import Pipeline
+from visprune.artifacts import atomic_write_bytes, atomic_write_json, tool_versions
+from visprune.errors import ArtifactMismatchError, ConfigError
+from visprune.figures import pyplot, save_figure
+
+LATENCY_SCHEMA = ("visprune.latency_report", 1)
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Summary of timed samples, in milliseconds."""
+
+    n: int
+    p50_ms: float
+    p90_ms: float
+    mean_ms: float
+    std_ms: float
+    min_ms: float
+    max_ms: float
+
+    @classmethod
+    def from_seconds(cls, samples: list[float]) -> "LatencyStats":
+        ms = np.asarray(samples, dtype=np.float64) * 1e3
+        return cls(n=len(ms), p50_ms=float(np.percentile(ms, 50)), p90_ms=float(np.percentile(ms, 90)),
+                   mean_ms=float(ms.mean()), std_ms=float(ms.std(ddof=1)) if len(ms) > 1 else 0.0,
+                   min_ms=float(ms.min()), max_ms=float(ms.max()))
+
+
+def measure(fn: Callable[[], Any], warmup: int, iterations: int, clock: Clock = time.perf_counter) -> LatencyStats:
+    """Run `fn` `warmup` times untimed, then time `iterations` calls (fn must return after its device work)."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(iterations):
+        start = clock()
+        fn()
+        samples.append(clock() - start)
+    return LatencyStats.from_seconds(samples)
+
+
+@dataclass
+class Request:
+    input_ids: np.ndarray  # [1, S]
+    pixel_values: np.ndarray  # [1, 3, H, W]
+    new_tokens: int
+
+
+def time_request(pipe: Pipeline, request: Request, clock: Clock = time.perf_counter) -> dict[str, Any]:
+    """One request with a fixed number of new tokens (EOS ignored), phase by phase."""
+    runner, stamps = pipe.runner, [clock()]
+    features = runner.image_features(request.pixel_values)
+    stamps.append(clock())
+    embeds = pipe.embed(request.input_ids, features)
+    stamps.append(clock())
+    first = runner.prefill(embeds)
+    token = int(np.argmax(first.logits[0]))
+    stamps.append(clock())
+    past, position, steps = first.past, request.input_ids.shape[1], []
+    kv_prefill = runner.kv_bytes(past)
+    for step in range(request.new_tokens - 1):
+        begin = clock()
+        logits, past = runner.decode(pipe.embeddings[[[token]]].astype(pipe.host_dtype), position + step, past)
+        token = int(np.argmax(logits[0]))
+        steps.append(clock() - begin)
+    return {"vision_s": stamps[1] - stamps[0], "prefill_s": stamps[3] - stamps[2], "ttft_s": stamps[3] - stamps[0],
+            "decode_step_s": steps, "kv_bytes_prefill": kv_prefill, "kv_bytes_final": runner.kv_bytes(past)}
+
+
+def measure_side_by_side(pipes: dict[str, Pipeline], request: Request, warmup: int, rounds: int,
+                         clock: Clock = time.perf_counter) -> dict[str, list[dict[str, Any]]]:
+    """Timed requests per engine: warm-up each, then rounds of (untimed, timed) visits in alternating order."""
+    for pipe in pipes.values():
+        for _ in range(warmup):
+            time_request(pipe, request, clock)
+    timed: dict[str, list[dict[str, Any]]] = {name: [] for name in pipes}
+    names = list(pipes)
+    for round_index in range(rounds):
+        for name in names if round_index % 2 == 0 else names[::-1]:
+            time_request(pipes[name], request, clock)  # re-warm after the other engine ran
+            timed[name].append(time_request(pipes[name], request, clock))
+    return timed
+
+
+def summarize_requests(requests: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-phase statistics of timed requests, decode throughput and the KV bytes."""
+    steps = [s for r in requests for s in r["decode_step_s"]]
+    decode = LatencyStats.from_seconds(steps) if steps else None
+    return {
+        "vision": asdict(LatencyStats.from_seconds([r["vision_s"] for r in requests])),
+        "prefill": asdict(LatencyStats.from_seconds([r["prefill_s"] for r in requests])),
+        "ttft": asdict(LatencyStats.from_seconds([r["ttft_s"] for r in requests])),
+        "decode_per_token": asdict(decode) if decode else None,
+        "decode_tokens_per_s": 1e3 / decode.p50_ms if decode else None,
+        "kv_bytes_prefill": requests[0]["kv_bytes_prefill"], "kv_bytes_final": requests[0]["kv_bytes_final"],
+    }
+
+
+def latency_report(engine_dir: Path, baseline_dir: Path, out_dir: Path, image: Path | None = None,
+                   question: str = "What is in the picture?", new_tokens: int = 16, warmup: int = 3, rounds: int = 10,
+                   clock: Clock = time.perf_counter) -> dict[str, Any]:
+    """Measure `engine_dir` against `baseline_dir` on one request; write latency.json, latency.md, latency.png."""
+    if rounds < 1 or warmup < 0 or new_tokens < 1:
+        raise ConfigError(f"rounds {rounds}, warm-up {warmup} and new tokens {new_tokens} must be >= 1, >= 0, >= 1.",
+                          "Pass e.g. --rounds 10 --warmup 3 --new-tokens 16.")
+    pipes = {"pruned": _load(Path(engine_dir), image, question, new_tokens)[0]}
+    pipes["baseline"], request = _load(Path(baseline_dir), image, question, new_tokens)
+    _check_comparable(pipes["pruned"], pipes["baseline"])
+    memory = {name: _warm_up_measuring_memory(pipe, request, warmup) for name, pipe in pipes.items()}
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    timed = measure_side_by_side(pipes, request, warmup=0, rounds=rounds, clock=clock)
+    report = {
+        "schema": LATENCY_SCHEMA[0], "schema_version": LATENCY_SCHEMA[1],
+        "request": {"image": str(image) if image else "default cat photograph", "question": question,
+                    "prompt_tokens": int(request.input_ids.shape[1]), "new_tokens": new_tokens,
+                    "visual_tokens": pipes["pruned"].num_visual},
+        "engines": {name: {"engine_dir": str(Path(folder).resolve()), **_engine_facts(pipes[name]),
+                           **summarize_requests(timed[name]), "memory": memory[name]}
+                    for name, folder in (("pruned", engine_dir), ("baseline", baseline_dir))},
+        "method": _method(warmup, rounds, clock, load_before, pipes["pruned"]),
+    }
+    report["ratios"] = _ratios(report, pipes)
+    out_dir = Path(out_dir)
+    atomic_write_json(out_dir / "latency.json", report)
+    atomic_write_bytes(out_dir / "latency.md", latency_markdown(report).encode())
+    plot_latency(report, out_dir / "latency.png")
+    return report
+
+
+def _load(folder: Path, image, question, new_tokens) -> tuple[Pipeline, Request]:
+    pipe = Pipeline.from_engine_dir(folder)
+    return pipe, _request(pipe, image, question, new_tokens)
+
+
+def _warm_up_measuring_memory(pipe: Pipeline, request: Request, warmup: int) -> dict[str, Any]:
+    """Warm-up requests; returns the engine's weight bytes and the peak memory its requests add on top."""
+    device = pipe.runner.device
+    before = _reset_peak_memory(device)
+    for _ in range(max(warmup, 1)):
+        time_request(pipe, request)
+    peak, method = _peak_memory(device)
+    engine_bytes = sum(p.stat().st_size for p in pipe.engine_dir.glob("*.onnx")) + \
+        sum(p.stat().st_size for p in pipe.engine_dir.glob("*.plan"))
+    return {"engine_file_bytes": engine_bytes, "peak_working_bytes": peak - before if peak is not None else None,
+            "method": method}
+
+
+def _reset_peak_memory(device: str) -> int:
+    """Current memory in use; also resets the high-water mark _peak_memory reads."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:  # "5" resets the process's peak RSS (VmHWM), Linux >= 4.0
+            f.write("5")
+    except OSError:
+        pass
+    return _proc_status_bytes("VmRSS")
+
+
+def _peak_memory(device: str) -> tuple[int | None, str]:
+    if device.startswith("cuda"):
+        import torch
+
+        return (torch.cuda.max_memory_allocated(), "peak of PyTorch's CUDA allocator during warm-up minus before "
+                "(TensorRT buffers and the PyTorch backend; ONNX Runtime's own CUDA arena is not seen)")
+    peak = _proc_status_bytes("VmHWM")
+    return (peak or None), "peak resident memory of the process during warm-up minus before (weights loaded before)"
+
+
+def _proc_status_bytes(field: str) -> int:
+    try:
+        with open("/proc/self/status") as f:
+            line = next(line for line in f if line.startswith(field + ":"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration):
+        return 0
+
+
+def _request(pipe: Pipeline, image, question: str, new_tokens: int) -> Request:
+    image = image or default_latency_image()
+    input_ids, pixel_values = pipe.encode(image, pipe.chat_prompt(question))
+    pipe.check_request(input_ids.shape[1], new_tokens)
+    return Request(input_ids, pixel_values, new_tokens)
+
+
+def default_latency_image():
+    """scikit-image's cat photograph (ships offline with scikit-image)."""
+    import skimage.data
+    from PIL import Image
+
+    return Image.fromarray(skimage.data.chelsea())
+
+
+def _check_comparable(pruned: Pipeline, baseline: Pipeline) -> None:
+    a, b = pruned.manifest["onnx_set"], baseline.manifest["onnx_set"]
+    if a["model"]["fingerprint"] != b["model"]["fingerprint"] or a["prompt"] != b["prompt"]:
+        raise ArtifactMismatchError("The two engines come from different models or prompt layouts; their latencies "
+                                    "do not compare.", "Export both from the same --model (the baseline without "
+                                    "--recipe) and build them the same way.")
+
+
+def _engine_facts(pipe: Pipeline) -> dict[str, Any]:
+    m = pipe.manifest
+    return {"backend": m["backend"], "device": pipe.runner.device, "dtype": m["onnx_set"]["dtype"],
+            "recipe_method": m["onnx_set"]["recipe"]["method"], "removed": m["onnx_set"]["recipe"]["removed"],
+            "kept_after_last_layer": m["onnx_set"]["recipe"]["keep"][-1]}
+
+
+def _ratios(report: dict[str, Any], pipes: dict[str, Pipeline]) -> dict[str, Any]:
+    from calibrate.flops import visual_flops
+    from visprune.models.llava import LanguageModelShape
+
+    onnx_set = pipes["pruned"].manifest["onnx_set"]
+    shape = LanguageModelShape(**onnx_set["language_model"])
+    text = report["request"]["prompt_tokens"] - shape.num_visual_tokens
+    removed = {name: pipe.manifest["onnx_set"]["recipe"]["removed"] for name, pipe in pipes.items()}
+    lm = visual_flops(shape, removed["pruned"], text) / visual_flops(shape, removed["baseline"], text)
+    visual = visual_flops(shape, removed["pruned"]) / visual_flops(shape, removed["baseline"])
+    e = report["engines"]
+    prefill = e["pruned"]["prefill"]["p50_ms"] / e["baseline"]["prefill"]["p50_ms"]
+    decode = (e["pruned"]["decode_per_token"]["p50_ms"] / e["baseline"]["decode_per_token"]["p50_ms"]
+              if e["pruned"]["decode_per_token"] else None)
+    return {"lm_flops_ratio": lm, "visual_flops_ratio": visual, "prefill_latency_ratio": prefill,
+            "prefill_latency_over_flops": prefill / lm, "prefill_speedup": 1 / prefill,
+            "ttft_ratio": e["pruned"]["ttft"]["p50_ms"] / e["baseline"]["ttft"]["p50_ms"],
+            "decode_latency_ratio": decode,
+            "kv_bytes_ratio": e["pruned"]["kv_bytes_prefill"] / e["baseline"]["kv_bytes_prefill"],
+            "lm_flops_text_tokens": text}
+
+
+def _method(warmup: int, rounds: int, clock: Clock, load_before, pipe: Pipeline) -> dict[str, Any]:
+    return {
+        "warmup_requests": max(warmup, 1), "rounds": rounds, "timed_requests_per_engine": rounds,
+        "per_visit": "1 untimed + 1 timed request; engine order alternates between rounds",
+        "clock": getattr(clock, "__qualname__", repr(clock)),
+        "synchronization": "each phase ends with host arrays (logits / features copied back), so stamps follow "
+                           "the device work",
+        "ttft": "preprocessed inputs -> vision -> embed -> prefill -> first token (argmax)",
+        "statistic": "p50 and p90 over timed requests (decode: over every step of every timed request)",
+        "device": _device_description(pipe.runner.device), "load_average_1min_before": load_before,
+        "versions": tool_versions("torch", "onnxruntime", "onnxruntime-gpu", "tensorrt", "transformers"),
+        "python": platform.python_version(),
+    }
+
+
+def _device_description(device: str) -> dict[str, Any]:
+    facts: dict[str, Any] = {"kind": device, "cpu": _cpu_model(), "cpu_count": os.cpu_count()}
+    if device.startswith("cuda"):
+        from engines.tensorrt import gpu_identity
+
+        facts["gpu"] = gpu_identity()
+    return facts
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def latency_markdown(report: dict[str, Any]) -> str:
+    e, r, m, q = report["engines"], report["ratios"], report["method"], report["request"]
+    rows = [("vision p50", "vision", "p50_ms"), ("prefill p50", "prefill", "p50_ms"),
+            ("prefill p90", "prefill", "p90_ms"), ("TTFT p50", "ttft", "p50_ms"), ("TTFT p90", "ttft", "p90_ms")]
+    lines = ["# Latency report", "",
+             f"One request: {q['prompt_tokens']} prompt tokens ({q['visual_tokens']} visual), {q['new_tokens']} new "
+             f"tokens. Pruned: {e['pruned']['backend']} on {e['pruned']['device']}, {e['pruned']['dtype']}, "
+             f"{e['pruned']['recipe_method']} keeping {e['pruned']['kept_after_last_layer']} visual tokens after the "
+             f"last pruning layer. Baseline: {e['baseline']['backend']}, {e['baseline']['recipe_method']}.", "",
+             "| metric | pruned | baseline | ratio |", "|---|---:|---:|---:|"]
+    for label, phase, stat in rows:
+        a, b = e["pruned"][phase][stat], e["baseline"][phase][stat]
+        lines.append(f"| {label} (ms) | {a:.2f} | {b:.2f} | {a / b:.3f} |")
+    if e["pruned"]["decode_per_token"]:
+        a, b = e["pruned"]["decode_per_token"]["p50_ms"], e["baseline"]["decode_per_token"]["p50_ms"]
+        lines.append(f"| decode per token p50 (ms) | {a:.2f} | {b:.2f} | {a / b:.3f} |")
+        lines.append(f"| decode tokens/s | {e['pruned']['decode_tokens_per_s']:.1f} | "
+                     f"{e['baseline']['decode_tokens_per_s']:.1f} | |")
+    for label, key in (("KV cache after prefill (bytes)", "kv_bytes_prefill"), ("KV cache at the end (bytes)", "kv_bytes_final")):
+        a, b = e["pruned"][key], e["baseline"][key]
+        lines.append(f"| {label} | {a:,} | {b:,} | {a / b:.3f} |")
+    for label, key in (("engine files (MiB)", "engine_file_bytes"), ("peak working memory (MiB)", "peak_working_bytes")):
+        a, b = e["pruned"]["memory"][key], e["baseline"]["memory"][key]
+        lines.append(f"| {label} | {_mib(a)} | {_mib(b)} | {a / b if a and b else float('nan'):.3f} |")
+    lines += ["", f"**Prefill latency ratio {r['prefill_latency_ratio']:.3f} vs. whole-LM FLOPs ratio "
+              f"{r['lm_flops_ratio']:.3f}** (latency / FLOPs = {r['prefill_latency_over_flops']:.3f}; visual-only "
+              f"FLOPs ratio {r['visual_flops_ratio']:.3f}; prefill speedup {r['prefill_speedup']:.2f}x).", "",
+              "## Method", "",
+              f"- {m['warmup_requests']} warm-up requests per engine, then {m['rounds']} rounds; {m['per_visit']}.",
+              f"- TTFT: {m['ttft']}. Synchronization: {m['synchronization']}.",
+              f"- Statistic: {m['statistic']}. Clock: `{m['clock']}`.",
+              f"- Memory: {e['pruned']['memory']['method']}.",
+              f"- Device: {m['device']}; 1-min load average before timing: {m['load_average_1min_before']}.",
+              f"- Versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items() if v != 'not installed')}; "
+              f"Python {m['python']}.", ""]
+    return "\n".join(lines)
+
+
+def _mib(value) -> str:
+    return "n/a" if value is None else f"{value / 2**20:.1f}"
+
+
+def plot_latency(report: dict[str, Any], out: Path) -> None:
+    """Left: p50 per phase, pruned vs. baseline. Right: latency ratio vs. FLOPs ratio (the diagonal is 'as fast
+    as the FLOPs say')."""
+    plt = pyplot()
+    e, r = report["engines"], report["ratios"]
+    phases = [p for p in ("vision", "prefill", "ttft", "decode_per_token") if e["pruned"][p]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    x = np.arange(len(phases))
+    for offset, name in ((-0.2, "baseline"), (0.2, "pruned")):
+        left.bar(x + offset, [e[name][p]["p50_ms"] for p in phases], 0.4, label=name)
+    left.set_xticks(x, [p.replace("_", " ") for p in phases])
+    left.set_ylabel("p50 latency (ms)")
+    left.set_title("Latency per phase")
+    left.legend()
+    right.plot([0, 1], [0, 1], color="grey", linestyle="--", label="latency = FLOPs")
+    right.scatter([r["lm_flops_ratio"]], [r["prefill_latency_ratio"]], s=60, zorder=3, label="prefill")
+    right.scatter([r["lm_flops_ratio"]], [r["ttft_ratio"]], s=60, marker="s", zorder=3, label="TTFT")
+    right.set_xlim(0, 1.05)
+    right.set_ylim(0, 1.2)
+    right.set_xlabel("whole-LM FLOPs ratio (pruned / baseline)")
+    right.set_ylabel("latency ratio (p50)")
+    right.set_title("Latency vs. FLOPs")
+    right.grid(alpha=0.3)
+    right.legend()
+    save_figure(fig, out)

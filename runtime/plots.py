@@ -1,0 +1,60 @@
+"""Pictures for reports: which image patches survive pruning, and how close the engine is to the reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from visprune.figures import pyplot, save_figure
+
+
+def model_view(pixel_values: np.ndarray, processor: Any) -> np.ndarray:
+    """The image as the vision tower sees it (resized, cropped), [H, W, 3] in 0..1, from normalized pixels."""
+    image_processor = processor.image_processor
+    mean = np.asarray(image_processor.image_mean).reshape(3, 1, 1)
+    std = np.asarray(image_processor.image_std).reshape(3, 1, 1)
+    return np.clip(pixel_values[0].astype(np.float32) * std + mean, 0, 1).transpose(1, 2, 0)
+
+
+def plot_kept_tokens(image: np.ndarray, kept_indices: dict[int, list[int]], num_visual: int, out: Path,
+                     max_panels: int = 4) -> None:
+    """One panel per pruning layer (up to `max_panels`, spread over the depth): kept patches bright, pruned ones
+    dimmed. Indices are row-major over the square patch grid, as the vision tower orders them."""
+    plt = pyplot()
+    layers = sorted(kept_indices)
+    if len(layers) > max_panels:
+        layers = [layers[round(i * (len(layers) - 1) / (max_panels - 1))] for i in range(max_panels)]
+    side = int(round(num_visual ** 0.5))
+    fig, axes = plt.subplots(1, len(layers) + 1, figsize=(3 * (len(layers) + 1), 3.3), dpi=110, squeeze=False)
+    axes[0, 0].imshow(image)
+    axes[0, 0].set_title("model input")
+    for ax, layer in zip(axes[0, 1:], layers):
+        mask = np.zeros(num_visual, dtype=bool)
+        mask[kept_indices[layer]] = True
+        patch = np.kron(mask.reshape(side, side), np.ones((image.shape[0] // side, image.shape[1] // side)))
+        ax.imshow(image * (0.15 + 0.85 * patch[..., None]))
+        ax.set_title(f"after layer {layer}: {mask.sum()} kept")
+    for ax in axes[0]:
+        ax.axis("off")
+    fig.suptitle("Visual tokens kept (bright) by the pruned engine on the sample image")
+    save_figure(fig, out)
+
+
+def plot_parity(report: dict[str, Any], out: Path) -> None:
+    """Max abs logits error of the engine vs. the PyTorch reference, per generated token and prompt."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(9, 4), dpi=110)
+    for case in report["cases"]:
+        errors = np.maximum(case["max_abs_logits_error"], 1e-12)
+        ax.plot(range(len(errors)), errors, marker="o", alpha=0.7, label=f"{case['image']}: {case['question'][:24]}")
+    tolerance = report["engine_vs_reference"]["tolerance"]
+    ax.axhline(tolerance, color="red", linestyle="--", label=f"tolerance {tolerance:.0e}")
+    ax.set_yscale("log")
+    ax.set_xlabel("generated token")
+    ax.set_ylabel("max |logits engine - reference|")
+    ax.set_title("Engine vs. PyTorch reference")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    save_figure(fig, out)

@@ -1,0 +1,50 @@
+"""`write_reports(config, engine_dir, out_dir)`: what `visprune report` writes, parity and/or latency."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from visprune.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    VERSION = 1
+
+    parity: bool = True
+    model: str = "tiny"  # the checkpoint the engine was exported from (parity's PyTorch reference)
+    recipe: Path | None = None  # parity: check the engine was exported from it
+    max_new_tokens: int = 8
+    allow_parity_failure: bool = False
+    latency: bool = False
+    baseline: Path | None = None  # latency: the engine to compare with, normally the unpruned one
+    image: Path | None = None
+    new_tokens: int = 16
+    warmup: int = 3
+    rounds: int = 10
+
+    def __post_init__(self) -> None:
+        if self.latency and self.baseline is None:
+            raise ConfigError("--latency compares the engine with a baseline engine; none was given.",
+                              "Pass --baseline DIR: build one from the unpruned export (`visprune export` without "
+                              "--recipe, then `visprune build`).")
+        if not (self.parity or self.latency):
+            raise ConfigError("Nothing to report: --no-parity without --latency.", "Drop --no-parity or add --latency.")
+
+
+def write_reports(config: ReportConfig, engine_dir: Path, out_dir: Path) -> list[Path]:
+    """Write the requested reports into `out_dir`; returns their Markdown files."""
+    from runtime.latency import latency_report
+    from runtime.parity import parity_report
+
+    out_dir, written = Path(out_dir), []
+    if config.parity:
+        parity_report(engine_dir, config.model, out_dir, max_new_tokens=config.max_new_tokens,
+                      allow_failure=config.allow_parity_failure, recipe=config.recipe)
+        written.append(out_dir / "parity.md")
+    if config.latency:
+        latency_report(engine_dir, config.baseline, out_dir, image=config.image, new_tokens=config.new_tokens,
+                       warmup=config.warmup, rounds=config.rounds)
+        written.append(out_dir / "latency.md")
+    return written

@@ -1,0 +1,29 @@
+"""Matplotlib figures written the way every artifact is: off-screen (Agg) and atomically."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+from visprune.artifacts import atomic_write_bytes
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, out: Path) -> None:
+    """Lay out, write as PNG to `out` atomically, and close the figure."""
+    plt = pyplot()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    atomic_write_bytes(Path(out), buffer.getvalue())
