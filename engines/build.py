@@ -39,6 +39,9 @@ OPT_LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "exten
               "all": "ORT_ENABLE_ALL"}
 ORT_PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 HOST_FILES = ("embed_tokens.npy", "processor")
+ORT_CUDA_HINT = ("For CUDA install onnxruntime-gpu instead of onnxruntime on a GPU host with CUDA 12 (README 'GPU "
+                 "hosts'); if it is installed, its CUDA libraries did not load (see ONNX Runtime's log with "
+                 "--verbose). Or build with --device cpu.")
 ENGINE_FILES = {"onnxruntime": tuple(f"{g}.onnx" for g in GRAPH_NAMES) + HOST_FILES,
                 "tensorrt": tuple(f"{g}.plan" for g in GRAPH_NAMES) + HOST_FILES,
                 "pytorch": HOST_FILES}
@@ -133,6 +136,9 @@ def _build_onnxruntime(config: BuildConfig, onnx_dir: Path, onnx_manifest: dict,
     import onnxruntime as ort
 
     providers = ORT_PROVIDERS[config.device]
+    if providers[0] not in ort.get_available_providers():
+        raise BackendUnavailableError(f"This onnxruntime has no {providers[0]} (it offers "
+                                      f"{ort.get_available_providers()}).", ORT_CUDA_HINT)
     for graph in GRAPH_NAMES:
         session = _optimize(onnx_dir / f"{graph}.onnx", staging / f"{graph}.onnx", config, providers)
         check_session_providers(session, providers)
@@ -175,8 +181,7 @@ def check_session_providers(session, requested: list[str]) -> None:
         available = ort.get_available_providers()
         raise BackendUnavailableError(
             f"ONNX Runtime gave the session {got}, not {requested[0]} (this onnxruntime offers {available}).",
-            "For CUDA install onnxruntime-gpu instead of onnxruntime on a GPU host with CUDA 12 (README 'GPU "
-            "hosts'), or build with --device cpu.")
+            ORT_CUDA_HINT)
 
 
 def open_ort_session(path: Path, providers: list[str], options=None, hint: str = ""):

@@ -66,7 +66,8 @@ def run_pipeline(config: PipelineConfig, out_dir: Path, progress: bool = True) -
     dtype = "float16" if backend == "tensorrt" else "float32"
     resolve_model_path(config.model)  # builds `tiny` once here, before two processes could race to build it
     export = ExportConfig(model=config.model, dtype=dtype)
-    with InBackground(_export_and_build, export, backend, out / "onnx-unpruned", out / "engine-unpruned") as baseline:
+    with InBackground(_export_and_build, export, backend, out / "onnx-unpruned", out / "engine-unpruned",
+                      cleanup=lambda: _remove_staging(out)) as baseline:
         with _stage(result, "calibrate"):
             calibrate(CalibrationConfig(model=config.model, reduction=config.reduction, device=config.device,
                                         data=config.data, images=config.images, samples=config.samples),
@@ -202,7 +203,8 @@ class InBackground:
     """`fn(*args)` in a spawned process. `result()` waits and re-raises its error; leaving the block early (an
     error here) terminates it, so a failed run does not wait for work nobody will use."""
 
-    def __init__(self, fn: Callable, *args: Any):
+    def __init__(self, fn: Callable, *args: Any, cleanup: Callable[[], None] = lambda: None):
+        self._cleanup = cleanup  # removes what a terminated child leaves half-written
         context = multiprocessing.get_context("spawn")  # no fork: torch and ORT thread pools do not survive it
         self._receive, self._send = context.Pipe(duplex=False)
         self._process = context.Process(target=_call_and_send, args=(self._send, fn, args), daemon=True)
@@ -225,8 +227,17 @@ class InBackground:
     def __exit__(self, *exc) -> bool:
         if self._process.is_alive():
             self._process.terminate()
+            self._process.join()
+            self._cleanup()
         self._process.join()
         return False
+
+
+def _remove_staging(out: Path) -> None:
+    import shutil
+
+    for staging in out.glob(".*.staging"):
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _call_and_send(send, fn: Callable, args: tuple) -> None:

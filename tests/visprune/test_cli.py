@@ -1,5 +1,6 @@
 """The `visprune` command line end to end: real model, real files, real exit codes."""
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -165,6 +166,29 @@ def test_export_rejects_a_recipe_for_another_model(capsys, tmp_path):
     assert code == 5 and "32 layers" in err and not (tmp_path / "onnx").exists()
 
 
-def test_build_rejects_tensorrt_here_with_a_hint(capsys, tmp_path):
-    code, _, err = run_cli(capsys, "build", "--onnx", str(tmp_path), "--out", str(tmp_path / "e"), "--backend", "tensorrt")
-    assert code == 2 and "Hint:" in err
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
+def test_build_without_tensorrt_exits_with_an_install_hint(exported, capsys, tmp_path):
+    code, _, err = run_cli(capsys, "build", "--onnx", str(exported["pruned-onnx"]), "--out", str(tmp_path / "e"),
+                           "--backend", "tensorrt")
+    assert code == 10 and "TensorRT is not installed" in err and "Hint:" in err and "pip install tensorrt" in err
+    assert not (tmp_path / "e").exists()
+
+
+def test_build_rejects_limits_outside_the_export_before_building(exported, capsys, tmp_path):
+    code, _, err = run_cli(capsys, "build", "--onnx", str(exported["pruned-onnx"]), "--out", str(tmp_path / "e"),
+                           "--backend", "tensorrt", "--max-prompt-tokens", "100")
+    assert code == 2 and "shorter than the shortest prompt" in err and not (tmp_path / "e").exists()
+
+
+def test_report_latency_needs_a_baseline(exported, capsys, tmp_path):
+    code, _, err = run_cli(capsys, "report", "--engine", str(exported["pruned"]), "--out", str(tmp_path / "r"),
+                           "--latency", "--no-parity")
+    assert code == 2 and "--baseline" in err and not (tmp_path / "r").exists()
+
+
+def test_report_latency_through_the_cli(exported, capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "report", "--engine", str(exported["pruned"]), "--out", str(tmp_path / "r"),
+                           "--no-parity", "--latency", "--baseline", str(exported["unpruned"]), "--rounds", "2",
+                           "--warmup", "1", "--new-tokens", "3")
+    assert code == 0 and "Prefill latency ratio" in out
+    assert {p.name for p in (tmp_path / "r").iterdir()} == {"latency.json", "latency.md", "latency.png"}

@@ -1,0 +1,66 @@
+"""TensorRT optimization profiles and KV capacities, derived from the ONNX set and two limits, checked against
+the shapes a real ONNX Runtime engine produces."""
+
+import json
+
+import numpy as np
+import pytest
+
+from engines.profiles import derive_profiles, dim_ranges, kv_capacity, pruned_before_stage
+from runtime import Pipeline
+from visprune.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def onnx_set(exported):
+    return json.loads((exported["pruned-onnx"] / "manifest.json").read_text())
+
+
+def test_pruned_tokens_per_kv_stage_follow_the_recipe(onnx_set):
+    # TINY_RECIPE_60 = [143, 101, 44, 41, 18, 28, 0, 0]: one stage per pruning layer, stage 0 before any
+    assert pruned_before_stage(onnx_set) == [0, 143, 244, 288, 329, 347, 375]
+
+
+def test_profiles_cover_every_dynamic_input_with_ordered_bounds(onnx_set):
+    profiles = derive_profiles(onnx_set, max_prompt_tokens=700, max_new_tokens=32)
+    assert set(profiles) == {"vision", "prefill", "decode"}
+    assert profiles["prefill"]["inputs_embeds"] == {"min": [1, 581, 64], "opt": [1, 644, 64], "max": [1, 700, 64]}
+    for graph in profiles.values():
+        for shapes in graph.values():
+            assert all(lo <= mid <= hi for lo, mid, hi in zip(shapes["min"], shapes["opt"], shapes["max"]))
+    stage_of = onnx_set["kv_stages"]
+    for layer in range(8):
+        key = profiles["decode"][f"past.{layer}.key"]
+        pruned = pruned_before_stage(onnx_set)[stage_of[layer]]
+        assert key["min"][2] == 581 - pruned and key["max"][2] == 700 - pruned + 30
+
+
+def test_real_cache_lengths_stay_inside_the_profiles_and_capacities(exported, onnx_set, default_set):
+    """Prefill and decode on the real engine: every past length fed to decode lies in its profile range."""
+    pipe = Pipeline.from_engine_dir(exported["pruned"])
+    image = default_set.samples[0].image
+    input_ids, pixel_values = pipe.encode(image, pipe.chat_prompt("What is shown here, in a few words?"))
+    new_tokens = 5
+    ranges = dim_ranges(onnx_set, max_prompt_tokens=input_ids.shape[1], max_new_tokens=new_tokens)
+    capacity = kv_capacity(onnx_set, input_ids.shape[1], new_tokens)
+    first = pipe.runner.prefill(pipe.embed(input_ids, pipe.runner.image_features(pixel_values)))
+    past = first.past
+    for step in range(new_tokens - 1):
+        for layer in range(8):
+            length = past[2 * layer].shape()[2]
+            low, _, high = ranges[f"past_len_s{onnx_set['kv_stages'][layer]}"]
+            assert low <= length <= high, (step, layer)
+        embeds = pipe.embeddings[[[0]]].astype(np.float32)
+        _, past = pipe.runner.decode(embeds, input_ids.shape[1] + step, past)
+    assert all(past[2 * layer].shape()[2] <= capacity[layer] for layer in range(8))
+
+
+@pytest.mark.parametrize("limits, fragment", [
+    ((500, 16), "shorter than the shortest prompt"),
+    ((2040, 16), "exceeds the 2048 tokens"),
+    ((700, 0), "at least 1"),
+])
+def test_limits_that_do_not_fit_the_export_are_rejected(onnx_set, limits, fragment):
+    with pytest.raises(ConfigError, match=fragment) as info:
+        derive_profiles(onnx_set, *limits)
+    assert "Hint:" in str(info.value)

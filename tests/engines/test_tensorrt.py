@@ -1,0 +1,99 @@
+"""TensorRT: what can be checked without it (missing-TensorRT errors, compatibility checks), and the GPU parity
+test that runs where `tensorrt` and a CUDA GPU are present."""
+
+import importlib.util
+import json
+
+import pytest
+
+from engines import BuildConfig, build_engine
+from engines.tensorrt import check_engine_compatible
+from visprune.errors import ArtifactMismatchError, BackendUnavailableError
+
+HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+needs_tensorrt_gpu = pytest.mark.skipif(not (HAS_TENSORRT and _cuda_available()),
+                                        reason="needs the tensorrt package and a CUDA GPU")
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="tensorrt is installed here")
+def test_building_without_tensorrt_says_how_to_install_it_and_writes_nothing(exported, tmp_path):
+    with pytest.raises(BackendUnavailableError, match="TensorRT is not installed") as info:
+        build_engine(BuildConfig(backend="tensorrt"), exported["pruned-onnx"], tmp_path / "engine")
+    assert "pip install tensorrt" in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_auto_backend_falls_back_to_onnx_runtime_without_tensorrt(exported, tmp_path):
+    manifest = build_engine(BuildConfig(backend="auto"), exported["pruned-onnx"], tmp_path / "engine")
+    assert manifest["backend"] == ("tensorrt" if HAS_TENSORRT and _cuda_available() else "onnxruntime")
+
+
+def test_onnxruntime_cuda_without_its_provider_is_an_error(exported, tmp_path):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers() and _cuda_available():
+        pytest.skip("this machine has ONNX Runtime CUDA")
+    with pytest.raises(BackendUnavailableError, match="no CUDAExecutionProvider") as info:
+        build_engine(BuildConfig(device="cuda"), exported["pruned-onnx"], tmp_path / "engine")
+    assert "onnxruntime-gpu" in str(info.value)
+    assert not (tmp_path / "engine").exists()
+
+
+BUILT = {"tensorrt_version": "10.13.0.35", "gpu": {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"},
+         "upstream": {"onnx_dir": "/runs/demo/onnx"}}
+
+
+@pytest.mark.parametrize("version, gpu, fragment", [
+    ("11.4.0.106", BUILT["gpu"], "TensorRT 10.13.0.35, this machine has 11.4.0.106"),
+    ("10.13.0.35", {"name": "NVIDIA A10G", "compute_capability": "8.6"}, "this machine has NVIDIA A10G \\(8.6\\)"),
+])
+def test_an_engine_from_another_tensorrt_or_gpu_is_refused(version, gpu, fragment):
+    with pytest.raises(ArtifactMismatchError, match=fragment) as info:
+        check_engine_compatible(BUILT, version, gpu, "runs/demo/engine")
+    assert "visprune build --backend tensorrt --onnx /runs/demo/onnx" in str(info.value)
+
+
+def test_the_same_tensorrt_and_gpu_are_accepted():
+    assert check_engine_compatible(BUILT, "10.13.0.35", dict(BUILT["gpu"]), "engine") is None
+
+
+@pytest.mark.gpu
+@needs_tensorrt_gpu
+def test_tensorrt_fp16_engine_matches_the_pytorch_reference(tmp_path, exported):
+    """fp16 export with float32 islands -> strongly typed TensorRT engine -> parity within fp16 tolerance,
+    identical kept indices and greedy tokens."""
+    from exporter import ExportConfig, export_onnx
+    from runtime.parity import parity_report
+
+    export_onnx(ExportConfig(model="tiny", recipe=exported["recipe"], dtype="float16"), tmp_path / "onnx", progress=False)
+    manifest = build_engine(BuildConfig(backend="tensorrt", max_prompt_tokens=700, max_new_tokens=16),
+                            tmp_path / "onnx", tmp_path / "engine")
+    assert manifest["precision"] == "float16" and manifest["profiles"]["prefill"]["inputs_embeds"]["max"][1] == 700
+    report = parity_report(tmp_path / "engine", "tiny", tmp_path / "report", max_new_tokens=8, allow_failure=True)
+    cases = report["cases"]
+    assert report["engine_vs_reference"]["max_abs_logits_error"] <= 5e-2, json.dumps(report["engine_vs_reference"])
+    assert all(c["kept_indices_equal"] for c in cases) and all(c["tokens_equal"] for c in cases)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA GPU")
+def test_onnxruntime_cuda_engine_matches_the_pytorch_reference(tmp_path, exported):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu")
+    from runtime.parity import parity_report
+
+    manifest = build_engine(BuildConfig(device="cuda"), exported["pruned-onnx"], tmp_path / "engine")
+    assert manifest["providers"][0] == "CUDAExecutionProvider"
+    report = parity_report(tmp_path / "engine", "tiny", tmp_path / "report", max_new_tokens=8, allow_failure=True)
+    assert report["engine_vs_reference"]["max_abs_logits_error"] <= 1e-3
+    assert all(c["kept_indices_equal"] and c["tokens_equal"] for c in report["cases"])
