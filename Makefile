@@ -17,12 +17,7 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)
-	$(BIN)/visprune calibrate --model tiny --reduction 0.6 --out runs/demo/recipe.json
-	$(BIN)/visprune export --model tiny --recipe runs/demo/recipe.json --out runs/demo/onnx
-	$(BIN)/visprune build --onnx runs/demo/onnx --out runs/demo/engine
-	$(BIN)/python -c "import skimage.data, PIL.Image; PIL.Image.fromarray(skimage.data.chelsea()).save('runs/demo/cat.png')"
-	$(BIN)/visprune run --engine runs/demo/engine --image runs/demo/cat.png --prompt "What animal is this?" --max-new-tokens 16
-	$(BIN)/visprune report --engine runs/demo/engine --model tiny --out runs/demo/report
+	$(BIN)/visprune pipeline --model tiny --reduction 0.6 --out runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -64,3 +64,23 @@ def test_limits_that_do_not_fit_the_export_are_rejected(onnx_set, limits, fragme
     with pytest.raises(ConfigError, match=fragment) as info:
         derive_profiles(onnx_set, *limits)
     assert "Hint:" in str(info.value)
+
+
+def test_a_request_outside_the_built_shapes_is_refused_before_it_runs(exported, tmp_path, default_set):
+    """An engine with profile limits (as TensorRT engines have) refuses longer requests with the rebuild hint."""
+    import shutil
+
+    from visprune.errors import PromptError
+
+    engine = tmp_path / "engine"
+    shutil.copytree(exported["pruned"], engine)
+    manifest = json.loads((engine / "engine.json").read_text())
+    manifest["limits"] = {"max_prompt_tokens": 600, "max_new_tokens": 8}
+    (engine / "engine.json").write_text(json.dumps(manifest))
+    pipe = Pipeline.from_engine_dir(engine)
+    image = default_set.samples[0].image
+    assert len(pipe.generate(image, pipe.chat_prompt("What?"), max_new_tokens=8).token_ids) <= 8
+    for question, new_tokens in (("What?", 9), ("What? " * 20, 4)):
+        with pytest.raises(PromptError, match="outside the shapes") as info:
+            pipe.generate(image, pipe.chat_prompt(question), max_new_tokens=new_tokens)
+        assert "--max-prompt-tokens/--max-new-tokens" in str(info.value)
