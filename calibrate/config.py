@@ -18,7 +18,8 @@ class CalibrationConfig:
 
     VERSION = 1
 
-    model: str = "tiny"  # "tiny" or a local llava-hf checkpoint folder
+    model: str = "tiny"  # "tiny", "tiny-vqa" or a local llava-hf checkpoint folder
+    method: str = "fitprune"  # fitprune | fastv (one layer, FLOPs-matched) | random (FitPrune's counts, seeded)
     reduction: float = 0.6  # target fraction of visual-token FLOPs removed, in (0, 1)
     data: Path | None = None  # calibration JSONL; None: the embedded default set
     images: Path | None = None  # folder that image paths resolve against; None: the JSONL's folder
@@ -29,6 +30,8 @@ class CalibrationConfig:
     alpha_tolerance: float = 0.01  # bisection stops when the alpha interval is this narrow
 
     def __post_init__(self) -> None:
+        if self.method not in ("fitprune", "fastv", "random"):
+            raise ConfigError(f"Unknown method {self.method!r}.", "Use fitprune, fastv or random.")
         if not 0.0 < self.reduction < 1.0:
             raise ConfigError(f"--reduction must lie strictly between 0 and 1, got {self.reduction}.",
                               "Give the fraction of visual-token FLOPs to remove, e.g. --reduction 0.6 for 60 %.")

@@ -158,3 +158,28 @@ def _photo_as_rgb(loader: str, index: int | None):
         array = (255 * (array - array.min()) / max(float(np.ptp(array)), 1e-12)).astype(np.uint8)
     image = Image.fromarray(array)
     return image.convert("RGB")
+
+
+SHAPES_VQA_CALIBRATION_COUNT = 64
+
+
+def shapes_vqa_calibration_set(count: int = SHAPES_VQA_CALIBRATION_COUNT) -> CalibrationSet:
+    """The shapes-vqa calibration split (disjoint from training and test), written once as JSONL + PNGs."""
+    from visprune.tasks.shapes_vqa import TASK_VERSION, make_split
+
+    folder = cache_root() / "calibration" / f"shapes-vqa-v{TASK_VERSION}-{count}"
+    if not (folder / "calibration.jsonl").exists():
+        with atomic_directory(folder) as staging:
+            (staging / "images").mkdir()
+            lines = []
+            for sample in make_split("calibration", count):
+                sample.image().save(staging / "images" / f"{sample.id}.png")
+                lines.append(json.dumps({"id": sample.id, "image": f"{sample.id}.png", "question": sample.question}))
+            (staging / "calibration.jsonl").write_text("\n".join(lines) + "\n")
+    dataset = read_calibration_jsonl(folder / "calibration.jsonl", folder / "images")
+    return replace(dataset, description=f"shapes-vqa v{TASK_VERSION} calibration split, {count} samples")
+
+
+def default_set_for(model: str) -> CalibrationSet:
+    """The calibration set a model is calibrated on by default: its own task's split for tiny-vqa."""
+    return shapes_vqa_calibration_set() if model == "tiny-vqa" else default_calibration_set()

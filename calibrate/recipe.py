@@ -22,7 +22,10 @@ from visprune.models.llava import LanguageModelShape
 
 RECIPE_SCHEMA = "visprune.recipe"
 RECIPE_SCHEMA_VERSION = 1
-METHODS = ("fitprune", "none")  # "none": the unpruned model, exported through the same code
+# How a pruning layer picks its survivors (exporter/pruned_lm.py): "fitprune" a_self x a_cross; "fastv" the last
+# prompt token's head-mean attention (one pruning layer); "random" a seeded fixed score per image index;
+# "none" prunes nothing (the unpruned model, exported through the same code).
+METHODS = ("fitprune", "fastv", "random", "none")
 
 
 @dataclass
@@ -90,6 +93,8 @@ def _check_counts(recipe: Recipe, source: str) -> None:
     if not counts_ok or not isinstance(recipe.num_visual_tokens, int) or recipe.num_visual_tokens < 1:
         raise RecipeError(f"{source}: 'removed' must be non-negative integers and 'num_visual_tokens' positive.",
                           "Write removed as a list with one deletion count per decoder layer.")
+    if recipe.method == "random" and recipe.seed is None:
+        raise RecipeError(f"{source}: a random recipe needs a 'seed'.", "Add e.g. \"seed\": 0.")
     if recipe.total_removed >= recipe.num_visual_tokens:
         raise RecipeError(f"{source} deletes {recipe.total_removed} of {recipe.num_visual_tokens} visual tokens.",
                           "Every layer must keep at least one visual token; lower the counts.")

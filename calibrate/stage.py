@@ -13,8 +13,9 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
+from calibrate.baselines import fastv_recipe, random_recipe
 from calibrate.config import CalibrationConfig
-from calibrate.data import CalibrationSet, default_calibration_set, read_calibration_jsonl, select_samples
+from calibrate.data import CalibrationSet, default_set_for, read_calibration_jsonl, select_samples
 from calibrate.plots import plot_tokens_per_layer
 from calibrate.recipe import Recipe, achieved_reductions, save_recipe
 from calibrate.replay import DecoderReplay, SampleState, embed_samples
@@ -47,6 +48,10 @@ def calibrate(config: CalibrationConfig, out: Path, plot: bool = True, progress:
     with _timed(timings, "prepare_samples_s"):
         dataset = _dataset(config)
         states = prepare_samples(bundle, dataset, batch_size, progress)
+    if config.method == "fastv":  # no search: the count follows from the FLOPs budget alone
+        recipe = _with_provenance(fastv_recipe(bundle.shape, config.reduction), config, bundle, dataset, states)
+        timings["total_s"] = round(sum(timings.values()), 3)
+        return _write_outputs(recipe, out, plot, timings, {"device": device})
     search = RecipeSearch(DecoderReplay(bundle.model), states, bundle.shape, batch_size=batch_size)
     with _timed(timings, "reference_pass_s"):
         with tqdm(total=bundle.shape.num_layers, desc="reference pass (layers)", disable=not progress) as bar:
@@ -55,6 +60,8 @@ def calibrate(config: CalibrationConfig, out: Path, plot: bool = True, progress:
         result = _bisect(search, config, progress)
     timings["total_s"] = round(sum(timings.values()), 3)
     recipe = _recipe(config, bundle, dataset, states, result)
+    if config.method == "random":
+        recipe = random_recipe(recipe, config.seed)
     run = {"device": device, "batch_size": batch_size, "sample_layers_computed": search.layers_computed}
     return _write_outputs(recipe, out, plot, timings, run)
 
@@ -76,7 +83,7 @@ def resolve_batch_size(device: str) -> int:
 
 
 def _dataset(config: CalibrationConfig) -> CalibrationSet:
-    dataset = read_calibration_jsonl(config.data, config.images) if config.data else default_calibration_set()
+    dataset = read_calibration_jsonl(config.data, config.images) if config.data else default_set_for(config.model)
     return select_samples(dataset, config.samples, config.seed)
 
 
@@ -110,23 +117,28 @@ def _bisect(search: RecipeSearch, config: CalibrationConfig, progress: bool) -> 
 
 def _recipe(config: CalibrationConfig, bundle: LlavaBundle, dataset: CalibrationSet,
             states: list[SampleState], result: SearchResult) -> Recipe:
-    text_tokens = sum(s.prefix + s.text for s in states) / len(states)
     recipe = Recipe(
         method="fitprune",
         num_visual_tokens=bundle.shape.num_visual_tokens,
         removed=result.best.recipe_removed,
         reduction_target=config.reduction,
         alpha=result.best.alpha,
-        model={"name": bundle.name, "fingerprint": bundle.fingerprint,
-               "dtype": str(bundle.model.dtype).removeprefix("torch.")},
-        calibration={"description": dataset.description, "sha256": dataset.content_hash(),
-                     "num_samples": len(states), "mean_text_tokens": round(text_tokens, 3)},
         search={"tolerance": config.alpha_tolerance, "head_reduction": "max", "budget_test": "recipe",
                 "steps": [{"alpha": s.alpha, "feasible": s.feasible,
                            "visual_flops_reduction": round(s.visual_reduction, 6)} for s in result.steps]},
-        seed=config.seed,
-        tools=tool_versions("torch", "transformers"),
     )
+    return _with_provenance(recipe, config, bundle, dataset, states)
+
+
+def _with_provenance(recipe: Recipe, config: CalibrationConfig, bundle: LlavaBundle, dataset: CalibrationSet,
+                     states: list[SampleState]) -> Recipe:
+    """Model, calibration set, seed, tools and achieved reductions (whole-LM at the set's mean text length)."""
+    text_tokens = sum(s.prefix + s.text for s in states) / len(states)
+    recipe.model = {"name": bundle.name, "fingerprint": bundle.fingerprint,
+                    "dtype": str(bundle.model.dtype).removeprefix("torch.")}
+    recipe.calibration = {"description": dataset.description, "sha256": dataset.content_hash(),
+                          "num_samples": len(states), "mean_text_tokens": round(text_tokens, 3)}
+    recipe.seed, recipe.tools = config.seed, tool_versions("torch", "transformers")
     recipe.achieved = achieved_reductions(recipe, bundle.shape, text_tokens)
     return recipe
 
@@ -136,7 +148,7 @@ def _write_outputs(recipe: Recipe, out: Path, plot: bool, timings: dict[str, flo
     plot_path = out.with_suffix(".png") if plot else None
     if plot_path:
         plot_tokens_per_layer([(f"{recipe.reduction_target:.0%} target", recipe)], plot_path,
-                              title=f"FitPrune recipe, {recipe.model.get('name', '')}")
+                              title=f"{_METHOD_TITLES[recipe.method]} recipe, {recipe.model.get('name', '')}")
     run_path = out.with_name(out.stem + ".run.json")
     atomic_write_json(run_path, {
         "recipe_sha256": recipe.content_hash(), "timings": timings, **run,
@@ -145,6 +157,9 @@ def _write_outputs(recipe: Recipe, out: Path, plot: bool, timings: dict[str, flo
     save_recipe(recipe, out)
     return CalibrationResult(recipe=recipe, recipe_path=out, plot_path=plot_path, run_record_path=run_path,
                              timings=timings)
+
+
+_METHOD_TITLES = {"fitprune": "FitPrune", "fastv": "FastV", "random": "FitPrune(Random)"}
 
 
 @contextmanager

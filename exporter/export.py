@@ -92,7 +92,7 @@ def _manifest(config: ExportConfig, bundle: LlavaBundle, recipe: Recipe, image_s
         "schema_version": ONNX_SET_SCHEMA[1],
         "model": {"name": bundle.name, "path": str(bundle.path.resolve()), "fingerprint": bundle.fingerprint},
         "recipe": {"sha256": recipe.content_hash(), "method": recipe.method, "removed": recipe.removed,
-                   "keep": recipe.keep, "num_visual_tokens": recipe.num_visual_tokens},
+                   "keep": recipe.keep, "num_visual_tokens": recipe.num_visual_tokens, "seed": recipe.seed},
         "prompt": {"image_start": image_start, "num_visual_tokens": recipe.num_visual_tokens,
                    "max_seq": config.max_seq, "image_token_id": bundle.image_token_id,
                    "eos_token_id": tokenizer.eos_token_id},

@@ -3,7 +3,8 @@
 FitPrune inference (pruning_methods.md §1.5) with a recipe's fixed per-layer keep counts baked in: at a layer
 that prunes, after its attention, each visual token is scored a_u = a_s * a_c from that layer's head-max
 attention probabilities (self: the current visual rows, cross: the rows after the image; float32), the top
-keep_l survive in their original order, and the rest leave the residual stream. The layer's KV cache is taken
+keep_l survive in their original order, and the rest leave the residual stream. The baselines change only the
+score: FastV (§2.2) the last prompt token's head-mean attention, random a fixed seeded score per image index. The layer's KV cache is taken
 before pruning, so cache lengths shrink layer by layer; kept tokens keep their original RoPE positions, and
 decode positions continue from the unpruned length.
 
@@ -35,6 +36,10 @@ class PrunedLlamaPrefill(nn.Module):
         self.removed = list(recipe.removed)
         self.num_visual = recipe.num_visual_tokens
         self.image_start = image_start
+        self.method = recipe.method
+        if recipe.method == "random":  # one fixed score per image index; nested random subsets layer by layer
+            scores = torch.rand(recipe.num_visual_tokens, generator=torch.Generator().manual_seed(recipe.seed))
+            self.register_buffer("random_scores", scores.to(self.lm_head.weight.device), persistent=False)
 
     def forward(self, inputs_embeds: torch.Tensor):
         batch, seq, _ = inputs_embeds.shape
@@ -57,17 +62,25 @@ class PrunedLlamaPrefill(nn.Module):
     def _surviving_rows(self, probs: torch.Tensor, visual_ids: torch.Tensor, keep: int):
         """Rows [B, S'] that survive keeping the `keep` best-scored visual tokens, and their image indices."""
         p, n = self.image_start, visual_ids.shape[1]
-        head_max = probs.amax(dim=1)  # [B, S, S] float32
-        visual_cols = head_max[:, :, p:p + n]
-        a_self = visual_cols[:, p:p + n].sum(dim=1) / n  # [B, n]
-        a_cross = visual_cols[:, p + n:].sum(dim=1)  # [B, n]; 1/T does not change the ranking
-        best = torch.topk(a_self * a_cross, keep, dim=1, largest=True, sorted=True).indices
+        best = torch.topk(self._scores(probs, visual_ids), keep, dim=1, largest=True, sorted=True).indices
         ascending = torch.topk(best, keep, dim=1, largest=False, sorted=True).values  # original order, no Sort op
         seq = probs.shape[-1]
         prefix = torch.arange(p, device=probs.device).unsqueeze(0).expand(probs.shape[0], p)
         text = torch.arange(p + n, seq, device=probs.device).unsqueeze(0).expand(probs.shape[0], -1)
         rows = torch.cat([prefix, ascending + p, text], dim=1)
         return rows, torch.gather(visual_ids, 1, ascending)
+
+    def _scores(self, probs: torch.Tensor, visual_ids: torch.Tensor) -> torch.Tensor:
+        """[B, n] score of each visual token present; probs [B, H, S, S] float32."""
+        p, n = self.image_start, visual_ids.shape[1]
+        if self.method == "fastv":
+            return probs.mean(dim=1)[:, -1, p:p + n]  # the last prompt token's row, heads averaged
+        if self.method == "random":
+            return self.random_scores[visual_ids]
+        visual_cols = probs.amax(dim=1)[:, :, p:p + n]  # [B, S, n], heads combined by max
+        a_self = visual_cols[:, p:p + n].sum(dim=1) / n
+        a_cross = visual_cols[:, p + n:].sum(dim=1)  # 1/T does not change the ranking
+        return a_self * a_cross
 
 
 class LlamaDecodeStep(nn.Module):

@@ -16,7 +16,7 @@ import numpy as np
 
 from calibrate.recipe import Recipe, load_recipe, unpruned_recipe
 from runtime.pipeline import Pipeline
-from runtime.torch_runner import TorchRunner
+from runtime.torch_runner import TorchRunner, engine_recipe
 from visprune.artifacts import atomic_write_bytes, atomic_write_json
 from visprune.errors import ArtifactMismatchError, VispruneError
 from visprune.models import load_llava
@@ -63,7 +63,7 @@ def parity_report(engine_dir: Path, model: str, out_dir: Path, prompts: list[Pro
         raise ArtifactMismatchError(f"The engine in {engine_dir} was exported from a different model "
                                     f"({onnx_set['model']['name']}) than {model}.",
                                     "Pass the --model the engine was exported from, or export and build again.")
-    recipe = Recipe(onnx_set["recipe"]["method"], onnx_set["recipe"]["num_visual_tokens"], onnx_set["recipe"]["removed"])
+    recipe = engine_recipe(onnx_set)
     pruned = pipe.with_runner(TorchRunner(bundle, recipe, pipe.image_start, reference_device))
     unpruned = pipe.with_runner(TorchRunner(bundle, unpruned_recipe(bundle.shape), pipe.image_start, reference_device))
     tolerance = TOLERANCE[onnx_set["dtype"]]

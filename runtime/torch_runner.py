@@ -25,6 +25,12 @@ from visprune.models.llava import EMBEDDED_MODELS
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def engine_recipe(onnx_set: dict[str, Any]) -> Recipe:
+    """The recipe an ONNX set was exported with, from its manifest (all the pruned model needs)."""
+    summary = onnx_set["recipe"]
+    return Recipe(summary["method"], summary["num_visual_tokens"], summary["removed"], seed=summary.get("seed"))
+
+
 class TorchRunner:
     backend = "pytorch"
 
@@ -39,8 +45,9 @@ class TorchRunner:
         self.vision = VisionFeatures(model).eval()
         prefill, decode = PrunedLlamaPrefill(model, recipe, image_start).eval(), LlamaDecodeStep(model).eval()
         # dynamic=True: one graph for every prompt length and KV length instead of a recompile per shape
-        self._prefill = torch.compile(prefill, dynamic=True) if compile else prefill
-        self._decode = torch.compile(decode, dynamic=True) if compile else decode
+        self.prefill_module = torch.compile(prefill, dynamic=True) if compile else prefill
+        self.decode_module = torch.compile(decode, dynamic=True) if compile else decode
+        self.image_start, self.num_visual = image_start, recipe.num_visual_tokens
         self.pruning_layers = [layer for layer, removed in enumerate(recipe.removed) if removed]
 
     @classmethod
@@ -61,8 +68,7 @@ class TorchRunner:
         if bundle.fingerprint != onnx_set["model"]["fingerprint"]:
             raise ArtifactMismatchError(f"The checkpoint at {model} no longer matches the one {engine_dir} was built "
                                         "from.", "Export and build again from the checkpoint you have now.")
-        recipe = Recipe(**{k: onnx_set["recipe"][k] for k in ("method", "num_visual_tokens", "removed")})
-        return cls(bundle, recipe, onnx_set["prompt"]["image_start"], manifest["device"], manifest["torch_compile"])
+        return cls(bundle, engine_recipe(onnx_set), onnx_set["prompt"]["image_start"], manifest["device"], manifest["torch_compile"])
 
     @torch.no_grad()
     def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
@@ -71,14 +77,14 @@ class TorchRunner:
 
     @torch.no_grad()
     def prefill(self, inputs_embeds: np.ndarray) -> PrefillOutput:
-        logits, presents, kept = self._prefill(self._tensor(inputs_embeds))
+        logits, presents, kept = self.prefill_module(self._tensor(inputs_embeds))
         kept_by_layer = {layer: k[0].tolist() for layer, k in zip(self.pruning_layers, kept)}
         return PrefillOutput(logits.float().cpu().numpy(), presents, kept_by_layer)
 
     @torch.no_grad()
     def decode(self, inputs_embeds: np.ndarray, position: int, past: list[torch.Tensor]):
         positions = torch.tensor([[position]], device=self.device)
-        logits, presents = self._decode(self._tensor(inputs_embeds), positions, past)
+        logits, presents = self.decode_module(self._tensor(inputs_embeds), positions, past)
         return logits.float().cpu().numpy(), presents
 
     def kv_bytes(self, past: list[torch.Tensor]) -> int:

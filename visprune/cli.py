@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_run(commands)
     _add_report(commands)
     _add_pipeline(commands)
+    _add_eval(commands)
+    _add_tradeoff(commands)
     return parser
 
 
@@ -52,9 +54,11 @@ def _add_calibrate(commands) -> None:
     p = commands.add_parser("calibrate", help="search a FitPrune pruning recipe for a FLOPs budget",
                             description="Collect attention statistics on a calibration set and bisect FitPrune's "
                                         "alpha until the recipe removes --reduction of the visual-token FLOPs.")
-    p.add_argument("--model", default="tiny", help="'tiny' (embedded) or a local llava-hf checkpoint folder")
+    p.add_argument("--model", default="tiny", help="'tiny', 'tiny-vqa' (embedded) or a local llava-hf checkpoint folder")
     p.add_argument("--reduction", type=float, required=True, help="fraction of visual-token FLOPs to remove, in (0, 1)")
     p.add_argument("--out", type=Path, required=True, help="recipe path, e.g. runs/demo/recipe.json")
+    p.add_argument("--method", default="fitprune", help="fitprune; or a baseline at the same budget: fastv (one "
+                                                        "layer, K=2) or random (FitPrune's counts, --seed)")
     data = p.add_argument_group("calibration data")
     data.add_argument("--data", type=Path, help="JSONL with one {image, question} per line (default: embedded set)")
     data.add_argument("--images", type=Path, help="folder the JSONL's image paths resolve against")
@@ -72,7 +76,8 @@ def _run_calibrate(args) -> int:
     from calibrate import CalibrationConfig, calibrate
     from calibrate.plots import format_recipe_summary
 
-    config = CalibrationConfig(model=args.model, reduction=args.reduction, data=args.data, images=args.images,
+    config = CalibrationConfig(model=args.model, method=args.method, reduction=args.reduction, data=args.data,
+                               images=args.images,
                                samples=args.samples, seed=args.seed, device=args.device, batch_size=args.batch_size)
     result = calibrate(config, args.out, plot=not args.no_plot, progress=not args.quiet)
     print(format_recipe_summary(result.recipe))
@@ -244,6 +249,50 @@ def _run_pipeline(args) -> int:
                             data=args.data, images=args.images, samples=args.samples,
                             latency_rounds=args.latency_rounds)
     print(format_summary(run_pipeline(config, args.out, progress=not args.quiet)))
+    return 0
+
+
+def _add_eval(commands) -> None:
+    p = commands.add_parser("eval", help="shapes-vqa accuracy of an engine (runtime) or a recipe (PyTorch)",
+                            description="Held-out shapes-vqa accuracy, overall and per question type, of --engine "
+                                        "(through the runtime) or --recipe (through the PyTorch reference).")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--engine", type=Path, help="engine folder from `visprune build`")
+    target.add_argument("--recipe", type=Path, help="recipe JSON, run in PyTorch")
+    p.add_argument("--model", default="tiny-vqa", help="the model the recipe is for (PyTorch path)")
+    p.add_argument("--out", type=Path, required=True, help="report folder (eval.json, eval.md)")
+    p.add_argument("--questions", type=int, default=500, help="held-out test questions")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_run_eval)
+
+
+def _run_eval(args) -> int:
+    from runtime.evaluate import EvalConfig, eval_report
+
+    eval_report(args.out, EvalConfig(questions=args.questions), engine_dir=args.engine, recipe=args.recipe,
+                model=args.model, progress=not args.quiet)
+    print((args.out / "eval.md").read_text())
+    return 0
+
+
+def _add_tradeoff(commands) -> None:
+    p = commands.add_parser("tradeoff", help="accuracy vs. FLOPs for FitPrune, FastV and random pruning",
+                            description="Calibrate FitPrune at each reduction, build the FastV and random baselines "
+                                        "at the same budget, and score all on held-out shapes-vqa questions.")
+    p.add_argument("--model", default="tiny-vqa")
+    p.add_argument("--out", type=Path, default=Path("docs/tradeoff"), help="folder for tradeoff.json/.md/.png")
+    p.add_argument("--reductions", type=float, nargs="+", default=[0.4, 0.6, 0.8, 0.9])
+    p.add_argument("--questions", type=int, default=500)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(handler=_run_tradeoff)
+
+
+def _run_tradeoff(args) -> int:
+    from runtime.tradeoff import TradeoffConfig, tradeoff
+
+    tradeoff(TradeoffConfig(model=args.model, reductions=tuple(args.reductions), questions=args.questions),
+             args.out, progress=not args.quiet)
+    print((args.out / "tradeoff.md").read_text())
     return 0
 
 

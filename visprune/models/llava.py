@@ -11,7 +11,7 @@ from typing import Any
 from visprune.artifacts import atomic_directory, canonical_json, sha256_bytes
 from visprune.errors import ModelLoadError
 
-EMBEDDED_MODELS = ("tiny",)
+EMBEDDED_MODELS = ("tiny", "tiny-vqa")
 
 # Config keys that describe how a checkpoint was saved or run, not what it computes.
 _NON_ARCHITECTURE_KEYS = {
@@ -92,13 +92,17 @@ class LlavaBundle:
 
 def resolve_model_path(model: str) -> Path:
     """`tiny` → its cache folder (built on first use); anything else → a local llava-hf checkpoint folder."""
+    if model == "tiny-vqa":
+        from visprune.models.tiny_vqa import ensure_tiny_vqa_checkpoint
+
+        return ensure_tiny_vqa_checkpoint()
     if model in EMBEDDED_MODELS:
         return ensure_tiny_checkpoint()
     path = Path(model).expanduser()
     if not path.is_dir():
         raise ModelLoadError(
             f"Model not found: {model!r} is neither an embedded model nor a folder.",
-            f"Pass --model tiny, or the path of a local llava-hf checkpoint folder "
+            f"Pass --model tiny or tiny-vqa, or the path of a local llava-hf checkpoint folder "
             f"(one with config.json, e.g. a download of llava-hf/llava-1.5-7b-hf).",
         )
     return path

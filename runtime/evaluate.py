@@ -1,0 +1,151 @@
+"""`evaluate`: shapes-vqa accuracy of a (pruned) model, through an engine folder or a recipe.
+
+- An engine folder runs through the real runtime (`Pipeline`, whatever its backend), one question at a time,
+  greedy, exactly as `visprune run` answers.
+- A recipe runs through the PyTorch reference: the same modules the exporter traces (exporter/pruned_lm.py),
+  batched by prompt length, greedy for every row until all rows have ended.
+
+An answer is right when its first word (lower case, punctuation dropped) is the expected word.
+
+Shape legend: B batch, S prompt length, N visual tokens, D hidden, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from visprune.artifacts import atomic_write_bytes, atomic_write_json
+from visprune.errors import ConfigError
+from visprune.tasks.shapes_vqa import ShapesSample, accuracy_by_type, make_split
+
+EVAL_SCHEMA = ("visprune.eval_report", 1)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    VERSION = 1
+
+    questions: int = 500  # held-out shapes-vqa test questions, from index 0
+    max_new_tokens: int = 8  # the longest answer is 6 tokens plus </s>
+    batch_size: int = 32  # PyTorch path
+    device: str = "cpu"  # PyTorch path
+
+    def __post_init__(self) -> None:
+        if self.questions < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ConfigError("--questions, --max-new-tokens and --batch-size must be at least 1.",
+                              "Use e.g. --questions 500.")
+
+
+def answers_from_engine(engine_dir: Path, samples: list[ShapesSample], max_new_tokens: int,
+                        progress: bool = False) -> list[str]:
+    from tqdm.auto import tqdm
+
+    from runtime.pipeline import Pipeline
+
+    pipe = Pipeline.from_engine_dir(engine_dir)
+    return [pipe.generate(s.image(), pipe.chat_prompt(s.question), max_new_tokens).text
+            for s in tqdm(samples, desc="answering (engine)", disable=not progress)]
+
+
+def answers_from_recipe(model: str, recipe: Any, samples: list[ShapesSample], config: EvalConfig,
+                        progress: bool = False) -> list[str]:
+    """Greedy answers of the PyTorch reference pruned by `recipe` (a Recipe; None: unpruned)."""
+    from tqdm.auto import tqdm
+
+    from runtime.torch_runner import TorchRunner
+
+    runner = TorchRunner.from_model(model, recipe, device=config.device)
+    batches = _batches_by_length(runner, samples, config.batch_size)
+    answers: dict[int, str] = {}
+    for indices, input_ids in tqdm(batches, desc="answering (PyTorch)", disable=not progress):
+        texts = _greedy_batch(runner, input_ids, [samples[i] for i in indices], config.max_new_tokens)
+        answers.update(zip(indices, texts))
+    return [answers[i] for i in range(len(samples))]
+
+
+def _batches_by_length(runner, samples: list[ShapesSample], batch_size: int) -> list[tuple[list[int], list[list[int]]]]:
+    """Samples grouped by tokenized prompt length (prefill needs one layout per batch), in chunks."""
+    from visprune.models.inputs import chat_prompt, expanded_prompt_ids
+
+    processor = runner.bundle.processor
+    by_length: dict[int, list[tuple[int, list[int]]]] = defaultdict(list)
+    for index, sample in enumerate(samples):
+        ids = expanded_prompt_ids(processor, chat_prompt(processor, sample.question), runner.num_visual)
+        by_length[len(ids)].append((index, ids))
+    batches = []
+    for length in sorted(by_length):
+        rows = by_length[length]
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            batches.append(([i for i, _ in chunk], [ids for _, ids in chunk]))
+    return batches
+
+
+def _greedy_batch(runner, input_ids: list[list[int]], samples: list[ShapesSample], max_new_tokens: int) -> list[str]:
+    import torch
+
+    from visprune.models.inputs import normalized_pixels
+
+    tokenizer = runner.bundle.processor.tokenizer
+    embed = runner.bundle.model.get_input_embeddings()
+    ids = torch.tensor(input_ids, device=runner.device)  # [B, S]
+    pixels = torch.from_numpy(normalized_pixels([s.image() for s in samples], runner.bundle.processor.image_processor))
+    with torch.no_grad():
+        embeds = embed(ids)
+        embeds[:, runner.image_start:runner.image_start + runner.num_visual] = runner.vision(pixels.to(runner.device, runner.dtype))
+        logits, past, _ = runner.prefill_module(embeds)
+        tokens, done = [], torch.zeros(len(samples), dtype=torch.bool)
+        for step in range(max_new_tokens):
+            token = logits.argmax(-1).cpu()  # [B]
+            tokens.append(token)
+            done |= token == tokenizer.eos_token_id
+            if done.all() or step == max_new_tokens - 1:
+                break
+            positions = torch.full((len(samples), 1), ids.shape[1] + step, device=runner.device)
+            logits, past = runner.decode_module(embed(token[:, None].to(runner.device)), positions, past)
+    generated = torch.stack(tokens, dim=1).tolist()
+    return [tokenizer.decode(_until_eos(row, tokenizer.eos_token_id), skip_special_tokens=True) for row in generated]
+
+
+def _until_eos(row: list[int], eos: int) -> list[int]:
+    return row[:row.index(eos)] if eos in row else row
+
+
+def eval_report(out_dir: Path, config: EvalConfig, engine_dir: Path | None = None, recipe: Path | None = None,
+                model: str = "tiny-vqa", progress: bool = True) -> dict[str, Any]:
+    """Accuracy on the first `config.questions` test questions; writes eval.json and eval.md to `out_dir`."""
+    from calibrate.recipe import load_recipe
+
+    if (engine_dir is None) == (recipe is None):
+        raise ConfigError("Evaluate either an engine (--engine) or a recipe (--recipe), not both or neither.",
+                          "Pass --engine DIR for the runtime, or --recipe FILE for the PyTorch reference.")
+    samples = make_split("test", config.questions)
+    if engine_dir is not None:
+        answers, subject = answers_from_engine(engine_dir, samples, config.max_new_tokens, progress), str(engine_dir)
+        path = "runtime (engine)"
+    else:
+        answers, subject = answers_from_recipe(model, load_recipe(recipe), samples, config, progress), str(recipe)
+        path = "PyTorch reference"
+    report = {"schema": EVAL_SCHEMA[0], "schema_version": EVAL_SCHEMA[1], "subject": subject, "path": path,
+              "model": model, "task": "shapes-vqa test split", "config": {"version": config.VERSION, **config.__dict__},
+              "accuracy": accuracy_by_type(samples, answers),
+              "examples": [{"question": s.question, "expected": s.answer, "answer": a}
+                           for s, a in list(zip(samples, answers))[:10]]}
+    out_dir = Path(out_dir)
+    atomic_write_json(out_dir / "eval.json", report)
+    atomic_write_bytes(out_dir / "eval.md", eval_markdown(report).encode())
+    return report
+
+
+def eval_markdown(report: dict[str, Any]) -> str:
+    accuracy = report["accuracy"]
+    lines = [f"# shapes-vqa accuracy: {accuracy['overall']:.1%} of {accuracy['n']} questions", "",
+             f"Subject `{report['subject']}` through the {report['path']}.", "",
+             "| question type | accuracy | questions |", "|---|---:|---:|"]
+    lines += [f"| {t} | {v['accuracy']:.1%} | {v['n']} |" for t, v in accuracy["per_type"].items()]
+    lines += ["", "| question | expected | answer |", "|---|---|---|"]
+    lines += [f"| {e['question']} | {e['expected']} | {e['answer']} |" for e in report["examples"]]
+    return "\n".join(lines) + "\n"
