@@ -225,11 +225,12 @@ class InBackground:
         return value
 
     def __exit__(self, *exc) -> bool:
-        if self._process.is_alive():
+        stopped_early = self._process.is_alive()
+        if stopped_early:
             self._process.terminate()
-            self._process.join()
-            self._cleanup()
         self._process.join()
+        if stopped_early:
+            self._cleanup()
         return False
 
 

@@ -129,9 +129,9 @@ def latency_report(engine_dir: Path, baseline_dir: Path, out_dir: Path, image: P
     if rounds < 1 or warmup < 0 or new_tokens < 1:
         raise ConfigError(f"rounds {rounds}, warm-up {warmup} and new tokens {new_tokens} must be >= 1, >= 0, >= 1.",
                           "Pass e.g. --rounds 10 --warmup 3 --new-tokens 16.")
-    pipes = {"pruned": _load(Path(engine_dir), image, question, new_tokens)[0]}
-    pipes["baseline"], request = _load(Path(baseline_dir), image, question, new_tokens)
+    pipes = {"pruned": Pipeline.from_engine_dir(engine_dir), "baseline": Pipeline.from_engine_dir(baseline_dir)}
     _check_comparable(pipes["pruned"], pipes["baseline"])
+    request = _request(pipes["pruned"], image, question, new_tokens)  # same processor and layout for both
     memory = {name: _warm_up_measuring_memory(pipe, request, warmup) for name, pipe in pipes.items()}
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     timed = measure_side_by_side(pipes, request, warmup=0, rounds=rounds, clock=clock)
@@ -151,11 +151,6 @@ def latency_report(engine_dir: Path, baseline_dir: Path, out_dir: Path, image: P
     atomic_write_bytes(out_dir / "latency.md", latency_markdown(report).encode())
     plot_latency(report, out_dir / "latency.png")
     return report
-
-
-def _load(folder: Path, image, question, new_tokens) -> tuple[Pipeline, Request]:
-    pipe = Pipeline.from_engine_dir(folder)
-    return pipe, _request(pipe, image, question, new_tokens)
 
 
 def _warm_up_measuring_memory(pipe: Pipeline, request: Request, warmup: int) -> dict[str, Any]:

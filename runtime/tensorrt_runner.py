@@ -84,6 +84,7 @@ class TensorRTRunner:
         self.dtype = {"float32": torch.float32, "float16": torch.float16,
                       "bfloat16": torch.bfloat16}[manifest["onnx_set"]["dtype"]]
         self.num_layers = len(manifest["onnx_set"]["kv_stages"])
+        self.kv_shape = _kv_shape(manifest)
         self.kv = self._allocate_kv()
 
     @classmethod
@@ -112,7 +113,7 @@ class TensorRTRunner:
 
         feed = {"inputs_embeds": self._tensor(inputs_embeds),
                 "position_ids": torch.tensor([[position]], dtype=torch.int64, device="cuda")}
-        shape = self._kv_shape()
+        shape = self.kv_shape
         for i, name in enumerate(self._kv_names("past")):
             feed[name] = past.view(i, past.current[i], past.lengths[i], shape)
         targets = {name: self._kv_target(i, 1 - past.current[i]) for i, name in enumerate(self._kv_names("present"))}
@@ -122,7 +123,7 @@ class TensorRTRunner:
         return out["logits"].float().cpu().numpy(), past
 
     def kv_bytes(self, past: KVBuffers) -> int:
-        batch, heads, _, head_dim = self._kv_shape()
+        batch, heads, _, head_dim = self.kv_shape
         return sum(batch * heads * length * head_dim for length in past.lengths) * self.dtype.itemsize
 
     def _run(self, graph: str, inputs: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
@@ -137,7 +138,7 @@ class TensorRTRunner:
         """Two buffers per layer and kind at that layer's capacity (manifest `kv_capacity`)."""
         import torch
 
-        batch, heads, _, head_dim = self._kv_shape()
+        batch, heads, _, head_dim = self.kv_shape
         buffers = []
         for layer, capacity in enumerate(self.manifest["kv_capacity"]):
             for _ in ("key", "value"):
@@ -149,11 +150,6 @@ class TensorRTRunner:
     def _kv_target(self, index: int, which: int):
         return lambda shape: self.kv.view(index, which, shape[2], shape)
 
-    def _kv_shape(self) -> tuple[int, int, int, int]:
-        """(B, Hkv, -, Dh) from the decode graph's first past input as exported."""
-        shape = next(v["shape"] for v in self.manifest["onnx_set"]["graphs"]["decode"]["inputs"] if v["name"] == "past.0.key")
-        return 1, shape[1], -1, shape[3]
-
     def _kv_names(self, prefix: str) -> list[str]:
         return [f"{prefix}.{layer}.{kind}" for layer in range(self.num_layers) for kind in ("key", "value")]
 
@@ -161,3 +157,9 @@ class TensorRTRunner:
         import torch
 
         return torch.from_numpy(np.ascontiguousarray(array)).to("cuda", self.dtype)
+
+
+def _kv_shape(manifest: dict[str, Any]) -> tuple[int, int, int, int]:
+    """(B, Hkv, -, Dh) from the decode graph's first past input as exported."""
+    shape = next(v["shape"] for v in manifest["onnx_set"]["graphs"]["decode"]["inputs"] if v["name"] == "past.0.key")
+    return 1, shape[1], -1, shape[3]

@@ -102,8 +102,8 @@ def resolve_model_path(model: str) -> Path:
     if not path.is_dir():
         raise ModelLoadError(
             f"Model not found: {model!r} is neither an embedded model nor a folder.",
-            f"Pass --model tiny or tiny-vqa, or the path of a local llava-hf checkpoint folder "
-            f"(one with config.json, e.g. a download of llava-hf/llava-1.5-7b-hf).",
+            "Pass --model tiny or tiny-vqa, or the path of a local llava-hf checkpoint folder "
+            "(one with config.json, e.g. a download of llava-hf/llava-1.5-7b-hf).",
         )
     return path
 

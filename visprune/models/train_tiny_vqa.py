@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from visprune.models.inputs import chat_prompt, expanded_prompt_ids, normalized_pixels
-from visprune.tasks.shapes_vqa import make_sample, make_split, scene_questions
+from visprune.tasks.shapes_vqa import accuracy_by_type, make_sample, make_split, scene_questions
 
 SEED = 20261121
 NUM_VISUAL = 576
@@ -111,8 +111,6 @@ def train(out: Path, steps: int, batch_size: int, lr: float, eval_samples: int, 
 def evaluate(model, processor, samples, batch_size: int = 32) -> dict:
     """Teacher-forced exact match: an answer counts when every answer token and the </s> after it are the argmax,
     which is exactly when greedy decoding produces the answer and stops."""
-    from visprune.tasks.shapes_vqa import accuracy_by_type
-
     answers = []
     for i in range(0, len(samples), batch_size):
         chunk = samples[i:i + batch_size]
