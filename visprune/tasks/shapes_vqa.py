@@ -77,15 +77,31 @@ def make_sample(split: str, index: int) -> ShapesSample:
             return ShapesSample(split, index, objects, background, rng.randrange(2**31), question_type, *asked)
 
 
-def scene_questions(sample: ShapesSample) -> list[tuple[str, str]]:
-    """(question, answer) pairs about the sample's scene: its own first, then one of every other type the scene
-    can pose. Training asks them all of one image (several answers per image encoded once)."""
+def scene_questions(sample: ShapesSample, limit: int = 16) -> list[tuple[str, str]]:
+    """Up to `limit` (question, answer) pairs about the sample's scene: its own first, then a seeded shuffle of
+    the others it can pose (each colour counted, each object's existence and a near miss, each unique shape's
+    colour and side, each unique colour's shape). Training asks them all of one image: many answers per image
+    encoded once."""
     rng = random.Random(f"{sample.split}-{sample.index}-more")
-    pairs = [(sample.question, sample.answer)]
-    for question_type in QUESTION_TYPES:
-        asked = _ask(question_type, sample.objects, rng) if question_type != sample.question_type else None
-        if asked:
-            pairs.append(asked)
+    pairs = [p for p in dict.fromkeys(_all_questions(sample.objects, rng)) if p != (sample.question, sample.answer)]
+    rng.shuffle(pairs)
+    return [(sample.question, sample.answer), *pairs[:limit - 1]]
+
+
+def _all_questions(objects: tuple[SceneObject, ...], rng: random.Random) -> list[tuple[str, str]]:
+    present = {(o.colour, o.shape) for o in objects}
+    pairs = [(f"How many {c} objects are there?", COUNT_WORDS[n]) for c in COLORS
+             if (n := sum(o.colour == c for o in objects)) < len(COUNT_WORDS)]
+    for colour, shape in sorted(present):
+        pairs.append((f"Is there a {colour} {shape}?", "yes"))
+        near_misses = [m for m in [(c, shape) for c in COLORS] + [(colour, s) for s in SHAPES] if m not in present]
+        pairs.append(("Is there a %s %s?" % rng.choice(near_misses), "no"))  # one attribute off: yes/no balanced
+    for o in objects:
+        if sum(p.shape == o.shape for p in objects) == 1:
+            pairs.append((f"What color is the {o.shape}?", o.colour))
+            pairs.append((f"Which side is the {o.shape} on?", "left" if o.cell[1] < GRID // 2 else "right"))
+        if sum(p.colour == o.colour for p in objects) == 1:
+            pairs.append((f"What shape is the {o.colour} object?", o.shape))
     return pairs
 
 
@@ -138,16 +154,47 @@ def render_scene(objects: tuple[SceneObject, ...], background: str, seed: int):
     image = Image.fromarray(_background(background, seed))
     draw = ImageDraw.Draw(image)
     for o in objects:
-        x, y, r = o.centre[0], o.centre[1], RADIUS[o.size]
-        colour = COLORS[o.colour]
-        if o.shape == "circle":
-            draw.ellipse((x - r, y - r, x + r, y + r), fill=colour)
-        elif o.shape == "square":
-            s = int(r * 0.85)
-            draw.rectangle((x - s, y - s, x + s, y + s), fill=colour)
-        else:
-            draw.polygon([(x, y - r), (x - r, y + int(r * 0.8)), (x + r, y + int(r * 0.8))], fill=colour)
+        _draw_object(draw, o, COLORS[o.colour])
     return image
+
+
+def patch_labels(sample: ShapesSample, patch: int = 14, min_cover: float = 0.15) -> dict[str, np.ndarray]:
+    """Per-patch [SIZE/patch, SIZE/patch] int64 labels of what each patch shows, 0 for background:
+    "colour" (1-5 in COLORS order), "shape" (1-3 in SHAPES order), "side" (1 left, 2 right), "object" (colour and
+    shape together, 1-15) and "centre" (the colour, only on the patch holding an object's centre). A patch
+    belongs to the object covering at least `min_cover` of it. A dense training signal for the vision tower (many
+    labels per image instead of a few answers); evaluation never uses it."""
+    from PIL import Image, ImageDraw
+
+    mask = Image.new("L", (SIZE, SIZE), 0)
+    draw = ImageDraw.Draw(mask)
+    for number, o in enumerate(sample.objects, start=1):
+        _draw_object(draw, o, number)
+    grid = SIZE // patch
+    ids = np.asarray(mask).reshape(grid, patch, grid, patch).transpose(0, 2, 1, 3).reshape(grid, grid, -1)
+    owner = np.zeros((grid, grid), dtype=np.int64)
+    for number in range(1, len(sample.objects) + 1):
+        owner[(ids == number).mean(-1) >= min_cover] = number
+    table = np.zeros((len(sample.objects) + 1, 4), dtype=np.int64)
+    for number, o in enumerate(sample.objects, start=1):
+        colour, shape = list(COLORS).index(o.colour), SHAPES.index(o.shape)
+        table[number] = colour + 1, shape + 1, 1 if o.cell[1] < GRID // 2 else 2, colour * len(SHAPES) + shape + 1
+    labels = {name: table[owner, k] for k, name in enumerate(("colour", "shape", "side", "object"))}
+    labels["centre"] = np.zeros((grid, grid), dtype=np.int64)
+    for o in sample.objects:
+        labels["centre"][o.centre[1] // patch, o.centre[0] // patch] = list(COLORS).index(o.colour) + 1
+    return labels
+
+
+def _draw_object(draw, o: SceneObject, fill) -> None:
+    x, y, r = o.centre[0], o.centre[1], RADIUS[o.size]
+    if o.shape == "circle":
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
+    elif o.shape == "square":
+        s = int(r * 0.85)
+        draw.rectangle((x - s, y - s, x + s, y + s), fill=fill)
+    else:
+        draw.polygon([(x, y - r), (x - r, y + int(r * 0.8)), (x + r, y + int(r * 0.8))], fill=fill)
 
 
 def _background(kind: str, seed: int) -> np.ndarray:
