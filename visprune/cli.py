@@ -111,7 +111,7 @@ def _add_export(commands) -> None:
     p = commands.add_parser("export", help="export vision, pruned prefill and decode graphs to ONNX",
                             description="Bake a recipe's per-layer keep counts into the language model and export "
                                         "the ONNX set (linted for TensorRT). Without --recipe: the unpruned model.")
-    p.add_argument("--model", default="tiny", help="'tiny' or a local llava-hf checkpoint folder")
+    p.add_argument("--model", default="tiny", help="'tiny', 'tiny-vqa' or a local llava-hf checkpoint folder")
     p.add_argument("--recipe", type=Path, help="recipe JSON (default: unpruned)")
     p.add_argument("--out", type=Path, required=True, help="ONNX set folder, e.g. runs/demo/onnx")
     p.add_argument("--dtype", default="float32", help="float32 (CPU), float16 or bfloat16 (GPU)")
@@ -228,7 +228,7 @@ def _add_pipeline(commands) -> None:
     p = commands.add_parser("pipeline", help="calibrate, export, build, run and report in one command",
                             description="The whole product on one model: a FitPrune recipe for --reduction, pruned "
                                         "and unpruned engines, one answer, parity and latency reports, report.md.")
-    p.add_argument("--model", default="tiny", help="'tiny' or a local llava-hf checkpoint folder")
+    p.add_argument("--model", default="tiny", help="'tiny', 'tiny-vqa' or a local llava-hf checkpoint folder")
     p.add_argument("--reduction", type=float, default=0.6, help="fraction of visual-token FLOPs to remove")
     p.add_argument("--out", type=Path, required=True, help="run folder, e.g. runs/demo")
     p.add_argument("--backend", default="auto", help="auto (TensorRT where available, else onnxruntime), "
