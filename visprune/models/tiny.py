@@ -148,6 +148,15 @@ def _seeded_init_(model: torch.nn.Module, seed: int) -> None:
     Query/key projections get a larger gain so attention is peaked (as in trained models) rather than
     nearly uniform, which would make every token score alike.
     """
+    for name, param, noise, fan_in in seeded_weight_noise(model, seed):
+        gain = 2.0 if ("q_proj" in name or "k_proj" in name) else 1.0
+        param.copy_(noise * (gain / math.sqrt(fan_in)))
+
+
+def seeded_weight_noise(model: torch.nn.Module, seed: int):
+    """Zero every bias and set every norm weight to 1; yield (name, param, standard-normal noise, fan_in) for the
+    other parameters in sorted-name order, the noise drawn from one generator seeded with `seed`. Callers scale
+    the noise into the parameter themselves (call under torch.no_grad)."""
     generator = torch.Generator().manual_seed(seed)
     for name, param in sorted(model.named_parameters()):
         if name.endswith("bias"):
@@ -156,6 +165,4 @@ def _seeded_init_(model: torch.nn.Module, seed: int) -> None:
             param.fill_(1.0)
         else:
             fan_in = math.prod(param.shape[1:]) if param.ndim > 1 else param.shape[0]
-            gain = 2.0 if ("q_proj" in name or "k_proj" in name) else 1.0
-            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
-            param.copy_(noise * (gain / math.sqrt(fan_in)))
+            yield name, param, torch.randn(param.shape, generator=generator, dtype=torch.float32), fan_in

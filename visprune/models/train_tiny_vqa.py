@@ -88,9 +88,10 @@ class PatchProbe(torch.nn.Module):
         super().__init__()
         self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, n) for k, n in self.CLASSES.items()})
 
-    def loss(self, features: torch.Tensor, samples) -> torch.Tensor:
-        """Cross-entropy against `patch_labels`; labelled patches weigh more (background is ~95 % of patches)."""
-        total, labels = features.new_zeros(()), [patch_labels(s) for s in samples]
+    def loss(self, features: torch.Tensor, labels: list[dict[str, np.ndarray]]) -> torch.Tensor:
+        """Cross-entropy against each image's `patch_labels`; labelled patches weigh more (background is ~95 % of
+        patches)."""
+        total = features.new_zeros(())
         for name, head in self.heads.items():
             target = torch.from_numpy(np.stack([lab[name].reshape(-1) for lab in labels]))
             weight = 1.0 + (self.LABELLED_WEIGHT[name] - 1.0) * (target > 0)
@@ -104,11 +105,12 @@ def vision_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     return model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states[-2][:, 1:]
 
 
-def visual_keep_mask(samples, keep: int, generator: torch.Generator) -> torch.Tensor:
-    """[B, N] bool: every patch that shows an object, then random background patches up to `keep` per image."""
+def visual_keep_mask(labels: list[dict[str, np.ndarray]], keep: int, generator: torch.Generator) -> torch.Tensor:
+    """[B, N] bool: every patch that shows an object (per `patch_labels`), then random background patches up to
+    `keep` per image."""
     rows = []
-    for sample in samples:
-        shows = torch.from_numpy(patch_labels(sample)["colour"].reshape(-1) > 0)
+    for image_labels in labels:
+        shows = torch.from_numpy(image_labels["colour"].reshape(-1) > 0)
         priority = torch.rand(NUM_VISUAL, generator=generator) + shows.float()  # objects first
         row = torch.zeros(NUM_VISUAL, dtype=torch.bool)
         row[priority.topk(keep).indices] = True
@@ -165,13 +167,13 @@ def train(out: Path, steps: int, batch_size: int, lr: float, eval_samples: int, 
     for step in range(steps):
         samples = [make_sample("train", step * batch_size + i) for i in range(batch_size)]
         ids, mask, labels = text_batch(samples, processor, turns)
-        pixels = pixel_batch([s.image() for s in samples], processor)
+        pixels, shown = pixel_batch([s.image() for s in samples], processor), [patch_labels(s) for s in samples]
         if step < steps - full_steps and keep_visual < NUM_VISUAL:
-            keep = visual_keep_mask(samples, keep_visual, torch.Generator().manual_seed(SEED + step))
+            keep = visual_keep_mask(shown, keep_visual, torch.Generator().manual_seed(SEED + step))
             answer_loss = thinned_answer_loss(model, ids, mask, labels, pixels, keep)
         else:
             answer_loss = model(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=pixels).loss
-        probe_loss = probe.loss(features["x"][:, 1:], samples) if probe_weight else answer_loss.new_zeros(())
+        probe_loss = probe.loss(features["x"][:, 1:], shown) if probe_weight else answer_loss.new_zeros(())
         _step(optimizer, schedule, parameters, answer_loss + probe_weight * probe_loss)
         log.append(answer_loss.item())
         if step % 25 == 0 or step == steps - 1:
@@ -208,7 +210,8 @@ def _train_vision(model, probe: PatchProbe, processor, steps: int, batch_size: i
     start, log = time.perf_counter(), []
     for step in range(steps):
         samples = [make_sample("train", VISION_OFFSET + step * batch_size + i) for i in range(batch_size)]
-        loss = probe.loss(vision_features(model, pixel_batch([s.image() for s in samples], processor)), samples)
+        features = vision_features(model, pixel_batch([s.image() for s in samples], processor))
+        loss = probe.loss(features, [patch_labels(s) for s in samples])
         _step(optimizer, schedule, parameters, loss)
         log.append(loss.item())
         if step % 50 == 0 or step == steps - 1:
@@ -224,9 +227,9 @@ def probe_accuracy(model, probe: PatchProbe, processor, count: int = 64) -> dict
     """Per head, the share of object patches (calibration split) whose label the probe gets right."""
     samples = make_split("calibration", count)
     features = vision_features(model, pixel_batch([s.image() for s in samples], processor))
-    result = {}
+    labels, result = [patch_labels(s) for s in samples], {}
     for name, head in probe.heads.items():
-        target = torch.from_numpy(np.stack([patch_labels(s)[name].reshape(-1) for s in samples]))
+        target = torch.from_numpy(np.stack([lab[name].reshape(-1) for lab in labels]))
         hit = (head(features).argmax(-1) == target)[target > 0]
         result[name] = round(float(hit.float().mean()), 3)
     return result
@@ -250,15 +253,10 @@ def _step(optimizer, schedule, parameters, loss: torch.Tensor) -> None:
 def training_init_(model: torch.nn.Module, seed: int) -> None:
     """Seeded init as `tiny`'s, but with unit gain on query/key projections: tiny's peaked attention (gain 2)
     saturates softmax and slows learning from scratch."""
-    generator = torch.Generator().manual_seed(seed)
-    for name, param in sorted(model.named_parameters()):
-        if name.endswith("bias"):
-            param.zero_()
-        elif "norm" in name and param.ndim == 1:
-            param.fill_(1.0)
-        else:
-            fan_in = math.prod(param.shape[1:]) if param.ndim > 1 else param.shape[0]
-            param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float32) / math.sqrt(fan_in))
+    from visprune.models.tiny import seeded_weight_noise
+
+    for _, param, noise, fan_in in seeded_weight_noise(model, seed):
+        param.copy_(noise / math.sqrt(fan_in))
 
 
 @torch.no_grad()
