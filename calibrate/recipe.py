@@ -5,38 +5,42 @@ output projection and MLP); `keep[i]` visual tokens leave layer i. A recipe file
 inputs and seed give the same bytes. Run measurements (timings, host) go to a separate run record.
 
 A hand-written recipe needs only {"method", "num_visual_tokens", "removed"}; everything else is optional and
-is checked when present.
+is checked when present. This module is the recipe's one schema and `load_recipe` its one reader.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import ConfigDict
+from pydantic.dataclasses import dataclass
 
 from calibrate.flops import lm_flops_reduction, visual_flops_reduction, visual_tokens_entering
 from visprune.artifacts import atomic_write_json, canonical_json, sha256_bytes
 from visprune.errors import RecipeError
+from visprune.manifests import METHODS, Fraction, NonNegInt, PosInt, parse, read_json
 from visprune.models.llava import LanguageModelShape
 
 RECIPE_SCHEMA = "visprune.recipe"
 RECIPE_SCHEMA_VERSION = 1
-# How a pruning layer picks its survivors (exporter/pruned_lm.py): "fitprune" a_self x a_cross; "fastv" the last
-# prompt token's head-mean attention (one pruning layer); "random" a seeded fixed score per image index;
-# "none" prunes nothing (the unpruned model, exported through the same code).
-METHODS = ("fitprune", "fastv", "random", "none")
+RECIPE_HINT = 'A minimal recipe is {"method": "fitprune", "num_visual_tokens": 576, "removed": [...]} with one ' \
+              "count per decoder layer; `visprune calibrate` writes complete ones."
 
 
-@dataclass
+@dataclass(config=ConfigDict(strict=True))
 class Recipe:
-    method: str
-    num_visual_tokens: int
-    removed: list[int]
-    reduction_target: float | None = None
+    """Every field type-checked on construction (strict: `true` is not a count); cross-field rules in
+    `check_recipe`."""
+
+    method: Literal[METHODS]
+    num_visual_tokens: PosInt
+    removed: list[NonNegInt]
+    reduction_target: Fraction | None = None
     achieved: dict[str, float] = field(default_factory=dict)
-    alpha: float | None = None
-    model: dict[str, Any] = field(default_factory=dict)  # name, fingerprint
+    alpha: Fraction | None = None
+    model: dict[str, Any] = field(default_factory=dict)  # name, fingerprint, dtype
     calibration: dict[str, Any] = field(default_factory=dict)  # description, sha256, num_samples, ...
     search: dict[str, Any] = field(default_factory=dict)  # tolerance, steps
     seed: int | None = None
@@ -66,38 +70,44 @@ class Recipe:
 
 
 def recipe_from_dict(data: Any, source: str = "recipe") -> Recipe:
-    """Parse and check a recipe dict (a calibrated one or a hand-written one)."""
+    """Parse and check a recipe dict (a calibrated one or a hand-written one): every field's type and range, the
+    derived fields (`num_layers`, `keep`) against `removed`, and the rules between fields."""
     if not isinstance(data, dict):
-        raise RecipeError(f"{source} is not a JSON object.", "A recipe is an object with method, num_visual_tokens and removed.")
-    version = data.get("schema_version", RECIPE_SCHEMA_VERSION)
-    if version != RECIPE_SCHEMA_VERSION:
-        raise RecipeError(f"{source} has schema_version {version}; this visprune reads {RECIPE_SCHEMA_VERSION}.",
-                          "Re-run `visprune calibrate` with this version of visprune to rewrite the recipe.")
-    missing = [k for k in ("method", "num_visual_tokens", "removed") if k not in data]
-    if missing:
-        raise RecipeError(f"{source} lacks {', '.join(missing)}.",
-                          'A minimal recipe is {"method": "fitprune", "num_visual_tokens": 576, "removed": [...]}.')
+        raise RecipeError(f"{source} is not a JSON object.", RECIPE_HINT)
+    _check_header(data, source)
     known = {k: data[k] for k in Recipe.__dataclass_fields__ if k in data}
-    recipe = Recipe(**known)
-    _check_counts(recipe, source)
-    if "keep" in data and list(data["keep"]) != recipe.keep:
+    recipe = parse(Recipe, known, source, RECIPE_HINT, RecipeError)
+    check_recipe(recipe, source)
+    if "num_layers" in data and canonical_json(data["num_layers"]) != canonical_json(recipe.num_layers):
+        raise RecipeError(f"{source}: num_layers is {data['num_layers']!r} but 'removed' has {recipe.num_layers} "
+                          "counts.", "Fix the numbers, or drop 'num_layers' (it is derived from 'removed').")
+    if "keep" in data and canonical_json(data["keep"]) != canonical_json(recipe.keep):  # true is not 1
         raise RecipeError(f"{source}: 'keep' does not match N minus the running sum of 'removed'.",
                           "Fix the numbers, or drop 'keep' (it is derived from 'removed').")
     return recipe
 
 
-def _check_counts(recipe: Recipe, source: str) -> None:
-    if recipe.method not in METHODS:
-        raise RecipeError(f"{source}: unknown method {recipe.method!r}.", f"Use one of: {', '.join(METHODS)}.")
-    counts_ok = isinstance(recipe.removed, list) and all(isinstance(r, int) and r >= 0 for r in recipe.removed)
-    if not counts_ok or not isinstance(recipe.num_visual_tokens, int) or recipe.num_visual_tokens < 1:
-        raise RecipeError(f"{source}: 'removed' must be non-negative integers and 'num_visual_tokens' positive.",
-                          "Write removed as a list with one deletion count per decoder layer.")
+def _check_header(data: dict[str, Any], source: str) -> None:
+    if data.get("schema", RECIPE_SCHEMA) != RECIPE_SCHEMA:
+        raise RecipeError(f"{source} is a {data.get('schema')!r} file, not a recipe.", RECIPE_HINT)
+    version = data.get("schema_version", RECIPE_SCHEMA_VERSION)
+    if version != RECIPE_SCHEMA_VERSION or isinstance(version, bool):
+        raise RecipeError(f"{source} has schema_version {version!r}; this visprune reads {RECIPE_SCHEMA_VERSION}.",
+                          "Re-run `visprune calibrate` with this version of visprune to rewrite the recipe.")
+
+
+def check_recipe(recipe: Recipe, source: str = "recipe") -> None:
+    """The rules between fields, for recipes read from files and made in code alike."""
     if recipe.method == "random" and recipe.seed is None:
         raise RecipeError(f"{source}: a random recipe needs a 'seed'.", "Add e.g. \"seed\": 0.")
+    if not recipe.removed:
+        raise RecipeError(f"{source}: 'removed' is empty.", RECIPE_HINT)
     if recipe.total_removed >= recipe.num_visual_tokens:
         raise RecipeError(f"{source} deletes {recipe.total_removed} of {recipe.num_visual_tokens} visual tokens.",
                           "Every layer must keep at least one visual token; lower the counts.")
+    fingerprint = recipe.model.get("fingerprint")
+    if fingerprint is not None and not isinstance(fingerprint, str):
+        raise RecipeError(f"{source}: model.fingerprint must be a string.", RECIPE_HINT)
 
 
 def unpruned_recipe(shape: LanguageModelShape) -> Recipe:
@@ -107,12 +117,8 @@ def unpruned_recipe(shape: LanguageModelShape) -> Recipe:
 
 def load_recipe(path: Path) -> Recipe:
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise RecipeError(f"Recipe not found: {path}", "Create one with `visprune calibrate ... --out PATH`.") from e
-    except ValueError as e:
-        raise RecipeError(f"{path} is not valid JSON ({e}).", "Re-create it with `visprune calibrate`.") from e
+    data = read_json(path, "recipe", "Create one with `visprune calibrate ... --out PATH`, or pass the path of a "
+                     "recipe JSON file.", RecipeError)
     return recipe_from_dict(data, source=str(path))
 
 

@@ -20,9 +20,11 @@ from calibrate.plots import plot_tokens_per_layer
 from calibrate.recipe import Recipe, achieved_reductions, save_recipe
 from calibrate.replay import DecoderReplay, SampleState, embed_samples
 from calibrate.search import RecipeSearch, SearchResult
-from visprune.artifacts import atomic_write_json, tool_versions
+from visprune.artifacts import to_pretty_json, tool_versions
 from visprune.errors import ConfigError, InputDataError
 from visprune.models import LlavaBundle, chat_prompt, encode_image_prompt, load_image, load_llava
+from visprune.models.llava import model_folder
+from visprune.outputs import RECIPE, check_output, replacing
 
 
 @dataclass
@@ -34,12 +36,15 @@ class CalibrationResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def calibrate(config: CalibrationConfig, out: Path, plot: bool = True, progress: bool = True) -> CalibrationResult:
+def calibrate(config: CalibrationConfig, out: Path, plot: bool = True, progress: bool = True,
+              force: bool = False) -> CalibrationResult:
     """Search a FitPrune recipe for `config.reduction` and write it to `out` (plus a plot and a run record).
 
-    Nothing is written unless the search succeeds; each file is written atomically, the recipe last.
+    `out` is checked before any work (visprune/outputs.py; `force` replaces what is not a visprune recipe).
+    Nothing is written unless the search succeeds; the files are staged and swapped in, the recipe last.
     """
     out = Path(out)
+    check_output(out, RECIPE, inputs=calibration_inputs(config), force=force, siblings=_side_files(out))
     timings: dict[str, float] = {}
     device, dtype = resolve_device(config.device)
     batch_size = config.batch_size or resolve_batch_size(device)
@@ -143,20 +148,30 @@ def _with_provenance(recipe: Recipe, config: CalibrationConfig, bundle: LlavaBun
     return recipe
 
 
+def calibration_inputs(config: CalibrationConfig) -> list[Path | None]:
+    """What calibration reads: an output must not replace any of it."""
+    return [config.data, config.images, model_folder(config.model)]
+
+
+def _side_files(out: Path) -> tuple[Path, Path]:
+    """The plot and the run record written next to the recipe."""
+    return out.with_suffix(".png"), out.with_name(out.stem + ".run.json")
+
+
 def _write_outputs(recipe: Recipe, out: Path, plot: bool, timings: dict[str, float],
                    run: dict) -> CalibrationResult:
-    plot_path = out.with_suffix(".png") if plot else None
-    if plot_path:
-        plot_tokens_per_layer([(f"{recipe.reduction_target:.0%} target", recipe)], plot_path,
-                              title=f"{_METHOD_TITLES[recipe.method]} recipe, {recipe.model.get('name', '')}")
-    run_path = out.with_name(out.stem + ".run.json")
-    atomic_write_json(run_path, {
-        "recipe_sha256": recipe.content_hash(), "timings": timings, **run,
-        "host": platform.node(), "created_unix": round(time.time(), 3),
-    })
-    save_recipe(recipe, out)
-    return CalibrationResult(recipe=recipe, recipe_path=out, plot_path=plot_path, run_record_path=run_path,
-                             timings=timings)
+    plot_path, run_path = _side_files(out)
+    # exits run innermost first: the run record and the plot are swapped in before the recipe
+    with replacing(out, is_dir=False) as recipe_file, replacing(plot_path, is_dir=False) as plot_file, \
+            replacing(run_path, is_dir=False) as run_file:
+        if plot:
+            plot_tokens_per_layer([(f"{recipe.reduction_target:.0%} target", recipe)], plot_file,
+                                  title=f"{_METHOD_TITLES[recipe.method]} recipe, {recipe.model.get('name', '')}")
+        run_file.write_bytes(to_pretty_json({"recipe_sha256": recipe.content_hash(), "timings": timings, **run,
+                                             "host": platform.node(), "created_unix": round(time.time(), 3)}))
+        save_recipe(recipe, recipe_file)
+    return CalibrationResult(recipe=recipe, recipe_path=out, plot_path=plot_path if plot else None,
+                             run_record_path=run_path, timings=timings)
 
 
 _METHOD_TITLES = {"fitprune": "FitPrune", "fastv": "FastV", "random": "FitPrune(Random)"}

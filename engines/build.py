@@ -19,18 +19,21 @@ from pathlib import Path
 from typing import Any
 
 from engines.profiles import prompt_length_range
-from visprune.artifacts import (
-    ENGINE_SET_SCHEMA,
-    GRAPH_NAMES,
-    GRAPH_SET_FILES,
-    ONNX_SET_SCHEMA,
-    atomic_directory,
-    atomic_write_json,
-    read_manifest,
-    sha256_file,
-    tool_versions,
-)
+from visprune.artifacts import atomic_write_json, sha256_file, tool_versions
 from visprune.errors import ArtifactMismatchError, BackendUnavailableError, ConfigError
+from visprune.manifests import (
+    ENGINE_SET_SCHEMA,
+    ONNX_SET_SCHEMA,
+    EngineManifest,
+    OnnxSetManifest,
+    check_files,
+    digest_files,
+    model_dump,
+    read_sealed,
+    seal,
+)
+from visprune.outputs import ENGINE_SET, check_output, replacing
+from visprune.tensor_names import GRAPH_NAMES
 
 BACKENDS = ("onnxruntime", "tensorrt", "pytorch", "auto")  # auto: TensorRT where available, else onnxruntime
 DEVICES = ("cpu", "cuda")
@@ -39,12 +42,12 @@ OPT_LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "exten
               "all": "ORT_ENABLE_ALL"}
 ORT_PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 HOST_FILES = ("embed_tokens.npy", "processor")
+ENGINE_FILE, ONNX_MANIFEST_FILE = "engine.json", "manifest.json"
+ONNX_HINT = "Export it again with `visprune export ...`."
+ENGINE_HINT = "Build it again with `visprune build --onnx DIR --out DIR`."
 ORT_CUDA_HINT = ("For CUDA install onnxruntime-gpu instead of onnxruntime on a GPU host with CUDA 12 (README 'GPU "
                  "hosts'); if it is installed, its CUDA libraries did not load (see ONNX Runtime's log with "
                  "--verbose). Or build with --device cpu.")
-ENGINE_FILES = {"onnxruntime": tuple(f"{g}.onnx" for g in GRAPH_NAMES) + HOST_FILES,
-                "tensorrt": tuple(f"{g}.plan" for g in GRAPH_NAMES) + HOST_FILES,
-                "pytorch": HOST_FILES}
 
 
 @dataclass(frozen=True)
@@ -81,27 +84,34 @@ class BuildConfig:
         return {"version": self.VERSION, **fields}
 
 
-def build_engine(config: BuildConfig, onnx_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Build an engine folder for `config.backend` from the ONNX set in `onnx_dir`; returns its manifest."""
-    onnx_dir = Path(onnx_dir)
-    onnx_manifest = read_onnx_set_manifest(onnx_dir)
+def build_engine(config: BuildConfig, onnx_dir: Path, out_dir: Path, force: bool = False) -> EngineManifest:
+    """Build an engine folder for `config.backend` from the ONNX set in `onnx_dir`; returns its manifest.
+
+    `out_dir` is checked before any work (visprune/outputs.py; `force` replaces what is not an engine); the ONNX
+    set's files are verified against its manifest; the engine is staged and swapped in when complete.
+    """
+    onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
+    check_output(out_dir, ENGINE_SET, inputs=[onnx_dir, config.timing_cache], force=force)
+    onnx_set = read_onnx_set(onnx_dir, verify=True)
     if config.backend == "auto":
         config = replace(config, backend=auto_backend())
     if config.backend == "tensorrt":
-        prompt_length_range(onnx_manifest, config.max_prompt_tokens, config.max_new_tokens)  # fail before building
+        prompt_length_range(onnx_set, config.max_prompt_tokens, config.max_new_tokens)  # fail before building
     build_graphs = {"onnxruntime": _build_onnxruntime, "tensorrt": _build_tensorrt, "pytorch": _build_pytorch}
-    with atomic_directory(Path(out_dir)) as staging:
-        backend_facts = build_graphs[config.backend](config, onnx_dir, onnx_manifest, staging)
+    with replacing(out_dir) as staging:
+        backend_facts = build_graphs[config.backend](config, onnx_dir, onnx_set, staging)
         for name in HOST_FILES:
             (shutil.copytree if (onnx_dir / name).is_dir() else shutil.copy)(onnx_dir / name, staging / name)
-        manifest = {
+        manifest = seal({
             "schema": ENGINE_SET_SCHEMA[0], "schema_version": ENGINE_SET_SCHEMA[1], "backend": config.backend,
             **backend_facts,
-            "upstream": {"onnx_dir": str(onnx_dir.resolve()), "manifest_sha256": sha256_file(onnx_dir / "manifest.json")},
-            "onnx_set": onnx_manifest, "config": config.to_dict(),
-        }
-        atomic_write_json(staging / "engine.json", manifest)
-    return manifest
+            "upstream": {"onnx_dir": str(onnx_dir.resolve()),
+                         "manifest_sha256": sha256_file(onnx_dir / ONNX_MANIFEST_FILE)},
+            "onnx_set": model_dump(onnx_set), "config": config.to_dict(),
+            "files": digest_files(staging, exclude=(ENGINE_FILE,)),
+        })
+        atomic_write_json(staging / ENGINE_FILE, manifest)
+    return EngineManifest.model_validate(manifest)
 
 
 def auto_backend() -> str:
@@ -116,23 +126,26 @@ def auto_backend() -> str:
     return "tensorrt"
 
 
-def read_onnx_set_manifest(onnx_dir: Path) -> dict[str, Any]:
-    return read_manifest(onnx_dir, "manifest.json", ONNX_SET_SCHEMA, GRAPH_SET_FILES, "ONNX set",
-                         "Export it again with `visprune export ...`.")
-
-
-def load_engine_manifest(engine_dir: Path) -> dict[str, Any]:
-    hint = "Build it again with `visprune build --onnx DIR --out DIR`."
-    manifest = read_manifest(engine_dir, "engine.json", ENGINE_SET_SCHEMA, HOST_FILES, "engine", hint)
-    if manifest.get("backend") not in ENGINE_FILES:
-        raise ArtifactMismatchError(f"{engine_dir} is an engine of unknown backend {manifest.get('backend')!r}.", hint)
-    missing = [name for name in ENGINE_FILES[manifest["backend"]] if not (Path(engine_dir) / name).exists()]
-    if missing:
-        raise ArtifactMismatchError(f"{engine_dir} lacks {', '.join(missing)}.", f"The folder is incomplete. {hint}")
+def read_onnx_set(onnx_dir: Path, verify: bool = False) -> OnnxSetManifest:
+    """The ONNX set's manifest after checking its schema, seal, fields and files (hashes: see check_files)."""
+    manifest = read_sealed(OnnxSetManifest, onnx_dir, ONNX_MANIFEST_FILE, ONNX_SET_SCHEMA, "ONNX set", ONNX_HINT)
+    check_files(onnx_dir, manifest.files, manifest.manifest_sha256, "ONNX set", ONNX_HINT, verify)
     return manifest
 
 
-def _build_onnxruntime(config: BuildConfig, onnx_dir: Path, onnx_manifest: dict, staging: Path) -> dict[str, Any]:
+def read_engine_set(engine_dir: Path, verify: bool = False) -> EngineManifest:
+    """The engine's manifest after checking its schema, seal, fields, the embedded ONNX-set manifest's seal, and
+    its files (sizes at every load; hashes at the first load of these files or with `verify`)."""
+    manifest = read_sealed(EngineManifest, engine_dir, ENGINE_FILE, ENGINE_SET_SCHEMA, "engine", ENGINE_HINT)
+    if manifest.onnx_set.manifest_sha256 != seal(model_dump(manifest.onnx_set))["manifest_sha256"]:
+        raise ArtifactMismatchError(f"The ONNX-set manifest inside {Path(engine_dir) / ENGINE_FILE} was edited.",
+                                    f"Do not edit manifests; {ENGINE_HINT[0].lower()}{ENGINE_HINT[1:]}")
+    check_files(engine_dir, manifest.files, manifest.manifest_sha256, "engine", ENGINE_HINT, verify)
+    return manifest
+
+
+def _build_onnxruntime(config: BuildConfig, onnx_dir: Path, onnx_set: OnnxSetManifest,
+                       staging: Path) -> dict[str, Any]:
     import onnxruntime as ort
 
     providers = ORT_PROVIDERS[config.device]
@@ -146,20 +159,19 @@ def _build_onnxruntime(config: BuildConfig, onnx_dir: Path, onnx_manifest: dict,
             "optimization_level": config.optimization_level, "tools": tool_versions("onnxruntime", "onnxruntime-gpu")}
 
 
-def _build_tensorrt(config: BuildConfig, onnx_dir: Path, onnx_manifest: dict, staging: Path) -> dict[str, Any]:
+def _build_tensorrt(config: BuildConfig, onnx_dir: Path, onnx_set: OnnxSetManifest, staging: Path) -> dict[str, Any]:
     from engines.tensorrt import build_tensorrt_plans
 
-    return {"device": "cuda", **build_tensorrt_plans(config, onnx_dir, onnx_manifest, staging)}
+    return {"device": "cuda", **build_tensorrt_plans(config, onnx_dir, onnx_set, staging)}
 
 
-def _build_pytorch(config: BuildConfig, onnx_dir: Path, onnx_manifest: dict, staging: Path) -> dict[str, Any]:
+def _build_pytorch(config: BuildConfig, onnx_dir: Path, onnx_set: OnnxSetManifest, staging: Path) -> dict[str, Any]:
     import torch
 
     if config.device == "cuda" and not torch.cuda.is_available():
         raise BackendUnavailableError("--device cuda was asked for, but this PyTorch sees no CUDA GPU.",
                                       "Use --device cpu, or install PyTorch's CUDA build on a GPU host (README).")
-    return {"device": config.device, "torch_compile": config.torch_compile, "model": onnx_manifest["model"],
-            "tools": tool_versions("torch", "transformers")}
+    return {"device": config.device, "torch_compile": config.torch_compile, "tools": tool_versions("torch", "transformers")}
 
 
 def _optimize(source: Path, target: Path, config: BuildConfig, providers: list[str]):

@@ -18,24 +18,25 @@ from __future__ import annotations
 from typing import Any
 
 from visprune.errors import ConfigError, PromptError
+from visprune.manifests import Limits, OnnxSetManifest
 
 BATCH = 1  # the runtime serves one request at a time
 OPT_TEXT_TOKENS = 64  # typical question + answer-prefix length the kernels are tuned for
 
 
-def derive_profiles(onnx_set: dict[str, Any], max_prompt_tokens: int, max_new_tokens: int) -> dict[str, Any]:
+def derive_profiles(onnx_set: OnnxSetManifest, max_prompt_tokens: int, max_new_tokens: int) -> dict[str, Any]:
     """{graph: {input: {"min": shape, "opt": shape, "max": shape}}} for every input of the set's graphs."""
     ranges = dim_ranges(onnx_set, max_prompt_tokens, max_new_tokens)
     profiles = {}
-    for graph, io in onnx_set["graphs"].items():
+    for graph, io in onnx_set.graphs.items():
         profiles[graph] = {
-            value["name"]: {bound: [dim if isinstance(dim, int) else ranges[dim][i] for dim in value["shape"]]
-                            for i, bound in enumerate(("min", "opt", "max"))}
-            for value in io["inputs"]}
+            value.name: {bound: [dim if isinstance(dim, int) else ranges[dim][i] for dim in value.shape]
+                         for i, bound in enumerate(("min", "opt", "max"))}
+            for value in io.inputs}
     return profiles
 
 
-def dim_ranges(onnx_set: dict[str, Any], max_prompt_tokens: int, max_new_tokens: int) -> dict[str, tuple[int, int, int]]:
+def dim_ranges(onnx_set: OnnxSetManifest, max_prompt_tokens: int, max_new_tokens: int) -> dict[str, tuple[int, int, int]]:
     """(min, opt, max) of each named dim."""
     shortest, longest = prompt_length_range(onnx_set, max_prompt_tokens, max_new_tokens)
     opt = min(longest, shortest - 1 + OPT_TEXT_TOKENS)
@@ -46,45 +47,45 @@ def dim_ranges(onnx_set: dict[str, Any], max_prompt_tokens: int, max_new_tokens:
     return ranges
 
 
-def prompt_length_range(onnx_set: dict[str, Any], max_prompt_tokens: int, max_new_tokens: int) -> tuple[int, int]:
+def prompt_length_range(onnx_set: OnnxSetManifest, max_prompt_tokens: int, max_new_tokens: int) -> tuple[int, int]:
     """Shortest possible and longest allowed prompt; ConfigError if the limits do not fit the export."""
-    prompt = onnx_set["prompt"]
-    shortest = prompt["image_start"] + prompt["num_visual_tokens"] + 1
+    prompt = onnx_set.prompt
+    shortest = prompt.image_start + prompt.num_visual_tokens + 1
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, not {max_new_tokens}.", "Pass e.g. 64.")
     if max_prompt_tokens < shortest:
         raise ConfigError(f"--max-prompt-tokens {max_prompt_tokens} is shorter than the shortest prompt this model "
-                          f"can take ({shortest}: {prompt['num_visual_tokens']} image tokens plus the template).",
+                          f"can take ({shortest}: {prompt.num_visual_tokens} image tokens plus the template).",
                           f"Pass --max-prompt-tokens of at least {shortest}, e.g. {shortest + 127}.")
-    if max_prompt_tokens + max_new_tokens > prompt["max_seq"]:
+    if max_prompt_tokens + max_new_tokens > prompt.max_seq:
         raise ConfigError(f"--max-prompt-tokens {max_prompt_tokens} plus --max-new-tokens {max_new_tokens} exceeds "
-                          f"the {prompt['max_seq']} tokens the ONNX set was exported for.",
+                          f"the {prompt.max_seq} tokens the ONNX set was exported for.",
                           "Lower the limits, or export again with a larger `visprune export --max-seq`.")
     return shortest, max_prompt_tokens
 
 
-def pruned_before_stage(onnx_set: dict[str, Any]) -> list[int]:
+def pruned_before_stage(onnx_set: OnnxSetManifest) -> list[int]:
     """R_k: visual tokens removed before KV stage k (stage k starts after the k-th pruning layer)."""
     counts, total = [0], 0
-    for removed in onnx_set["recipe"]["removed"]:
+    for removed in onnx_set.recipe.removed:
         if removed:
             total += removed
             counts.append(total)
-    return counts[:max(onnx_set["kv_stages"]) + 1]
+    return counts[:max(onnx_set.kv_stages) + 1]
 
 
-def kv_capacity(onnx_set: dict[str, Any], max_prompt_tokens: int, max_new_tokens: int) -> list[int]:
+def kv_capacity(onnx_set: OnnxSetManifest, max_prompt_tokens: int, max_new_tokens: int) -> list[int]:
     """Longest KV length each layer ever holds (prompt and all generated tokens), for preallocated caches."""
     pruned = pruned_before_stage(onnx_set)
-    return [max_prompt_tokens + max_new_tokens - pruned[stage] for stage in onnx_set["kv_stages"]]
+    return [max_prompt_tokens + max_new_tokens - pruned[stage] for stage in onnx_set.kv_stages]
 
 
-def check_request_fits(limits: dict[str, int], prompt_tokens: int, max_new_tokens: int, engine_dir: Any) -> None:
+def check_request_fits(limits: Limits, prompt_tokens: int, max_new_tokens: int, engine_dir: Any) -> None:
     """PromptError when a request falls outside the shape ranges the engine was built for."""
-    if prompt_tokens > limits["max_prompt_tokens"] or max_new_tokens > limits["max_new_tokens"]:
+    if prompt_tokens > limits.max_prompt_tokens or max_new_tokens > limits.max_new_tokens:
         raise PromptError(
             f"The request ({prompt_tokens} prompt tokens, {max_new_tokens} new tokens) is outside the shapes the "
-            f"engine in {engine_dir} was built for (at most {limits['max_prompt_tokens']} prompt tokens and "
-            f"{limits['max_new_tokens']} new tokens).",
+            f"engine in {engine_dir} was built for (at most {limits.max_prompt_tokens} prompt tokens and "
+            f"{limits.max_new_tokens} new tokens).",
             "Shorten the prompt or lower --max-new-tokens, or rebuild with larger `visprune build "
             "--max-prompt-tokens/--max-new-tokens`.")

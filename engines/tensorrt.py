@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from engines.profiles import derive_profiles, kv_capacity
-from visprune.artifacts import GRAPH_NAMES, atomic_write_bytes, tool_versions
+from visprune.artifacts import atomic_write_bytes, tool_versions
 from visprune.errors import ArtifactMismatchError, BackendUnavailableError, EngineBuildError
+from visprune.manifests import EngineManifest, OnnxSetManifest
+from visprune.tensor_names import GRAPH_NAMES
 
 INSTALL_HINT = ("On a host with an NVIDIA GPU: `pip install tensorrt` (TensorRT 10 or 11; see README 'GPU hosts'), "
                 "or use --backend onnxruntime (any machine) or --backend pytorch.")
@@ -58,22 +60,22 @@ def _gpu_identity_from_nvidia_smi(device_index: int) -> dict[str, str]:
                                   "TensorRT engines are built and run on an NVIDIA GPU; use --backend onnxruntime here.")
 
 
-def check_engine_compatible(manifest: dict[str, Any], tensorrt_version: str, gpu: dict[str, str],
+def check_engine_compatible(manifest: EngineManifest, tensorrt_version: str, gpu: dict[str, str],
                             engine_dir: Any) -> None:
     """A TensorRT plan runs only under the TensorRT version and on the GPU model it was built with."""
     built, problems = manifest, []
-    if built["tensorrt_version"] != tensorrt_version:
-        problems.append(f"TensorRT {built['tensorrt_version']}, this machine has {tensorrt_version}")
-    if built["gpu"]["compute_capability"] != gpu["compute_capability"] or built["gpu"]["name"] != gpu["name"]:
-        problems.append(f"GPU {built['gpu']['name']} (compute capability {built['gpu']['compute_capability']}), "
+    if built.tensorrt_version != tensorrt_version:
+        problems.append(f"TensorRT {built.tensorrt_version}, this machine has {tensorrt_version}")
+    if built.gpu.compute_capability != gpu["compute_capability"] or built.gpu.name != gpu["name"]:
+        problems.append(f"GPU {built.gpu.name} (compute capability {built.gpu.compute_capability}), "
                         f"this machine has {gpu['name']} ({gpu['compute_capability']})")
     if problems:
         raise ArtifactMismatchError(f"The TensorRT engine in {engine_dir} was built for {'; '.join(problems)}.",
                                     "Rebuild it on this machine: `visprune build --backend tensorrt --onnx "
-                                    f"{built['upstream']['onnx_dir']} --out DIR`.")
+                                    f"{built.upstream.get('onnx_dir', 'DIR')} --out DIR`.")
 
 
-def build_tensorrt_plans(config, onnx_dir: Path, onnx_set: dict[str, Any], staging: Path) -> dict[str, Any]:
+def build_tensorrt_plans(config, onnx_dir: Path, onnx_set: OnnxSetManifest, staging: Path) -> dict[str, Any]:
     """Write vision/prefill/decode.plan and timing.cache into `staging`; returns the manifest facts."""
     trt = import_tensorrt()
     gpu = gpu_identity()
@@ -87,7 +89,7 @@ def build_tensorrt_plans(config, onnx_dir: Path, onnx_set: dict[str, Any], stagi
     if config.timing_cache:  # the shared cache grows with every build, so later builds skip the measured tactics
         atomic_write_bytes(Path(config.timing_cache), cache)
     return {
-        "tensorrt_version": trt.__version__, "gpu": gpu, "precision": onnx_set["dtype"], "strongly_typed": True,
+        "tensorrt_version": trt.__version__, "gpu": gpu, "precision": onnx_set.dtype, "strongly_typed": True,
         "limits": {"max_prompt_tokens": config.max_prompt_tokens, "max_new_tokens": config.max_new_tokens},
         "profiles": profiles, "kv_capacity": kv_capacity(onnx_set, config.max_prompt_tokens, config.max_new_tokens),
         "tools": tool_versions("tensorrt"),

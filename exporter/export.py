@@ -19,30 +19,41 @@ import torch
 
 from calibrate.recipe import Recipe, check_recipe_fits, load_recipe, unpruned_recipe
 from exporter.config import ExportConfig
-from exporter.graphs import export_decode, export_prefill, export_vision, kv_stages
+from exporter.graphs import export_decode, export_prefill, export_vision
 from exporter.lint import lint_onnx
-from visprune.artifacts import GRAPH_NAMES, ONNX_SET_SCHEMA, atomic_directory, atomic_write_json, tool_versions
+from visprune.artifacts import atomic_write_json, tool_versions
 from visprune.errors import ExportError
+from visprune.manifests import ONNX_SET_SCHEMA, OnnxSetManifest, digest_files, kv_stages_of, seal
 from visprune.models import LlavaBundle, chat_prompt, encode_image_prompt, load_llava
+from visprune.models.llava import model_folder
+from visprune.outputs import ONNX_SET, check_output, replacing
+from visprune.tensor_names import GRAPH_NAMES
 
+MANIFEST_FILE = "manifest.json"
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
 class ExportResult:
     out_dir: Path
-    manifest: dict[str, Any]
+    manifest: OnnxSetManifest
 
 
-def export_onnx(config: ExportConfig, out_dir: Path, progress: bool = True) -> ExportResult:
-    """Export the vision, pruned prefill and decode graphs of `config.model` with `config.recipe` baked in."""
+def export_onnx(config: ExportConfig, out_dir: Path, progress: bool = True, force: bool = False) -> ExportResult:
+    """Export the vision, pruned prefill and decode graphs of `config.model` with `config.recipe` baked in.
+
+    `out_dir` is checked before any work (visprune/outputs.py; `force` replaces what is not an ONNX set); the set
+    is written into a staging folder and swapped in only when every graph exported and passed the lint.
+    """
     start = time.perf_counter()
+    out_dir = Path(out_dir)
+    check_output(out_dir, ONNX_SET, inputs=[config.recipe, model_folder(config.model)], force=force)
+    recipe = load_recipe(config.recipe) if config.recipe else None
     bundle = load_llava(config.model, device="cpu", dtype=_TORCH_DTYPES[config.dtype])
-    recipe = load_recipe(config.recipe) if config.recipe else unpruned_recipe(bundle.shape)
+    recipe = recipe or unpruned_recipe(bundle.shape)
     check_recipe_fits(recipe, bundle.shape, bundle.fingerprint)
     image_start = template_image_start(bundle)
-    out_dir = Path(out_dir)
-    with atomic_directory(out_dir) as staging:
+    with replacing(out_dir) as staging:
         for graph in _progress(GRAPH_NAMES, progress):
             _export_graph(graph, bundle, recipe, image_start, config, staging / f"{graph}.onnx")
         lint_exported_set(staging, recipe)
@@ -50,8 +61,8 @@ def export_onnx(config: ExportConfig, out_dir: Path, progress: bool = True) -> E
         np.save(staging / "embed_tokens.npy", embeddings.astype(_numpy_dtype(config.dtype)))
         bundle.processor.save_pretrained(staging / "processor")
         manifest = _manifest(config, bundle, recipe, image_start, staging, time.perf_counter() - start)
-        atomic_write_json(staging / "manifest.json", manifest)
-    return ExportResult(out_dir=out_dir, manifest=manifest)
+        atomic_write_json(staging / MANIFEST_FILE, manifest)
+    return ExportResult(out_dir=out_dir, manifest=OnnxSetManifest.model_validate(manifest))
 
 
 def template_image_start(bundle: LlavaBundle) -> int:
@@ -65,7 +76,7 @@ def template_image_start(bundle: LlavaBundle) -> int:
 
 def lint_exported_set(folder: Path, recipe: Recipe) -> None:
     """Run the TensorRT-readiness lint on every graph; one error lists every violation."""
-    stages = kv_stages(recipe)
+    stages = kv_stages_of(recipe.removed)
     violations = [v for graph in GRAPH_NAMES
                   for v in lint_onnx(folder / f"{graph}.onnx", stages if graph != "vision" else None)]
     if violations:
@@ -87,7 +98,7 @@ def _export_graph(graph: str, bundle: LlavaBundle, recipe: Recipe, image_start: 
 def _manifest(config: ExportConfig, bundle: LlavaBundle, recipe: Recipe, image_start: int, folder: Path,
               seconds: float) -> dict[str, Any]:
     tokenizer = bundle.processor.tokenizer
-    return {
+    return seal({
         "schema": ONNX_SET_SCHEMA[0],
         "schema_version": ONNX_SET_SCHEMA[1],
         "model": {"name": bundle.name, "path": str(bundle.path.resolve()), "fingerprint": bundle.fingerprint},
@@ -98,14 +109,15 @@ def _manifest(config: ExportConfig, bundle: LlavaBundle, recipe: Recipe, image_s
                    "eos_token_id": tokenizer.eos_token_id},
         "dtype": config.dtype,
         "language_model": asdict(bundle.shape),  # what FLOPs figures downstream need
-        "kv_stages": kv_stages(recipe),
+        "kv_stages": kv_stages_of(recipe.removed),
         "graphs": {graph: {"file": f"{graph}.onnx", **describe_io(folder / f"{graph}.onnx")} for graph in GRAPH_NAMES},
         "embeddings": {"file": "embed_tokens.npy", "shape": list(bundle.model.get_input_embeddings().weight.shape)},
         "processor": "processor",
         "config": config.to_dict(),
         "tools": tool_versions("torch", "transformers", "onnx", "onnxscript"),
         "export_seconds": round(seconds, 2),
-    }
+        "files": digest_files(folder, exclude=(MANIFEST_FILE,)),
+    })
 
 
 def describe_io(path: Path) -> dict[str, list[dict[str, Any]]]:

@@ -18,6 +18,8 @@ from torch.export import Dim
 
 from calibrate.recipe import Recipe
 from exporter.pruned_lm import LlamaDecodeStep, PrunedLlamaPrefill
+from visprune.manifests import kv_stages_of
+from visprune.tensor_names import INPUTS_EMBEDS, PIXEL_VALUES, POSITION_IDS, graph_io_names
 
 EXAMPLE_BATCH = 2
 EXAMPLE_TEXT = 12
@@ -39,30 +41,20 @@ class VisionFeatures(nn.Module):
         return self.projector(hidden[:, 1:] if self.drop_cls else hidden)
 
 
-def kv_stages(recipe: Recipe) -> list[int]:
-    """Stage of each layer's KV cache: how many pruning layers come before it."""
-    stages, stage = [], 0
-    for removed in recipe.removed:
-        stages.append(stage)
-        stage += 1 if removed else 0
-    return stages
-
-
 def export_vision(llava: nn.Module, out: Path, opset: int) -> None:
     size = llava.config.vision_config.image_size
     example = torch.zeros(EXAMPLE_BATCH, 3, size, size, dtype=llava.dtype)
-    _export(VisionFeatures(llava), (example,), out, opset, ["pixel_values"], ["image_features"],
-            {"pixel_values": {0: Dim("batch")}})
+    inputs, outputs = graph_io_names("vision", [])
+    _export(VisionFeatures(llava), (example,), out, opset, inputs, outputs, {PIXEL_VALUES: {0: Dim("batch")}})
 
 
 def export_prefill(llava: nn.Module, recipe: Recipe, image_start: int, max_seq: int, out: Path, opset: int) -> None:
     hidden = llava.config.text_config.hidden_size
     min_seq = image_start + recipe.num_visual_tokens + 1
     example = torch.zeros(EXAMPLE_BATCH, min_seq + EXAMPLE_TEXT, hidden, dtype=llava.dtype)
-    pruning_layers = [i for i, r in enumerate(recipe.removed) if r]
-    outputs = ["logits", *_kv_names("present", recipe.num_layers), *[f"kept_indices.{i}" for i in pruning_layers]]
-    _export(PrunedLlamaPrefill(llava, recipe, image_start), (example,), out, opset, ["inputs_embeds"], outputs,
-            {"inputs_embeds": {0: Dim("batch"), 1: Dim("seq", min=min_seq, max=max_seq)}})
+    inputs, outputs = graph_io_names("prefill", recipe.removed)
+    _export(PrunedLlamaPrefill(llava, recipe, image_start), (example,), out, opset, inputs, outputs,
+            {INPUTS_EMBEDS: {0: Dim("batch"), 1: Dim("seq", min=min_seq, max=max_seq)}})
 
 
 def export_decode(llava: nn.Module, recipe: Recipe, image_start: int, max_seq: int, out: Path, opset: int) -> None:
@@ -70,7 +62,7 @@ def export_decode(llava: nn.Module, recipe: Recipe, image_start: int, max_seq: i
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     example_len = image_start + recipe.num_visual_tokens + EXAMPLE_TEXT
-    stage_of = kv_stages(recipe)
+    stage_of = kv_stages_of(recipe.removed)
     dims = [Dim(f"past_len_s{s}", min=1, max=max_seq) for s in range(max(stage_of) + 1)]
     lengths = [example_len - sum(recipe.removed[:layer]) for layer in range(recipe.num_layers)]
     past = [torch.zeros(EXAMPLE_BATCH, kv_heads, lengths[layer], head_dim, dtype=llava.dtype)
@@ -79,14 +71,9 @@ def export_decode(llava: nn.Module, recipe: Recipe, image_start: int, max_seq: i
     positions = torch.full((EXAMPLE_BATCH, 1), example_len, dtype=torch.long)
     batch = Dim("batch")
     past_shapes = [{0: batch, 2: dims[stage_of[layer]]} for layer in range(recipe.num_layers) for _ in range(2)]
-    _export(LlamaDecodeStep(llava), (embeds, positions, past), out, opset,
-            ["inputs_embeds", "position_ids", *_kv_names("past", recipe.num_layers)],
-            ["logits", *_kv_names("present", recipe.num_layers)],
-            {"inputs_embeds": {0: batch}, "position_ids": {0: batch}, "past": past_shapes})
-
-
-def _kv_names(prefix: str, num_layers: int) -> list[str]:
-    return [f"{prefix}.{layer}.{kind}" for layer in range(num_layers) for kind in ("key", "value")]
+    inputs, outputs = graph_io_names("decode", recipe.removed)
+    _export(LlamaDecodeStep(llava), (embeds, positions, past), out, opset, inputs, outputs,
+            {INPUTS_EMBEDS: {0: batch}, POSITION_IDS: {0: batch}, "past": past_shapes})
 
 
 def _export(module: nn.Module, args: tuple, out: Path, opset: int, input_names: list[str],

@@ -21,9 +21,11 @@ from engines import BuildConfig, auto_backend, build_engine
 from exporter import ExportConfig, export_onnx
 from visprune.artifacts import atomic_write_bytes, atomic_write_json
 from visprune.errors import ConfigError
-from visprune.models.llava import resolve_model_path
+from visprune.models.llava import model_folder, resolve_model_path
+from visprune.outputs import PIPELINE_RUN, check_output, writing_in_place
 
 SAMPLE_QUESTION = "What animal is this?"
+PIPELINE_SCHEMA = ("visprune.pipeline_run", 1)
 
 
 @dataclass(frozen=True)
@@ -58,9 +60,22 @@ class PipelineResult:
     answer: str = ""
 
 
-def run_pipeline(config: PipelineConfig, out_dir: Path, progress: bool = True) -> PipelineResult:
+def run_pipeline(config: PipelineConfig, out_dir: Path, progress: bool = True, force: bool = False) -> PipelineResult:
+    """Every stage into the run folder `out_dir`, checked before any work (visprune/outputs.py). The run records
+    its own paths, so it is written in place: an old run is kept aside until the new one is complete."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output(out, PIPELINE_RUN, inputs=[config.data, config.images, model_folder(config.model)], force=force)
+    with writing_in_place(out):
+        result = _run_stages(config, out, progress)
+    if not result.figures["parity_passed"]:  # raised after the run is in place: its reports explain the failure
+        from runtime.parity import ParityError
+
+        raise ParityError("The engine does not match the PyTorch reference.",
+                          f"See {out / 'report' / 'parity.md'}; the rest of the run is in {out}.")
+    return result
+
+
+def _run_stages(config: PipelineConfig, out: Path, progress: bool) -> PipelineResult:
     result = PipelineResult(out)
     backend = auto_backend() if config.backend == "auto" else config.backend
     dtype = "float16" if backend == "tensorrt" else "float32"
@@ -78,7 +93,8 @@ def run_pipeline(config: PipelineConfig, out_dir: Path, progress: bool = True) -
         with _stage(result, "export + build (unpruned, overlapped)"):
             baseline.result()
     _run_and_report(config, result)
-    atomic_write_json(out / "pipeline.json", {"config": config.to_dict(), "backend": backend, "answer": result.answer,
+    atomic_write_json(out / "pipeline.json", {"schema": PIPELINE_SCHEMA[0], "schema_version": PIPELINE_SCHEMA[1],
+                                              "config": config.to_dict(), "backend": backend, "answer": result.answer,
                                               "stage_seconds": result.stage_seconds, "figures": result.figures})
     return result
 
@@ -121,7 +137,7 @@ def _run_and_report(config: PipelineConfig, result: PipelineResult) -> None:
         result.answer = generation.text
     with _stage(result, "parity report"):
         parity = parity_report(out / "engine", config.model, out / "report", recipe=out / "recipe.json",
-                               prompts=default_parity_prompts(config.parity_prompts))
+                               prompts=default_parity_prompts(config.parity_prompts), allow_failure=True)
     with _stage(result, "latency report"):
         latency = latency_report(out / "engine", out / "engine-unpruned", out / "report", image=out / "sample.png",
                                  rounds=config.latency_rounds)
@@ -139,13 +155,13 @@ def _plots(pipe, out: Path, kept: dict[int, list[int]], parity: dict[str, Any]) 
 
 
 def _headline(out: Path, parity: dict[str, Any], latency: dict[str, Any]) -> dict[str, Any]:
-    import json
+    from calibrate.recipe import load_recipe
 
-    recipe = json.loads((out / "recipe.json").read_text())
+    recipe = load_recipe(out / "recipe.json")
     ratios = latency["ratios"]
     return {
-        "visual_tokens": f"{recipe['num_visual_tokens']} -> {recipe['num_visual_tokens'] - sum(recipe['removed'])}",
-        "visual_flops_reduction": recipe["achieved"]["visual_flops_reduction"],
+        "visual_tokens": f"{recipe.num_visual_tokens} -> {recipe.keep[-1]}",
+        "visual_flops_reduction": recipe.achieved["visual_flops_reduction"],
         "lm_flops_ratio": ratios["lm_flops_ratio"], "prefill_latency_ratio": ratios["prefill_latency_ratio"],
         "prefill_speedup": ratios["prefill_speedup"], "kv_bytes_ratio": ratios["kv_bytes_ratio"],
         "parity_passed": parity["engine_vs_reference"]["passed"],
@@ -235,10 +251,11 @@ class InBackground:
 
 
 def _remove_staging(out: Path) -> None:
-    import shutil
+    """What the terminated baseline process was writing: its staging folders (its PID is dead now)."""
+    from visprune.outputs import recover_interrupted
 
-    for staging in out.glob(".*.staging"):
-        shutil.rmtree(staging, ignore_errors=True)
+    for name in ("onnx-unpruned", "engine-unpruned"):
+        recover_interrupted(out / name)
 
 
 def _call_and_send(send, fn: Callable, args: tuple) -> None:

@@ -19,6 +19,9 @@ from typing import Any
 
 from visprune.artifacts import atomic_write_bytes, atomic_write_json
 from visprune.errors import ConfigError
+from visprune.manifests import EvalReport
+from visprune.models.llava import model_folder
+from visprune.outputs import EVAL, check_output, replacing
 from visprune.tasks.shapes_vqa import ShapesSample, accuracy_by_type, make_split
 
 EVAL_SCHEMA = ("visprune.eval_report", 1)
@@ -40,12 +43,12 @@ class EvalConfig:
 
 
 def answers_from_engine(engine_dir: Path, samples: list[ShapesSample], max_new_tokens: int,
-                        progress: bool = False) -> list[str]:
+                        progress: bool = False, verify: bool = False) -> list[str]:
     from tqdm.auto import tqdm
 
     from runtime.pipeline import Pipeline
 
-    pipe = Pipeline.from_engine_dir(engine_dir)
+    pipe = Pipeline.from_engine_dir(engine_dir, verify)
     return [pipe.generate(s.image(), pipe.chat_prompt(s.question), max_new_tokens).text
             for s in tqdm(samples, desc="answering (engine)", disable=not progress)]
 
@@ -115,17 +118,21 @@ def _until_eos(row: list[int], eos: int) -> list[int]:
 
 
 def eval_report(out_dir: Path, config: EvalConfig, engine_dir: Path | None = None, recipe: Path | None = None,
-                model: str = "tiny-vqa", progress: bool = True) -> dict[str, Any]:
-    """Accuracy on the first `config.questions` test questions; writes eval.json and eval.md to `out_dir`."""
+                model: str = "tiny-vqa", progress: bool = True, force: bool = False,
+                verify: bool = False) -> dict[str, Any]:
+    """Accuracy on the first `config.questions` test questions; writes eval.json and eval.md to the folder
+    `out_dir` (checked before any work, see visprune/outputs.py). A recipe must fit `model`."""
     from calibrate.recipe import load_recipe
 
     if (engine_dir is None) == (recipe is None):
         raise ConfigError("Evaluate either an engine (--engine) or a recipe (--recipe), not both or neither.",
                           "Pass --engine DIR for the runtime, or --recipe FILE for the PyTorch reference.")
+    out_dir = Path(out_dir)
+    check_output(out_dir, EVAL, inputs=[engine_dir, recipe, model_folder(model)], force=force)
     samples = make_split("test", config.questions)
     if engine_dir is not None:
-        answers, subject = answers_from_engine(engine_dir, samples, config.max_new_tokens, progress), str(engine_dir)
-        path = "runtime (engine)"
+        answers = answers_from_engine(engine_dir, samples, config.max_new_tokens, progress, verify)
+        subject, path = str(engine_dir), "runtime (engine)"
     else:
         answers, subject = answers_from_recipe(model, load_recipe(recipe), samples, config, progress), str(recipe)
         path = "PyTorch reference"
@@ -134,9 +141,10 @@ def eval_report(out_dir: Path, config: EvalConfig, engine_dir: Path | None = Non
               "accuracy": accuracy_by_type(samples, answers),
               "examples": [{"question": s.question, "expected": s.answer, "answer": a}
                            for s, a in list(zip(samples, answers))[:10]]}
-    out_dir = Path(out_dir)
-    atomic_write_json(out_dir / "eval.json", report)
-    atomic_write_bytes(out_dir / "eval.md", eval_markdown(report).encode())
+    EvalReport.model_validate(report)  # a writer's bug, not the user's: fails loudly before writing
+    with replacing(out_dir) as staging:
+        atomic_write_json(staging / "eval.json", report)
+        atomic_write_bytes(staging / "eval.md", eval_markdown(report).encode())
     return report
 
 

@@ -27,6 +27,7 @@ import numpy as np
 from runtime.pipeline import Pipeline
 from visprune.artifacts import atomic_write_bytes, atomic_write_json, tool_versions
 from visprune.errors import ArtifactMismatchError, ConfigError
+from visprune.manifests import LatencyReport
 from visprune.figures import pyplot, save_figure
 
 LATENCY_SCHEMA = ("visprune.latency_report", 1)
@@ -147,6 +148,7 @@ def latency_report(engine_dir: Path, baseline_dir: Path, out_dir: Path, image: P
     }
     report["ratios"] = _ratios(report, pipes)
     out_dir = Path(out_dir)
+    LatencyReport.model_validate(report)  # a writer's bug, not the user's: fails loudly before writing
     atomic_write_json(out_dir / "latency.json", report)
     atomic_write_bytes(out_dir / "latency.md", latency_markdown(report).encode())
     plot_latency(report, out_dir / "latency.png")
@@ -217,8 +219,8 @@ def default_latency_image():
 
 
 def _check_comparable(pruned: Pipeline, baseline: Pipeline) -> None:
-    a, b = pruned.manifest["onnx_set"], baseline.manifest["onnx_set"]
-    if a["model"]["fingerprint"] != b["model"]["fingerprint"] or a["prompt"] != b["prompt"]:
+    a, b = pruned.manifest.onnx_set, baseline.manifest.onnx_set
+    if a.model.fingerprint != b.model.fingerprint or a.prompt != b.prompt:
         raise ArtifactMismatchError("The two engines come from different models or prompt layouts; their latencies "
                                     "do not compare.", "Export both from the same --model (the baseline without "
                                     "--recipe) and build them the same way.")
@@ -226,19 +228,17 @@ def _check_comparable(pruned: Pipeline, baseline: Pipeline) -> None:
 
 def _engine_facts(pipe: Pipeline) -> dict[str, Any]:
     m = pipe.manifest
-    return {"backend": m["backend"], "device": pipe.runner.device, "dtype": m["onnx_set"]["dtype"],
-            "recipe_method": m["onnx_set"]["recipe"]["method"], "removed": m["onnx_set"]["recipe"]["removed"],
-            "kept_after_last_layer": m["onnx_set"]["recipe"]["keep"][-1]}
+    return {"backend": m.backend, "device": pipe.runner.device, "dtype": m.onnx_set.dtype,
+            "recipe_method": m.onnx_set.recipe.method, "removed": list(m.onnx_set.recipe.removed),
+            "kept_after_last_layer": m.onnx_set.recipe.keep[-1]}
 
 
 def _ratios(report: dict[str, Any], pipes: dict[str, Pipeline]) -> dict[str, Any]:
     from calibrate.flops import visual_flops
-    from visprune.models.llava import LanguageModelShape
 
-    onnx_set = pipes["pruned"].manifest["onnx_set"]
-    shape = LanguageModelShape(**onnx_set["language_model"])
+    shape = pipes["pruned"].manifest.onnx_set.language_model
     text = report["request"]["prompt_tokens"] - shape.num_visual_tokens
-    removed = {name: pipe.manifest["onnx_set"]["recipe"]["removed"] for name, pipe in pipes.items()}
+    removed = {name: pipe.manifest.onnx_set.recipe.removed for name, pipe in pipes.items()}
     lm = visual_flops(shape, removed["pruned"], text) / visual_flops(shape, removed["baseline"], text)
     visual = visual_flops(shape, removed["pruned"]) / visual_flops(shape, removed["baseline"])
     e = report["engines"]

@@ -14,11 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from calibrate.recipe import Recipe, load_recipe, unpruned_recipe
+from calibrate.recipe import Recipe, check_recipe_fits, load_recipe, unpruned_recipe
 from runtime.pipeline import Pipeline
 from runtime.torch_runner import TorchRunner, engine_recipe
 from visprune.artifacts import atomic_write_bytes, atomic_write_json
 from visprune.errors import ArtifactMismatchError, VispruneError
+from visprune.manifests import OnnxSetManifest, ParityReport
 from visprune.models import load_llava
 
 # Logits tolerance of engine vs reference, by export dtype (max abs error).
@@ -55,21 +56,22 @@ def parity_report(engine_dir: Path, model: str, out_dir: Path, prompts: list[Pro
     been exported from exactly that recipe.
     """
     pipe = Pipeline.from_engine_dir(engine_dir)
-    onnx_set = pipe.manifest["onnx_set"]
+    onnx_set = pipe.manifest.onnx_set
     if recipe is not None:
         check_engine_recipe(onnx_set, load_recipe(recipe), engine_dir)
     bundle = load_llava(model)
-    if bundle.fingerprint != onnx_set["model"]["fingerprint"]:
+    if bundle.fingerprint != onnx_set.model.fingerprint:
         raise ArtifactMismatchError(f"The engine in {engine_dir} was exported from a different model "
-                                    f"({onnx_set['model']['name']}) than {model}.",
+                                    f"({onnx_set.model.name}) than {model}.",
                                     "Pass the --model the engine was exported from, or export and build again.")
     recipe = engine_recipe(onnx_set)
     pruned = pipe.with_runner(TorchRunner(bundle, recipe, pipe.image_start, reference_device))
     unpruned = pipe.with_runner(TorchRunner(bundle, unpruned_recipe(bundle.shape), pipe.image_start, reference_device))
-    tolerance = TOLERANCE[onnx_set["dtype"]]
+    tolerance = TOLERANCE[onnx_set.dtype]
     cases = [_compare_case(pipe, pruned, unpruned, case, max_new_tokens) for case in prompts or default_parity_prompts()]
     report = _summarize(cases, tolerance, onnx_set)
     out_dir = Path(out_dir)
+    ParityReport.model_validate(report)  # a writer's bug, not the user's: fails loudly before writing
     atomic_write_json(out_dir / "parity.json", report)
     atomic_write_bytes(out_dir / "parity.md", _markdown(report).encode())
     if not report["engine_vs_reference"]["passed"] and not allow_failure:
@@ -78,11 +80,14 @@ def parity_report(engine_dir: Path, model: str, out_dir: Path, prompts: list[Pro
     return report
 
 
-def check_engine_recipe(onnx_set: dict[str, Any], recipe: Recipe, engine_dir: Path) -> None:
-    if onnx_set["recipe"]["sha256"] != recipe.content_hash():
+def check_engine_recipe(onnx_set: OnnxSetManifest, recipe: Recipe, engine_dir: Path) -> None:
+    """RecipeError if the recipe does not fit the engine's model; ArtifactMismatchError if the engine was exported
+    from another recipe."""
+    check_recipe_fits(recipe, onnx_set.language_model, onnx_set.model.fingerprint)
+    if onnx_set.recipe.sha256 != recipe.content_hash():
         raise ArtifactMismatchError(
-            f"The engine in {engine_dir} was exported from recipe {onnx_set['recipe']['sha256'][:19]}… "
-            f"(keep {onnx_set['recipe']['keep'][-1]}), not from the given one ({recipe.content_hash()[:19]}…, "
+            f"The engine in {engine_dir} was exported from recipe {onnx_set.recipe.sha256[:19]}… "
+            f"(keep {onnx_set.recipe.keep[-1]}), not from the given one ({recipe.content_hash()[:19]}…, "
             f"keep {recipe.keep[-1]}).",
             "Export and build again from this recipe, or leave --recipe out.")
 
@@ -109,7 +114,7 @@ def _compare_case(pipe: Pipeline, pruned: Pipeline, unpruned: Pipeline, case: Pr
     }
 
 
-def _summarize(cases: list[dict[str, Any]], tolerance: float, onnx_set: dict[str, Any]) -> dict[str, Any]:
+def _summarize(cases: list[dict[str, Any]], tolerance: float, onnx_set: OnnxSetManifest) -> dict[str, Any]:
     worst = max(max(c["max_abs_logits_error"]) for c in cases)
     failures = []
     if worst > tolerance:
@@ -120,8 +125,7 @@ def _summarize(cases: list[dict[str, Any]], tolerance: float, onnx_set: dict[str
         failures.append("greedy tokens differ")
     return {
         "schema": "visprune.parity_report", "schema_version": 1,
-        "engine": {"recipe_sha256": onnx_set["recipe"]["sha256"], "dtype": onnx_set["dtype"],
-                   "model": onnx_set["model"]["name"]},
+        "engine": {"recipe_sha256": onnx_set.recipe.sha256, "dtype": onnx_set.dtype, "model": onnx_set.model.name},
         "engine_vs_reference": {"passed": not failures, "failures": failures, "tolerance": tolerance,
                                 "max_abs_logits_error": worst, "prompts": len(cases)},
         "pruned_vs_unpruned": {

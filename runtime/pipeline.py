@@ -18,10 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from engines.build import load_engine_manifest
+from engines.build import read_engine_set
 from engines.profiles import check_request_fits
 from runtime.runners import Runner, open_runner
 from visprune.errors import PromptError
+from visprune.manifests import EngineManifest
 from visprune.models.inputs import IMAGE_PLACEHOLDER, check_single_image_placeholder, image_span, load_image
 
 
@@ -37,26 +38,27 @@ class Generation:
 class Pipeline:
     """Loads an engine folder once; `generate` runs one image and prompt (batch 1)."""
 
-    def __init__(self, engine_dir: Path, manifest: dict[str, Any], runner: Runner, embeddings: np.ndarray,
+    def __init__(self, engine_dir: Path, manifest: EngineManifest, runner: Runner, embeddings: np.ndarray,
                  processor: Any):
         self.engine_dir = Path(engine_dir)
         self.manifest = manifest
         self.runner = runner
         self.embeddings = embeddings  # [V, D]
         self.processor = processor
-        prompt = manifest["onnx_set"]["prompt"]
-        self.image_start, self.num_visual = prompt["image_start"], prompt["num_visual_tokens"]
-        self.max_seq, self.eos_token_id = prompt["max_seq"], prompt["eos_token_id"]
-        self.image_token_id = prompt["image_token_id"]
+        prompt = manifest.onnx_set.prompt
+        self.image_start, self.num_visual = prompt.image_start, prompt.num_visual_tokens
+        self.max_seq, self.eos_token_id = prompt.max_seq, prompt.eos_token_id
+        self.image_token_id = prompt.image_token_id
         # numpy has no bfloat16: such sets take float32 on the host and the backend casts
-        self.host_dtype = np.float16 if manifest["onnx_set"]["dtype"] == "float16" else np.float32
+        self.host_dtype = np.float16 if manifest.onnx_set.dtype == "float16" else np.float32
 
     @classmethod
-    def from_engine_dir(cls, engine_dir: Path) -> "Pipeline":
+    def from_engine_dir(cls, engine_dir: Path, verify: bool = False) -> "Pipeline":
+        """Load an engine folder after checking its manifest and files (`verify`: re-hash every file)."""
         from transformers import AutoProcessor
 
         engine_dir = Path(engine_dir)
-        manifest = load_engine_manifest(engine_dir)
+        manifest = read_engine_set(engine_dir, verify)
         runner = open_runner(engine_dir, manifest)
         embeddings = np.load(engine_dir / "embed_tokens.npy")
         processor = AutoProcessor.from_pretrained(engine_dir / "processor")
@@ -92,8 +94,8 @@ class Pipeline:
             raise PromptError(f"The prompt has {prompt_tokens} tokens; with {max_new_tokens} new tokens that "
                               f"exceeds the {self.max_seq} this engine allows.",
                               "Shorten the prompt, lower --max-new-tokens, or export with a larger --max-seq.")
-        if "limits" in self.manifest:  # TensorRT: the optimization profiles' ranges
-            check_request_fits(self.manifest["limits"], prompt_tokens, max_new_tokens, self.engine_dir)
+        if self.manifest.limits:  # TensorRT: the optimization profiles' ranges
+            check_request_fits(self.manifest.limits, prompt_tokens, max_new_tokens, self.engine_dir)
 
     def generate(self, image: Any, prompt: str, max_new_tokens: int = 32, keep_logits: bool = False) -> Generation:
         """Greedy decoding from `prompt` (a full prompt with one `<image>`) about `image` (a path or PIL image)."""

@@ -5,7 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from engines.build import read_engine_set
+from runtime.parity import ParityError
 from visprune.errors import ConfigError
+from visprune.models.llava import model_folder
+from visprune.outputs import REPORT, check_output, replacing
 
 
 @dataclass(frozen=True)
@@ -33,18 +37,39 @@ class ReportConfig:
             raise ConfigError("Nothing to report: --no-parity without --latency.", "Drop --no-parity or add --latency.")
 
 
-def write_reports(config: ReportConfig, engine_dir: Path, out_dir: Path) -> list[Path]:
-    """Write the requested reports into `out_dir`; returns their Markdown files."""
+def write_reports(config: ReportConfig, engine_dir: Path, out_dir: Path, force: bool = False,
+                  verify: bool = False) -> list[Path]:
+    """Write the requested reports into the report folder `out_dir` (checked before any work, staged and swapped
+    in at the end, see visprune/outputs.py); returns their Markdown files. A parity failure still writes the
+    folder, then raises. `verify` re-hashes the engines' files first."""
+    out_dir = Path(out_dir)
+    check_output(out_dir, REPORT, inputs=_inputs(config, engine_dir), force=force)
+    for folder in (engine_dir, config.baseline if config.latency else None):
+        if folder is not None:
+            read_engine_set(Path(folder), verify)
+    failure = None
+    with replacing(out_dir) as staging:
+        try:
+            _write(config, engine_dir, staging)
+        except ParityError as e:  # the report explains the failure: keep it
+            failure = e
+    if failure:
+        raise failure
+    names = (["parity.md"] if config.parity else []) + (["latency.md"] if config.latency else [])
+    return [out_dir / name for name in names]
+
+
+def _write(config: ReportConfig, engine_dir: Path, out_dir: Path) -> None:
     from runtime.latency import latency_report
     from runtime.parity import parity_report
 
-    out_dir, written = Path(out_dir), []
     if config.parity:
         parity_report(engine_dir, config.model, out_dir, max_new_tokens=config.max_new_tokens,
                       allow_failure=config.allow_parity_failure, recipe=config.recipe)
-        written.append(out_dir / "parity.md")
     if config.latency:
         latency_report(engine_dir, config.baseline, out_dir, image=config.image, new_tokens=config.new_tokens,
                        warmup=config.warmup, rounds=config.rounds)
-        written.append(out_dir / "latency.md")
-    return written
+
+
+def _inputs(config: ReportConfig, engine_dir: Path) -> list[Path | None]:
+    return [Path(engine_dir), config.baseline, config.recipe, config.image, model_folder(config.model)]

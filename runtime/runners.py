@@ -16,8 +16,17 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from visprune.artifacts import GRAPH_NAMES
 from visprune.errors import ConfigError
+from visprune.manifests import EngineManifest
+from visprune.tensor_names import (
+    GRAPH_NAMES,
+    INPUTS_EMBEDS,
+    LOGITS,
+    PIXEL_VALUES,
+    POSITION_IDS,
+    kept_layer,
+    kv_names,
+)
 
 
 @dataclass
@@ -40,9 +49,9 @@ class Runner(Protocol):
     def kv_bytes(self, past: Any) -> int: ...
 
 
-def open_runner(engine_dir: Path, manifest: dict[str, Any]) -> Runner:
+def open_runner(engine_dir: Path, manifest: EngineManifest) -> Runner:
     """The runner for an engine folder's backend (imported lazily: each backend needs only its own packages)."""
-    backend = manifest["backend"]
+    backend = manifest.backend
     if backend == "onnxruntime":
         return OrtRunner.open(engine_dir, manifest)
     if backend == "tensorrt":
@@ -65,34 +74,33 @@ class OrtRunner:
         self._outputs = {graph: [o.name for o in s.get_outputs()] for graph, s in sessions.items()}
 
     @classmethod
-    def open(cls, engine_dir: Path, manifest: dict[str, Any]) -> "OrtRunner":
+    def open(cls, engine_dir: Path, manifest: EngineManifest) -> "OrtRunner":
         from engines.build import check_session_providers, open_ort_session
 
-        if manifest["onnx_set"]["dtype"] == "bfloat16":
+        if manifest.onnx_set.dtype == "bfloat16":
             raise ConfigError("ONNX Runtime engines take float32 or float16 sets; this one is bfloat16.",
                               "Export with --dtype float16 (or float32), or build a TensorRT engine.")
-        providers = manifest["providers"]
+        providers = manifest.providers
         sessions = {}
         for graph in GRAPH_NAMES:
             sessions[graph] = open_ort_session(Path(engine_dir) / f"{graph}.onnx", providers,
                                                hint="The engine folder is damaged; rebuild it with `visprune build`.")
             check_session_providers(sessions[graph], providers)
-        return cls(sessions, manifest.get("device", "cpu"), len(manifest["onnx_set"]["kv_stages"]))
+        return cls(sessions, manifest.device, manifest.onnx_set.num_layers)
 
     def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
-        return self.sessions["vision"].run(None, {"pixel_values": pixel_values})[0]
+        return self.sessions["vision"].run(None, {PIXEL_VALUES: pixel_values})[0]
 
     def prefill(self, inputs_embeds: np.ndarray) -> PrefillOutput:
-        values = self._run_bound("prefill", {"inputs_embeds": inputs_embeds}, {})
-        kept = {int(name.split(".")[1]): value.numpy()[0].tolist()
-                for name, value in values.items() if name.startswith("kept_indices.")}
-        return PrefillOutput(values["logits"].numpy(), self._presents(values), kept)
+        values = self._run_bound("prefill", {INPUTS_EMBEDS: inputs_embeds}, {})
+        kept = {kept_layer(name): value.numpy()[0].tolist()
+                for name, value in values.items() if kept_layer(name) is not None}
+        return PrefillOutput(values[LOGITS].numpy(), self._presents(values), kept)
 
     def decode(self, inputs_embeds: np.ndarray, position: int, past: list[Any]) -> tuple[np.ndarray, list[Any]]:
-        host = {"inputs_embeds": inputs_embeds, "position_ids": np.array([[position]], dtype=np.int64)}
-        names = [f"past.{layer}.{kind}" for layer in range(self.num_layers) for kind in ("key", "value")]
-        values = self._run_bound("decode", host, dict(zip(names, past)))
-        return values["logits"].numpy(), self._presents(values)
+        host = {INPUTS_EMBEDS: inputs_embeds, POSITION_IDS: np.array([[position]], dtype=np.int64)}
+        values = self._run_bound("decode", host, dict(zip(kv_names("past", self.num_layers), past)))
+        return values[LOGITS].numpy(), self._presents(values)
 
     def kv_bytes(self, past: list[Any]) -> int:
         return sum(int(np.prod(v.shape())) * _ORT_ITEMSIZE[v.data_type()] for v in past)
@@ -110,7 +118,7 @@ class OrtRunner:
         return dict(zip(self._outputs[graph], binding.get_outputs()))
 
     def _presents(self, values: dict[str, Any]) -> list[Any]:
-        return [values[f"present.{layer}.{kind}"] for layer in range(self.num_layers) for kind in ("key", "value")]
+        return [values[name] for name in kv_names("present", self.num_layers)]
 
 
 _ORT_ITEMSIZE = {"tensor(float)": 4, "tensor(float16)": 2, "tensor(bfloat16)": 2, "tensor(int64)": 8}

@@ -19,6 +19,8 @@ import numpy as np
 from engines.tensorrt import check_engine_compatible, gpu_identity, import_tensorrt
 from runtime.runners import PrefillOutput
 from visprune.errors import ArtifactMismatchError, PromptError
+from visprune.manifests import EngineManifest
+from visprune.tensor_names import kept_layer, kv_names
 
 
 class TensorRTGraph:
@@ -73,7 +75,7 @@ class KVBuffers:
 class TensorRTRunner:
     backend, device = "tensorrt", "cuda"
 
-    def __init__(self, graphs: dict[str, TensorRTGraph], manifest: dict[str, Any]):
+    def __init__(self, graphs: dict[str, TensorRTGraph], manifest: EngineManifest):
         import torch
         import tensorrt as trt
 
@@ -82,13 +84,13 @@ class TensorRTRunner:
         self.torch_dtypes = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
                              trt.int64: torch.int64, trt.int32: torch.int32}
         self.dtype = {"float32": torch.float32, "float16": torch.float16,
-                      "bfloat16": torch.bfloat16}[manifest["onnx_set"]["dtype"]]
-        self.num_layers = len(manifest["onnx_set"]["kv_stages"])
+                      "bfloat16": torch.bfloat16}[manifest.onnx_set.dtype]
+        self.num_layers = manifest.onnx_set.num_layers
         self.kv_shape = _kv_shape(manifest)
         self.kv = self._allocate_kv()
 
     @classmethod
-    def open(cls, engine_dir: Path, manifest: dict[str, Any]) -> "TensorRTRunner":
+    def open(cls, engine_dir: Path, manifest: EngineManifest) -> "TensorRTRunner":
         trt = import_tensorrt()
         check_engine_compatible(manifest, trt.__version__, gpu_identity(), engine_dir)
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
@@ -105,7 +107,7 @@ class TensorRTRunner:
         targets = {name: self._kv_target(i, 0) for i, name in enumerate(self._kv_names("present"))}
         out = self._run("prefill", {"inputs_embeds": self._tensor(inputs_embeds)}, targets)
         self.kv.lengths = [int(out[name].shape[2]) for name in self._kv_names("present")]
-        kept = {int(n.split(".")[1]): t[0].tolist() for n, t in out.items() if n.startswith("kept_indices.")}
+        kept = {kept_layer(n): t[0].tolist() for n, t in out.items() if kept_layer(n) is not None}
         return PrefillOutput(out["logits"].float().cpu().numpy(), self.kv, kept)
 
     def decode(self, inputs_embeds: np.ndarray, position: int, past: KVBuffers):
@@ -140,7 +142,7 @@ class TensorRTRunner:
 
         batch, heads, _, head_dim = self.kv_shape
         buffers = []
-        for layer, capacity in enumerate(self.manifest["kv_capacity"]):
+        for layer, capacity in enumerate(self.manifest.kv_capacity):
             for _ in ("key", "value"):
                 size = batch * heads * capacity * head_dim
                 buffers.append((torch.empty(size, dtype=self.dtype, device="cuda"),
@@ -151,7 +153,7 @@ class TensorRTRunner:
         return lambda shape: self.kv.view(index, which, shape[2], shape)
 
     def _kv_names(self, prefix: str) -> list[str]:
-        return [f"{prefix}.{layer}.{kind}" for layer in range(self.num_layers) for kind in ("key", "value")]
+        return kv_names(prefix, self.num_layers)
 
     def _tensor(self, array: np.ndarray):
         import torch
@@ -159,7 +161,7 @@ class TensorRTRunner:
         return torch.from_numpy(np.ascontiguousarray(array)).to("cuda", self.dtype)
 
 
-def _kv_shape(manifest: dict[str, Any]) -> tuple[int, int, int, int]:
+def _kv_shape(manifest: EngineManifest) -> tuple[int, int, int, int]:
     """(B, Hkv, -, Dh) from the decode graph's first past input as exported."""
-    shape = next(v["shape"] for v in manifest["onnx_set"]["graphs"]["decode"]["inputs"] if v["name"] == "past.0.key")
+    shape = manifest.onnx_set.io_shape("decode", kv_names("past", 1)[0])
     return 1, shape[1], -1, shape[3]

@@ -14,21 +14,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from calibrate.recipe import Recipe, unpruned_recipe
+from calibrate.recipe import Recipe, check_recipe_fits, unpruned_recipe
 from exporter.graphs import VisionFeatures
 from exporter.pruned_lm import LlamaDecodeStep, PrunedLlamaPrefill
 from runtime.runners import PrefillOutput
 from visprune.errors import ArtifactMismatchError, BackendUnavailableError
+from visprune.manifests import EngineManifest, OnnxSetManifest
 from visprune.models import LlavaBundle, load_llava
 from visprune.models.llava import EMBEDDED_MODELS
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def engine_recipe(onnx_set: dict[str, Any]) -> Recipe:
+def engine_recipe(onnx_set: OnnxSetManifest) -> Recipe:
     """The recipe an ONNX set was exported with, from its manifest (all the pruned model needs)."""
-    summary = onnx_set["recipe"]
-    return Recipe(summary["method"], summary["num_visual_tokens"], summary["removed"], seed=summary.get("seed"))
+    summary = onnx_set.recipe
+    return Recipe(summary.method, summary.num_visual_tokens, list(summary.removed), seed=summary.seed)
 
 
 class TorchRunner:
@@ -57,18 +58,21 @@ class TorchRunner:
         from exporter.export import template_image_start
 
         bundle = load_llava(model, device="cpu", dtype=TORCH_DTYPES[dtype])
+        if recipe is not None:
+            check_recipe_fits(recipe, bundle.shape, bundle.fingerprint)
         image_start = template_image_start(bundle) if image_start is None else image_start
         return cls(bundle, recipe or unpruned_recipe(bundle.shape), image_start, device, compile)
 
     @classmethod
-    def open(cls, engine_dir: Path, manifest: dict[str, Any]) -> "TorchRunner":
-        onnx_set = manifest["onnx_set"]
-        model = onnx_set["model"]["name"] if onnx_set["model"]["name"] in EMBEDDED_MODELS else onnx_set["model"]["path"]
-        bundle = load_llava(model, device="cpu", dtype=TORCH_DTYPES[onnx_set["dtype"]])
-        if bundle.fingerprint != onnx_set["model"]["fingerprint"]:
+    def open(cls, engine_dir: Path, manifest: EngineManifest) -> "TorchRunner":
+        onnx_set = manifest.onnx_set
+        model = onnx_set.model.name if onnx_set.model.name in EMBEDDED_MODELS else onnx_set.model.path
+        bundle = load_llava(model, device="cpu", dtype=TORCH_DTYPES[onnx_set.dtype])
+        if bundle.fingerprint != onnx_set.model.fingerprint:
             raise ArtifactMismatchError(f"The checkpoint at {model} no longer matches the one {engine_dir} was built "
                                         "from.", "Export and build again from the checkpoint you have now.")
-        return cls(bundle, engine_recipe(onnx_set), onnx_set["prompt"]["image_start"], manifest["device"], manifest["torch_compile"])
+        return cls(bundle, engine_recipe(onnx_set), onnx_set.prompt.image_start, manifest.device,
+                   bool(manifest.torch_compile))
 
     @torch.no_grad()
     def image_features(self, pixel_values: np.ndarray) -> np.ndarray:

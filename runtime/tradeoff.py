@@ -20,6 +20,8 @@ from runtime.evaluate import EvalConfig, answers_from_recipe
 from visprune.artifacts import atomic_write_bytes, atomic_write_json, tool_versions
 from visprune.errors import BudgetUnreachableError, ConfigError
 from visprune.figures import pyplot, save_figure
+from visprune.models.llava import model_folder
+from visprune.outputs import TRADEOFF, check_output, replacing
 from visprune.tasks.shapes_vqa import accuracy_by_type, make_split
 
 METHODS = ("fitprune", "fastv", "random")
@@ -40,8 +42,16 @@ class TradeoffConfig:
             raise ConfigError(f"Reductions must lie in (0, 1): {self.reductions}.", "Use e.g. 0.4 0.6 0.8 0.9.")
 
 
-def tradeoff(config: TradeoffConfig, out_dir: Path, progress: bool = True) -> dict[str, Any]:
+def tradeoff(config: TradeoffConfig, out_dir: Path, progress: bool = True, force: bool = False) -> dict[str, Any]:
+    """Write tradeoff.json/.md/.png and every recipe to the folder `out_dir` (checked before any work, staged
+    and swapped in at the end: visprune/outputs.py)."""
     out_dir = Path(out_dir)
+    check_output(out_dir, TRADEOFF, inputs=[model_folder(config.model)], force=force)
+    with replacing(out_dir) as staging:
+        return _study(config, staging, progress)
+
+
+def _study(config: TradeoffConfig, out_dir: Path, progress: bool) -> dict[str, Any]:
     samples = make_split("test", config.questions)
     evaluation = EvalConfig(questions=config.questions)
 

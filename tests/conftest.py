@@ -61,6 +61,20 @@ def make_search(tiny, states, **kwargs):
     return search
 
 
+def reseal_manifest(path: Path, change) -> None:
+    """Apply `change` to the manifest JSON at `path` and seal it again: an artifact that visprune could have written
+    this way (e.g. an engine of another model), not a tampered one."""
+    import json
+
+    from visprune.manifests import seal
+
+    data = json.loads(path.read_text())
+    change(data)
+    if "onnx_set" in data:
+        data["onnx_set"] = seal(data["onnx_set"])
+    path.write_text(json.dumps(seal(data)))
+
+
 # A realistic calibrated recipe for tiny (60 % on the default set), written down so fixtures need no search.
 TINY_RECIPE_60 = [143, 101, 44, 41, 18, 28, 0, 0]
 

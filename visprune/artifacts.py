@@ -1,4 +1,5 @@
-"""Artifact plumbing shared by every stage: atomic writes, content hashes, tool versions.
+"""Artifact plumbing shared by every stage: atomic writes, content hashes, tool versions. (Artifact schemas:
+visprune/manifests.py; output locations: visprune/outputs.py.)
 
 Writes go to a temporary file in the destination folder and are renamed into place, so a crash or an error
 never leaves a half-written artifact that a later stage could mistake for a valid one.
@@ -10,11 +11,10 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -64,21 +64,11 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, to_pretty_json(obj))
 
 
-@contextlib.contextmanager
-def atomic_directory(path: Path) -> Iterator[Path]:
-    """Yield a staging folder next to `path`; it becomes `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".staging", dir=path.parent))
-    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp creates 0700; give the folder the mode mkdir would
-    try:
-        yield staging
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+def atomic_directory(path: Path):
+    """A staging folder next to `path` that replaces it only if the block succeeds (visprune.outputs)."""
+    from visprune.outputs import replacing
+
+    return replacing(Path(path), is_dir=True)
 
 
 def tool_versions(*packages: str) -> dict[str, str]:
@@ -91,33 +81,3 @@ def tool_versions(*packages: str) -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
-
-
-# Schemas of the artifacts the stages hand to each other (name, version).
-ONNX_SET_SCHEMA = ("visprune.onnx_set", 1)
-ENGINE_SET_SCHEMA = ("visprune.engine_set", 1)
-GRAPH_NAMES = ("vision", "prefill", "decode")
-GRAPH_SET_FILES = tuple(f"{g}.onnx" for g in GRAPH_NAMES) + ("embed_tokens.npy", "processor")
-
-
-def read_manifest(folder: Path, filename: str, schema: tuple[str, int], required: tuple[str, ...],
-                  what: str, hint: str) -> dict[str, Any]:
-    """A stage's manifest, after checking its schema and that every file the stage needs is in `folder`.
-
-    Raises ArtifactMismatchError with `hint` (the command that recreates the artifact) otherwise.
-    """
-    from visprune.errors import ArtifactMismatchError
-
-    folder = Path(folder)
-    try:
-        manifest = json.loads((folder / filename).read_text())
-    except FileNotFoundError as e:
-        raise ArtifactMismatchError(f"No {what} manifest at {folder / filename}.", hint) from e
-    except ValueError as e:
-        raise ArtifactMismatchError(f"The {what} manifest {folder / filename} is not valid JSON ({e}).", hint) from e
-    if (manifest.get("schema"), manifest.get("schema_version")) != schema:
-        raise ArtifactMismatchError(f"{folder} is not a visprune {what} of schema version {schema[1]}.", hint)
-    missing = [name for name in required if not (folder / name).exists()]
-    if missing:
-        raise ArtifactMismatchError(f"{folder} lacks {', '.join(missing)}.", f"The folder is incomplete. {hint}")
-    return manifest

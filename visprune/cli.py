@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from visprune.errors import VispruneError
 
@@ -18,19 +21,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     quiet_third_party_logs(args.verbose)
     try:
-        return args.handler(args) or 0
+        with sigterm_as_interrupt():
+            return args.handler(args) or 0
     except VispruneError as e:
         if args.verbose:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
+        print("interrupted; nothing was written (an artifact being replaced was kept)", file=sys.stderr)
         return 130
     except Exception:  # a bug, not a user error: always show where
         traceback.print_exc()
         print("error: internal error in visprune (see the traceback above); please report it.", file=sys.stderr)
         return INTERNAL_ERROR_EXIT
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler, `kill`, `timeout`) unwinds like Ctrl-C, so staging files are removed on the way out."""
+    if threading.current_thread() is not threading.main_thread():  # signals can only be set from the main thread
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _add_force(p) -> None:
+    p.add_argument("--force", action="store_true", help="replace --out even if it holds something other than what "
+                                                        "this command writes (never an input of the command)")
+
+
+def _add_verify(p) -> None:
+    p.add_argument("--verify", action="store_true", help="re-hash every engine file against its manifest first")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,6 +99,7 @@ def _add_calibrate(commands) -> None:
     run.add_argument("--batch-size", type=int, help="samples per replayed batch (default: 2 on CPU, 16 on CUDA)")
     run.add_argument("--no-plot", action="store_true", help="skip the tokens-per-layer PNG")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_force(p)
     p.set_defaults(handler=_run_calibrate)
 
 
@@ -79,7 +110,7 @@ def _run_calibrate(args) -> int:
     config = CalibrationConfig(model=args.model, method=args.method, reduction=args.reduction, data=args.data,
                                images=args.images,
                                samples=args.samples, seed=args.seed, device=args.device, batch_size=args.batch_size)
-    result = calibrate(config, args.out, plot=not args.no_plot, progress=not args.quiet)
+    result = calibrate(config, args.out, plot=not args.no_plot, progress=not args.quiet, force=args.force)
     print(format_recipe_summary(result.recipe))
     print(f"calibration time                {result.timings['total_s']:.1f} s")
     print(f"\nrecipe:     {result.recipe_path}")
@@ -118,6 +149,7 @@ def _add_export(commands) -> None:
     p.add_argument("--max-seq", type=int, default=2048, help="longest prompt plus generated tokens")
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_force(p)
     p.set_defaults(handler=_run_export)
 
 
@@ -126,10 +158,10 @@ def _run_export(args) -> int:
 
     config = ExportConfig(model=args.model, recipe=args.recipe, dtype=args.dtype, opset=args.opset,
                           max_seq=args.max_seq)
-    result = export_onnx(config, args.out, progress=not args.quiet)
-    recipe = result.manifest["recipe"]
-    print(f"exported {args.out} in {result.manifest['export_seconds']:.1f} s "
-          f"(recipe {recipe['method']}: {recipe['num_visual_tokens']} -> {recipe['keep'][-1]} visual tokens; lint clean)")
+    result = export_onnx(config, args.out, progress=not args.quiet, force=args.force)
+    recipe = result.manifest.recipe
+    print(f"exported {args.out} in {result.manifest.export_seconds:.1f} s "
+          f"(recipe {recipe.method}: {recipe.num_visual_tokens} -> {recipe.keep[-1]} visual tokens; lint clean)")
     return 0
 
 
@@ -152,6 +184,7 @@ def _add_build(commands) -> None:
     trt.add_argument("--timing-cache", type=Path, help="timing cache file to reuse and update across builds")
     torch_group = p.add_argument_group("pytorch")
     torch_group.add_argument("--compile", action="store_true", help="torch.compile the prefill and decode modules")
+    _add_force(p)
     p.set_defaults(handler=_run_build)
 
 
@@ -162,9 +195,9 @@ def _run_build(args) -> int:
                          max_new_tokens=args.max_new_tokens, workspace_gib=args.workspace_gib,
                          builder_optimization_level=args.builder_optimization_level, timing_cache=args.timing_cache,
                          torch_compile=args.compile)
-    manifest = build_engine(config, args.onnx, args.out)
-    version = {"onnxruntime": "onnxruntime_version", "tensorrt": "tensorrt_version"}.get(manifest["backend"])
-    print(f"built {args.out}: {manifest['backend']} {manifest.get(version, '')} on {manifest['device']}")
+    manifest = build_engine(config, args.onnx, args.out, force=args.force)
+    version = manifest.onnxruntime_version or manifest.tensorrt_version or ""
+    print(f"built {args.out}: {manifest.backend} {version} on {manifest.device}")
     return 0
 
 
@@ -174,13 +207,14 @@ def _add_run(commands) -> None:
     p.add_argument("--image", type=Path, required=True)
     p.add_argument("--prompt", required=True, help="a question, or a full prompt with one <image>")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    _add_verify(p)
     p.set_defaults(handler=_run_run)
 
 
 def _run_run(args) -> int:
     from runtime import Pipeline
 
-    pipe = Pipeline.from_engine_dir(args.engine)
+    pipe = Pipeline.from_engine_dir(args.engine, verify=args.verify)
     prompt = args.prompt if "<image>" in args.prompt else pipe.chat_prompt(args.prompt)
     generation = pipe.generate(args.image, prompt, max_new_tokens=args.max_new_tokens)
     print(generation.text)
@@ -209,6 +243,8 @@ def _add_report(commands) -> None:
     latency.add_argument("--new-tokens", type=int, default=16, help="tokens generated per timed request")
     latency.add_argument("--warmup", type=int, default=3, help="untimed requests per engine first")
     latency.add_argument("--rounds", type=int, default=10, help="timed requests per engine")
+    _add_force(p)
+    _add_verify(p)
     p.set_defaults(handler=_run_report)
 
 
@@ -219,7 +255,7 @@ def _run_report(args) -> int:
                           max_new_tokens=args.max_new_tokens, allow_parity_failure=args.allow_parity_failure,
                           latency=args.latency, baseline=args.baseline, image=args.image, new_tokens=args.new_tokens,
                           warmup=args.warmup, rounds=args.rounds)
-    for path in write_reports(config, args.engine, args.out):
+    for path in write_reports(config, args.engine, args.out, force=args.force, verify=args.verify):
         print(path.read_text())
     return 0
 
@@ -239,6 +275,7 @@ def _add_pipeline(commands) -> None:
     p.add_argument("--samples", type=int, help="calibrate on a seeded subset of this many samples")
     p.add_argument("--latency-rounds", type=int, default=10)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_force(p)
     p.set_defaults(handler=_run_pipeline)
 
 
@@ -248,7 +285,7 @@ def _run_pipeline(args) -> int:
     config = PipelineConfig(model=args.model, reduction=args.reduction, backend=args.backend, device=args.device,
                             data=args.data, images=args.images, samples=args.samples,
                             latency_rounds=args.latency_rounds)
-    print(format_summary(run_pipeline(config, args.out, progress=not args.quiet)))
+    print(format_summary(run_pipeline(config, args.out, progress=not args.quiet, force=args.force)))
     return 0
 
 
@@ -263,6 +300,8 @@ def _add_eval(commands) -> None:
     p.add_argument("--out", type=Path, required=True, help="report folder (eval.json, eval.md)")
     p.add_argument("--questions", type=int, default=500, help="held-out test questions")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_force(p)
+    _add_verify(p)
     p.set_defaults(handler=_run_eval)
 
 
@@ -270,7 +309,7 @@ def _run_eval(args) -> int:
     from runtime.evaluate import EvalConfig, eval_report
 
     eval_report(args.out, EvalConfig(questions=args.questions), engine_dir=args.engine, recipe=args.recipe,
-                model=args.model, progress=not args.quiet)
+                model=args.model, progress=not args.quiet, force=args.force, verify=args.verify)
     print((args.out / "eval.md").read_text())
     return 0
 
@@ -284,6 +323,7 @@ def _add_tradeoff(commands) -> None:
     p.add_argument("--reductions", type=float, nargs="+", default=[0.4, 0.6, 0.8, 0.9])
     p.add_argument("--questions", type=int, default=500)
     p.add_argument("--quiet", action="store_true")
+    _add_force(p)
     p.set_defaults(handler=_run_tradeoff)
 
 
@@ -291,7 +331,7 @@ def _run_tradeoff(args) -> int:
     from runtime.tradeoff import TradeoffConfig, tradeoff
 
     tradeoff(TradeoffConfig(model=args.model, reductions=tuple(args.reductions), questions=args.questions),
-             args.out, progress=not args.quiet)
+             args.out, progress=not args.quiet, force=args.force)
     print((args.out / "tradeoff.md").read_text())
     return 0
 

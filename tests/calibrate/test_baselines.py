@@ -93,7 +93,7 @@ def test_baselines_export_and_run_like_fitprune(method, tiny, tmp_path, default_
     export_onnx(ExportConfig(model="tiny", recipe=tmp_path / "recipe.json"), tmp_path / "onnx", progress=False)
     build_engine(BuildConfig(), tmp_path / "onnx", tmp_path / "engine")
     engine = Pipeline.from_engine_dir(tmp_path / "engine")
-    assert engine.manifest["onnx_set"]["recipe"]["method"] == method
+    assert engine.manifest.onnx_set.recipe.method == method
     reference = engine.with_runner(TorchRunner(tiny, recipe, engine.image_start))
     image, prompt = default_set.samples[5].image, engine.chat_prompt("What is in the picture?")
     a, b = (p.generate(image, prompt, max_new_tokens=4, keep_logits=True) for p in (engine, reference))

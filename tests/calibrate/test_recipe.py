@@ -23,9 +23,9 @@ def test_hand_written_minimal_recipe_loads_and_derives_keep():
 
 
 @pytest.mark.parametrize("data, fragment", [
-    ({"removed": [1]}, "lacks method, num_visual_tokens"),
-    (minimal(method="fastv-ish"), "unknown method"),
-    (minimal(removed=[2, -1, 0, 0]), "non-negative"),
+    ({"removed": [1]}, "method: Field required; num_visual_tokens: Field required"),
+    (minimal(method="fastv-ish"), "method: Input should be 'fitprune', 'fastv', 'random' or 'none'"),
+    (minimal(removed=[2, -1, 0, 0]), "removed.1: Input should be greater than or equal to 0"),
     (minimal(removed=[5, 5, 0, 0]), "deletes 10 of 10"),
     (minimal(keep=[8, 5, 5, 3]), "'keep' does not match"),
     (minimal(schema_version=99), "schema_version 99"),
@@ -56,7 +56,7 @@ def test_save_and_load_round_trip_is_byte_stable(tmp_path):
 
 
 def test_load_errors_name_the_file(tmp_path):
-    with pytest.raises(RecipeError, match="not found"):
+    with pytest.raises(RecipeError, match="No recipe at .*missing.json"):
         load_recipe(tmp_path / "missing.json")
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(RecipeError, match="not valid JSON"):

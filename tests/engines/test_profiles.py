@@ -6,6 +6,8 @@ import json
 import numpy as np
 import pytest
 
+from conftest import reseal_manifest
+
 from engines.profiles import derive_profiles, dim_ranges, kv_capacity, pruned_before_stage
 from runtime import Pipeline
 from visprune.errors import ConfigError
@@ -13,7 +15,9 @@ from visprune.errors import ConfigError
 
 @pytest.fixture(scope="module")
 def onnx_set(exported):
-    return json.loads((exported["pruned-onnx"] / "manifest.json").read_text())
+    from engines.build import read_onnx_set
+
+    return read_onnx_set(exported["pruned-onnx"])
 
 
 def test_pruned_tokens_per_kv_stage_follow_the_recipe(onnx_set):
@@ -28,7 +32,7 @@ def test_profiles_cover_every_dynamic_input_with_ordered_bounds(onnx_set):
     for graph in profiles.values():
         for shapes in graph.values():
             assert all(lo <= mid <= hi for lo, mid, hi in zip(shapes["min"], shapes["opt"], shapes["max"]))
-    stage_of = onnx_set["kv_stages"]
+    stage_of = onnx_set.kv_stages
     for layer in range(8):
         key = profiles["decode"][f"past.{layer}.key"]
         pruned = pruned_before_stage(onnx_set)[stage_of[layer]]
@@ -48,7 +52,7 @@ def test_real_cache_lengths_stay_inside_the_profiles_and_capacities(exported, on
     for step in range(new_tokens - 1):
         for layer in range(8):
             length = past[2 * layer].shape()[2]
-            low, _, high = ranges[f"past_len_s{onnx_set['kv_stages'][layer]}"]
+            low, _, high = ranges[f"past_len_s{onnx_set.kv_stages[layer]}"]
             assert low <= length <= high, (step, layer)
         embeds = pipe.embeddings[[[0]]].astype(np.float32)
         _, past = pipe.runner.decode(embeds, input_ids.shape[1] + step, past)
@@ -74,9 +78,7 @@ def test_a_request_outside_the_built_shapes_is_refused_before_it_runs(exported, 
 
     engine = tmp_path / "engine"
     shutil.copytree(exported["pruned"], engine)
-    manifest = json.loads((engine / "engine.json").read_text())
-    manifest["limits"] = {"max_prompt_tokens": 600, "max_new_tokens": 8}
-    (engine / "engine.json").write_text(json.dumps(manifest))
+    reseal_manifest(engine / "engine.json", lambda m: m.update(limits={"max_prompt_tokens": 600, "max_new_tokens": 8}))
     pipe = Pipeline.from_engine_dir(engine)
     image = default_set.samples[0].image
     assert len(pipe.generate(image, pipe.chat_prompt("What?"), max_new_tokens=8).token_ids) <= 8

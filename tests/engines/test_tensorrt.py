@@ -4,6 +4,8 @@ test that runs where `tensorrt` and a CUDA GPU are present."""
 import importlib.util
 import json
 
+from types import SimpleNamespace
+
 import pytest
 
 from engines import BuildConfig, build_engine
@@ -33,7 +35,7 @@ def test_building_without_tensorrt_says_how_to_install_it_and_writes_nothing(exp
 
 def test_auto_backend_falls_back_to_onnx_runtime_without_tensorrt(exported, tmp_path):
     manifest = build_engine(BuildConfig(backend="auto"), exported["pruned-onnx"], tmp_path / "engine")
-    assert manifest["backend"] == ("tensorrt" if HAS_TENSORRT and _cuda_available() else "onnxruntime")
+    assert manifest.backend == ("tensorrt" if HAS_TENSORRT and _cuda_available() else "onnxruntime")
 
 
 def test_onnxruntime_cuda_without_its_provider_is_an_error(exported, tmp_path):
@@ -47,12 +49,14 @@ def test_onnxruntime_cuda_without_its_provider_is_an_error(exported, tmp_path):
     assert not (tmp_path / "engine").exists()
 
 
-BUILT = {"tensorrt_version": "10.13.0.35", "gpu": {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"},
-         "upstream": {"onnx_dir": "/runs/demo/onnx"}}
+GPU_BUILT = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+# the engine-manifest fields the check reads (EngineManifest needs a whole build to construct)
+BUILT = SimpleNamespace(tensorrt_version="10.13.0.35", gpu=SimpleNamespace(**GPU_BUILT),
+                        upstream={"onnx_dir": "/runs/demo/onnx"})
 
 
 @pytest.mark.parametrize("version, gpu, fragment", [
-    ("11.4.0.106", BUILT["gpu"], "TensorRT 10.13.0.35, this machine has 11.4.0.106"),
+    ("11.4.0.106", GPU_BUILT, "TensorRT 10.13.0.35, this machine has 11.4.0.106"),
     ("10.13.0.35", {"name": "NVIDIA A10G", "compute_capability": "8.6"}, "this machine has NVIDIA A10G \\(8.6\\)"),
 ])
 def test_an_engine_from_another_tensorrt_or_gpu_is_refused(version, gpu, fragment):
@@ -62,7 +66,7 @@ def test_an_engine_from_another_tensorrt_or_gpu_is_refused(version, gpu, fragmen
 
 
 def test_the_same_tensorrt_and_gpu_are_accepted():
-    assert check_engine_compatible(BUILT, "10.13.0.35", dict(BUILT["gpu"]), "engine") is None
+    assert check_engine_compatible(BUILT, "10.13.0.35", dict(GPU_BUILT), "engine") is None
 
 
 @pytest.mark.gpu
@@ -76,7 +80,7 @@ def test_tensorrt_fp16_engine_matches_the_pytorch_reference(tmp_path, exported):
     export_onnx(ExportConfig(model="tiny", recipe=exported["recipe"], dtype="float16"), tmp_path / "onnx", progress=False)
     manifest = build_engine(BuildConfig(backend="tensorrt", max_prompt_tokens=700, max_new_tokens=16),
                             tmp_path / "onnx", tmp_path / "engine")
-    assert manifest["precision"] == "float16" and manifest["profiles"]["prefill"]["inputs_embeds"]["max"][1] == 700
+    assert manifest.precision == "float16" and manifest.profiles["prefill"]["inputs_embeds"]["max"][1] == 700
     report = parity_report(tmp_path / "engine", "tiny", tmp_path / "report", max_new_tokens=8, allow_failure=True)
     cases = report["cases"]
     assert report["engine_vs_reference"]["max_abs_logits_error"] <= 5e-2, json.dumps(report["engine_vs_reference"])
@@ -93,7 +97,7 @@ def test_onnxruntime_cuda_engine_matches_the_pytorch_reference(tmp_path, exporte
     from runtime.parity import parity_report
 
     manifest = build_engine(BuildConfig(device="cuda"), exported["pruned-onnx"], tmp_path / "engine")
-    assert manifest["providers"][0] == "CUDAExecutionProvider"
+    assert manifest.providers[0] == "CUDAExecutionProvider"
     report = parity_report(tmp_path / "engine", "tiny", tmp_path / "report", max_new_tokens=8, allow_failure=True)
     assert report["engine_vs_reference"]["max_abs_logits_error"] <= 1e-3
     assert all(c["kept_indices_equal"] and c["tokens_equal"] for c in report["cases"])

@@ -18,7 +18,7 @@ from visprune.errors import RecipeError
 
 def test_manifest_describes_the_set(exported):
     manifest = json.loads((exported["pruned-onnx"] / "manifest.json").read_text())
-    assert manifest["schema"] == "visprune.onnx_set" and manifest["schema_version"] == 1
+    assert manifest["schema"] == "visprune.onnx_set" and manifest["schema_version"] == 2
     assert manifest["prompt"]["image_start"] == 4 and manifest["prompt"]["num_visual_tokens"] == 576
     assert manifest["recipe"]["removed"] == TINY_RECIPE_60 and manifest["recipe"]["keep"][-1] == 201
     assert manifest["kv_stages"] == [0, 1, 2, 3, 4, 5, 6, 6]

@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+from conftest import reseal_manifest
+
 from runtime import Pipeline
 from runtime.latency import LatencyStats, Request, latency_report, measure, time_request
 from runtime.report import ReportConfig
@@ -97,9 +99,8 @@ def test_engines_of_different_models_are_not_compared(exported, tmp_path):
 
     other = tmp_path / "other"
     shutil.copytree(exported["unpruned"], other)
-    manifest = json.loads((other / "engine.json").read_text())
-    manifest["onnx_set"]["model"]["fingerprint"] = "sha256:" + "0" * 64
-    (other / "engine.json").write_text(json.dumps(manifest))
+    reseal_manifest(other / "engine.json",
+                    lambda m: m["onnx_set"]["model"].update(fingerprint="sha256:" + "0" * 64))
     with pytest.raises(ArtifactMismatchError, match="different models"):
         latency_report(exported["pruned"], other, tmp_path / "out", rounds=1, warmup=0)
     assert not (tmp_path / "out" / "latency.json").exists()

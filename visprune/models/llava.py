@@ -108,6 +108,11 @@ def resolve_model_path(model: str) -> Path:
     return path
 
 
+def model_folder(model: str) -> Path | None:
+    """The checkpoint folder a `--model` names, or None for an embedded model (built in the cache)."""
+    return None if model in EMBEDDED_MODELS or model in SHAPE_ONLY_MODELS else Path(model).expanduser()
+
+
 def ensure_tiny_checkpoint() -> Path:
     from visprune.models.tiny import TINY_BUILD_VERSION, build_tiny_llava
 
