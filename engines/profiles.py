@@ -19,6 +19,7 @@ from typing import Any
 
 from visprune.errors import ConfigError, PromptError
 from visprune.manifests import Limits, OnnxSetManifest
+from visprune.tensor_names import BATCH_DIM, SEQ_DIM, past_len_dim
 
 BATCH = 1  # the runtime serves one request at a time
 OPT_TEXT_TOKENS = 64  # typical question + answer-prefix length the kernels are tuned for
@@ -40,10 +41,10 @@ def dim_ranges(onnx_set: OnnxSetManifest, max_prompt_tokens: int, max_new_tokens
     """(min, opt, max) of each named dim."""
     shortest, longest = prompt_length_range(onnx_set, max_prompt_tokens, max_new_tokens)
     opt = min(longest, shortest - 1 + OPT_TEXT_TOKENS)
-    ranges = {"batch": (BATCH, BATCH, BATCH), "seq": (shortest, opt, longest)}
+    ranges = {BATCH_DIM: (BATCH, BATCH, BATCH), SEQ_DIM: (shortest, opt, longest)}
     for stage, pruned in enumerate(pruned_before_stage(onnx_set)):
         most = longest - pruned + max(max_new_tokens - 2, 0)
-        ranges[f"past_len_s{stage}"] = (shortest - pruned, min(opt - pruned + max_new_tokens // 2, most), most)
+        ranges[past_len_dim(stage)] = (shortest - pruned, min(opt - pruned + max_new_tokens // 2, most), most)
     return ranges
 
 

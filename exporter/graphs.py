@@ -19,7 +19,15 @@ from torch.export import Dim
 from calibrate.recipe import Recipe
 from exporter.pruned_lm import LlamaDecodeStep, PrunedLlamaPrefill
 from visprune.manifests import kv_stages_of
-from visprune.tensor_names import INPUTS_EMBEDS, PIXEL_VALUES, POSITION_IDS, graph_io_names
+from visprune.tensor_names import (
+    BATCH_DIM,
+    INPUTS_EMBEDS,
+    PIXEL_VALUES,
+    POSITION_IDS,
+    SEQ_DIM,
+    graph_io_names,
+    past_len_dim,
+)
 
 EXAMPLE_BATCH = 2
 EXAMPLE_TEXT = 12
@@ -45,7 +53,7 @@ def export_vision(llava: nn.Module, out: Path, opset: int) -> None:
     size = llava.config.vision_config.image_size
     example = torch.zeros(EXAMPLE_BATCH, 3, size, size, dtype=llava.dtype)
     inputs, outputs = graph_io_names("vision", [])
-    _export(VisionFeatures(llava), (example,), out, opset, inputs, outputs, {PIXEL_VALUES: {0: Dim("batch")}})
+    _export(VisionFeatures(llava), (example,), out, opset, inputs, outputs, {PIXEL_VALUES: {0: Dim(BATCH_DIM)}})
 
 
 def export_prefill(llava: nn.Module, recipe: Recipe, image_start: int, max_seq: int, out: Path, opset: int) -> None:
@@ -54,7 +62,7 @@ def export_prefill(llava: nn.Module, recipe: Recipe, image_start: int, max_seq: 
     example = torch.zeros(EXAMPLE_BATCH, min_seq + EXAMPLE_TEXT, hidden, dtype=llava.dtype)
     inputs, outputs = graph_io_names("prefill", recipe.removed)
     _export(PrunedLlamaPrefill(llava, recipe, image_start), (example,), out, opset, inputs, outputs,
-            {INPUTS_EMBEDS: {0: Dim("batch"), 1: Dim("seq", min=min_seq, max=max_seq)}})
+            {INPUTS_EMBEDS: {0: Dim(BATCH_DIM), 1: Dim(SEQ_DIM, min=min_seq, max=max_seq)}})
 
 
 def export_decode(llava: nn.Module, recipe: Recipe, image_start: int, max_seq: int, out: Path, opset: int) -> None:
@@ -63,13 +71,13 @@ def export_decode(llava: nn.Module, recipe: Recipe, image_start: int, max_seq: i
     kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     example_len = image_start + recipe.num_visual_tokens + EXAMPLE_TEXT
     stage_of = kv_stages_of(recipe.removed)
-    dims = [Dim(f"past_len_s{s}", min=1, max=max_seq) for s in range(max(stage_of) + 1)]
+    dims = [Dim(past_len_dim(s), min=1, max=max_seq) for s in range(max(stage_of) + 1)]
     lengths = [example_len - sum(recipe.removed[:layer]) for layer in range(recipe.num_layers)]
     past = [torch.zeros(EXAMPLE_BATCH, kv_heads, lengths[layer], head_dim, dtype=llava.dtype)
             for layer in range(recipe.num_layers) for _ in ("key", "value")]
     embeds = torch.zeros(EXAMPLE_BATCH, 1, text.hidden_size, dtype=llava.dtype)
     positions = torch.full((EXAMPLE_BATCH, 1), example_len, dtype=torch.long)
-    batch = Dim("batch")
+    batch = Dim(BATCH_DIM)
     past_shapes = [{0: batch, 2: dims[stage_of[layer]]} for layer in range(recipe.num_layers) for _ in range(2)]
     inputs, outputs = graph_io_names("decode", recipe.removed)
     _export(LlamaDecodeStep(llava), (embeds, positions, past), out, opset, inputs, outputs,

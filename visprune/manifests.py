@@ -25,7 +25,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from visprune.artifacts import canonical_json, sha256_bytes, sha256_file
 from visprune.errors import ArtifactMismatchError
 from visprune.models.llava import LanguageModelShape, cache_root
-from visprune.tensor_names import GRAPH_NAMES, graph_io_names
+from visprune.tensor_names import GRAPH_NAMES, graph_io_names, input_dim_names, kv_names, past_len_dim
 
 NonNegInt = Annotated[int, Field(ge=0)]
 PosInt = Annotated[int, Field(ge=1)]
@@ -167,6 +167,7 @@ class OnnxSetManifest(Strict):
                 self.embeddings.shape[0]:
             raise ValueError("embeddings.shape does not fit the language model's hidden size and token ids")
         _check_graph_io(self.graphs, recipe.removed)
+        _check_input_dims(self.graphs, self.kv_stages)
         return self
 
     @property
@@ -193,6 +194,19 @@ def _check_graph_io(graphs: dict[str, GraphIO], removed: list[int]) -> None:
         inputs, outputs = graph_io_names(graph, removed)
         if [v.name for v in graphs[graph].inputs] != inputs or [v.name for v in graphs[graph].outputs] != outputs:
             raise ValueError(f"graphs.{graph} does not have the inputs and outputs the recipe implies")
+
+
+def _check_input_dims(graphs: dict[str, GraphIO], kv_stages: list[int]) -> None:
+    """Inputs carry sizes >= 1 or known dynamic dims; each layer's past KV has its own stage's length dim."""
+    names = input_dim_names(kv_stages)
+    for graph, io in graphs.items():
+        for spec in io.inputs:
+            if any(dim not in names if isinstance(dim, str) else dim < 1 for dim in spec.shape):
+                raise ValueError(f"graphs.{graph} input {spec.name} has shape {spec.shape}")
+    past = kv_names("past", len(kv_stages))
+    for index, spec in enumerate(graphs["decode"].inputs[2:]):
+        if spec.name != past[index] or len(spec.shape) != 4 or spec.shape[2] != past_len_dim(kv_stages[index // 2]):
+            raise ValueError(f"graphs.decode input {spec.name} must be [batch, heads, {past_len_dim(kv_stages[index // 2])}, head_dim]")
 
 
 # --- the engine folder -----------------------------------------------------------------------------------------

@@ -15,6 +15,12 @@ POSITION_IDS = "position_ids"  # [B, 1]
 LOGITS = "logits"  # [B, V], last position
 KV_KINDS = ("key", "value")
 KEPT_PREFIX = "kept_indices."
+BATCH_DIM, SEQ_DIM = "batch", "seq"  # the dynamic dims' names (TensorRT profiles are keyed by them)
+
+
+def past_len_dim(stage: int) -> str:
+    """The length dim of the KV caches of stage k (the layers after the k-th pruning layer)."""
+    return f"past_len_s{stage}"
 
 
 def kv_names(prefix: str, num_layers: int) -> list[str]:
@@ -31,6 +37,11 @@ def kept_layer(name: str) -> int | None:
     """The pruning layer of a `kept_indices.{l}` name, or None for any other tensor."""
     suffix = name.removeprefix(KEPT_PREFIX)
     return int(suffix) if suffix != name and suffix.isdigit() else None
+
+
+def input_dim_names(kv_stages: list[int]) -> set[str]:
+    """Every dynamic dim name a graph input may carry for these KV stages."""
+    return {BATCH_DIM, SEQ_DIM, *(past_len_dim(stage) for stage in kv_stages)}
 
 
 def graph_io_names(graph: str, removed: list[int]) -> tuple[list[str], list[str]]:
