@@ -20,7 +20,7 @@ from calibrate.recipe import Recipe
 from exporter.pruned_lm import LlamaDecodeStep, PrunedLlamaPrefill
 
 EXAMPLE_BATCH = 2
-EXAMPLE_TEXT = 12
+EXAMPLE_TEXT = 12  # text tokens after the image in the example prompt, fewer if --max-seq leaves less room
 
 
 class VisionFeatures(nn.Module):
@@ -58,7 +58,8 @@ def export_vision(llava: nn.Module, out: Path, opset: int) -> None:
 def export_prefill(llava: nn.Module, recipe: Recipe, image_start: int, max_seq: int, out: Path, opset: int) -> None:
     hidden = llava.config.text_config.hidden_size
     min_seq = image_start + recipe.num_visual_tokens + 1
-    example = torch.zeros(EXAMPLE_BATCH, min_seq + EXAMPLE_TEXT, hidden, dtype=llava.dtype)
+    example_len = image_start + recipe.num_visual_tokens + example_text(image_start, recipe, max_seq)
+    example = torch.zeros(EXAMPLE_BATCH, example_len, hidden, dtype=llava.dtype)
     pruning_layers = [i for i, r in enumerate(recipe.removed) if r]
     outputs = ["logits", *_kv_names("present", recipe.num_layers), *[f"kept_indices.{i}" for i in pruning_layers]]
     _export(PrunedLlamaPrefill(llava, recipe, image_start), (example,), out, opset, ["inputs_embeds"], outputs,
@@ -69,7 +70,7 @@ def export_decode(llava: nn.Module, recipe: Recipe, image_start: int, max_seq: i
     text = llava.config.text_config
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    example_len = image_start + recipe.num_visual_tokens + EXAMPLE_TEXT
+    example_len = image_start + recipe.num_visual_tokens + example_text(image_start, recipe, max_seq)
     stage_of = kv_stages(recipe)
     dims = [Dim(f"past_len_s{s}", min=1, max=max_seq) for s in range(max(stage_of) + 1)]
     lengths = [example_len - sum(recipe.removed[:layer]) for layer in range(recipe.num_layers)]
@@ -83,6 +84,13 @@ def export_decode(llava: nn.Module, recipe: Recipe, image_start: int, max_seq: i
             ["inputs_embeds", "position_ids", *_kv_names("past", recipe.num_layers)],
             ["logits", *_kv_names("present", recipe.num_layers)],
             {"inputs_embeds": {0: batch}, "position_ids": {0: batch}, "past": past_shapes})
+
+
+def example_text(image_start: int, recipe: Recipe, max_seq: int) -> int:
+    """Text tokens after the image in the example inputs. An example longer than a dynamic dim's max fails
+    torch.export, so a small --max-seq shortens it; one slot stays free for the decode step's own token."""
+    room = max_seq - image_start - recipe.num_visual_tokens - 1
+    return max(1, min(EXAMPLE_TEXT, room))
 
 
 def _kv_names(prefix: str, num_layers: int) -> list[str]:
