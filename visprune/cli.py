@@ -179,7 +179,9 @@ def _add_run(commands) -> None:
 
 def _run_run(args) -> int:
     from runtime import Pipeline
+    from runtime.pipeline import check_max_new_tokens
 
+    check_max_new_tokens(args.max_new_tokens)  # a bad option fails before the engine is loaded
     pipe = Pipeline.from_engine_dir(args.engine)
     prompt = args.prompt if "<image>" in args.prompt else pipe.chat_prompt(args.prompt)
     generation = pipe.generate(args.image, prompt, max_new_tokens=args.max_new_tokens)
