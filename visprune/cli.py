@@ -33,11 +33,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return INTERNAL_ERROR_EXIT
 
 
+class HintingParser(argparse.ArgumentParser):
+    """argparse's usage errors (exit 2) end with a `Hint:` line like every other visprune error."""
+
+    command_parsers: dict[str, argparse.ArgumentParser] = {}  # the top-level parser's subcommands, by name
+
+    def parse_args(self, args=None, namespace=None):
+        # argparse reports unknown flags from the top-level parser; blame the subcommand they were given to
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            owner = self.command_parsers.get(getattr(parsed, "command", None), self)
+            owner.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return parsed
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        # a subcommand's parser has prog "visprune <command>"; the top-level one has just "visprune"
+        hint = f"Hint: run `{self.prog} --help` to see the options."
+        self.exit(2, f"{self.prog}: error: {message}\n{hint}\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="visprune", description="Visual-token pruning for LLaVA, from "
-                                     "calibration to deployable engines.")
+    parser = HintingParser(prog="visprune", description="Visual-token pruning for LLaVA, from "
+                           "calibration to deployable engines.")
     parser.add_argument("--verbose", action="store_true", help="show tracebacks and library logs")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=HintingParser)
     _add_calibrate(commands)
     _add_recipe(commands)
     _add_export(commands)
@@ -47,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_pipeline(commands)
     _add_eval(commands)
     _add_tradeoff(commands)
+    parser.command_parsers = commands.choices
     return parser
 
 
