@@ -48,11 +48,23 @@ def read_calibration_jsonl(path: Path, images_dir: Path | None = None) -> Calibr
                                    "Pass --data with a JSONL file, or leave it out to use the embedded default set.")
     images_dir = Path(images_dir) if images_dir else path.parent
     samples = [_parse_line(line, number, path, images_dir)
-               for number, line in enumerate(path.read_text().splitlines(), start=1) if line.strip()]
+               for number, line in enumerate(_read_utf8(path).splitlines(), start=1) if line.strip()]
     if not samples:
         raise CalibrationDataError(f"{path} holds no samples.", "Add one JSON object per line with 'image' and 'question'.")
     _check_unique_ids(samples, path)
     return CalibrationSet(tuple(samples), f"{path.name} ({len(samples)} samples, images from {images_dir})")
+
+
+def _read_utf8(path: Path) -> str:
+    """The file as text; JSONL is UTF-8 (a leading BOM, as some editors write, is dropped). A decode error
+    names the line, which the byte offset UnicodeDecodeError reports does not."""
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:  # e.object: the bytes after any BOM, which e.start counts in
+        line = e.object.count(b"\n", 0, e.start) + 1
+        raise CalibrationDataError(f"{path}:{line} is not UTF-8 text (byte {e.object[e.start]:#04x}: {e.reason}).",
+                                   "Save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in.jsonl > out.jsonl`), "
+                                   "then pass it again.") from e
 
 
 def _parse_line(line: str, number: int, path: Path, images_dir: Path) -> CalibrationSample:

@@ -21,7 +21,7 @@ from calibrate.recipe import Recipe, achieved_reductions, save_recipe
 from calibrate.replay import DecoderReplay, SampleState, embed_samples
 from calibrate.search import RecipeSearch, SearchResult
 from visprune.artifacts import to_pretty_json, tool_versions
-from visprune.errors import ConfigError, InputDataError
+from visprune.errors import BackendUnavailableError, InputDataError
 from visprune.models import LlavaBundle, chat_prompt, encode_image_prompt, load_image, load_llava
 from visprune.models.llava import model_folder
 from visprune.outputs import RECIPE, check_output, replacing
@@ -76,8 +76,8 @@ def resolve_device(device: str) -> tuple[str, torch.dtype]:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device} was asked for, but this PyTorch sees no CUDA GPU.",
-                          "Use --device cpu (or auto), or install a CUDA build of PyTorch on a GPU host.")
+        raise BackendUnavailableError(f"--device {device} was asked for, but this PyTorch sees no CUDA GPU.",
+                                      "Use --device cpu (or auto), or install a CUDA build of PyTorch on a GPU host.")
     return device, (torch.float16 if device.startswith("cuda") else torch.float32)
 
 

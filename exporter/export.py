@@ -22,7 +22,7 @@ from exporter.config import ExportConfig
 from exporter.graphs import export_decode, export_prefill, export_vision
 from exporter.lint import lint_onnx
 from visprune.artifacts import atomic_write_json, tool_versions
-from visprune.errors import ExportError
+from visprune.errors import ConfigError, ExportError
 from visprune.manifests import ONNX_SET_SCHEMA, OnnxSetManifest, digest_files, kv_stages_of, seal
 from visprune.models import LlavaBundle, chat_prompt, encode_image_prompt, load_llava
 from visprune.models.llava import model_folder
@@ -53,6 +53,7 @@ def export_onnx(config: ExportConfig, out_dir: Path, progress: bool = True, forc
     recipe = recipe or unpruned_recipe(bundle.shape)
     check_recipe_fits(recipe, bundle.shape, bundle.fingerprint)
     image_start = template_image_start(bundle)
+    check_max_seq_fits(config.max_seq, image_start, recipe.num_visual_tokens)
     with replacing(out_dir) as staging:
         for graph in _progress(GRAPH_NAMES, progress):
             _export_graph(graph, bundle, recipe, image_start, config, staging / f"{graph}.onnx")
@@ -72,6 +73,17 @@ def template_image_start(bundle: LlavaBundle) -> int:
     size = bundle.config.vision_config.image_size
     blank = Image.new("RGB", (size, size))
     return encode_image_prompt(bundle.processor, blank, chat_prompt(bundle.processor, "?"), bundle.image_token_id).image_start
+
+
+def check_max_seq_fits(max_seq: int, image_start: int, num_visual_tokens: int) -> None:
+    """ConfigError unless max_seq holds the shortest prompt (text, the image, one token after it) plus one
+    generated token; checked before tracing, which would otherwise fail deep inside torch.export."""
+    minimum = image_start + num_visual_tokens + 2
+    if max_seq < minimum:
+        raise ConfigError(f"--max-seq {max_seq} is too short for this model's prompts: {image_start} template "
+                          f"tokens and {num_visual_tokens} image tokens come before any question, so the shortest "
+                          f"prompt plus one generated token needs {minimum}.",
+                          f"Pass --max-seq {minimum} or more; 2048 (the default) fits typical questions and answers.")
 
 
 def lint_exported_set(folder: Path, recipe: Recipe) -> None:

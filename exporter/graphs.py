@@ -30,7 +30,7 @@ from visprune.tensor_names import (
 )
 
 EXAMPLE_BATCH = 2
-EXAMPLE_TEXT = 12
+EXAMPLE_TEXT = 12  # text tokens after the image in the example prompt, fewer if --max-seq leaves less room
 
 
 class VisionFeatures(nn.Module):
@@ -59,7 +59,8 @@ def export_vision(llava: nn.Module, out: Path, opset: int) -> None:
 def export_prefill(llava: nn.Module, recipe: Recipe, image_start: int, max_seq: int, out: Path, opset: int) -> None:
     hidden = llava.config.text_config.hidden_size
     min_seq = image_start + recipe.num_visual_tokens + 1
-    example = torch.zeros(EXAMPLE_BATCH, min_seq + EXAMPLE_TEXT, hidden, dtype=llava.dtype)
+    example_len = image_start + recipe.num_visual_tokens + example_text(image_start, recipe, max_seq)
+    example = torch.zeros(EXAMPLE_BATCH, example_len, hidden, dtype=llava.dtype)
     inputs, outputs = graph_io_names("prefill", recipe.removed)
     _export(PrunedLlamaPrefill(llava, recipe, image_start), (example,), out, opset, inputs, outputs,
             {INPUTS_EMBEDS: {0: Dim(BATCH_DIM), 1: Dim(SEQ_DIM, min=min_seq, max=max_seq)}})
@@ -69,7 +70,7 @@ def export_decode(llava: nn.Module, recipe: Recipe, image_start: int, max_seq: i
     text = llava.config.text_config
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    example_len = image_start + recipe.num_visual_tokens + EXAMPLE_TEXT
+    example_len = image_start + recipe.num_visual_tokens + example_text(image_start, recipe, max_seq)
     stage_of = kv_stages_of(recipe.removed)
     dims = [Dim(past_len_dim(s), min=1, max=max_seq) for s in range(max(stage_of) + 1)]
     lengths = [example_len - sum(recipe.removed[:layer]) for layer in range(recipe.num_layers)]
@@ -82,6 +83,13 @@ def export_decode(llava: nn.Module, recipe: Recipe, image_start: int, max_seq: i
     inputs, outputs = graph_io_names("decode", recipe.removed)
     _export(LlamaDecodeStep(llava), (embeds, positions, past), out, opset, inputs, outputs,
             {INPUTS_EMBEDS: {0: batch}, POSITION_IDS: {0: batch}, "past": past_shapes})
+
+
+def example_text(image_start: int, recipe: Recipe, max_seq: int) -> int:
+    """Text tokens after the image in the example inputs. An example longer than a dynamic dim's max fails
+    torch.export, so a small --max-seq shortens it; one slot stays free for the decode step's own token."""
+    room = max_seq - image_start - recipe.num_visual_tokens - 1
+    return max(1, min(EXAMPLE_TEXT, room))
 
 
 def _export(module: nn.Module, args: tuple, out: Path, opset: int, input_names: list[str],

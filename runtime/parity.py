@@ -20,10 +20,13 @@ from runtime.torch_runner import TorchRunner, engine_recipe
 from visprune.artifacts import atomic_write_bytes, atomic_write_json
 from visprune.errors import ArtifactMismatchError, VispruneError
 from visprune.manifests import OnnxSetManifest, ParityReport
-from visprune.models import load_llava
+from visprune.models import LlavaBundle, load_llava
 
 # Logits tolerance of engine vs reference, by export dtype (max abs error).
 TOLERANCE = {"float32": 1e-4, "float16": 5e-2, "bfloat16": 2e-1}
+# How far the engine's saved token embeddings may sit from the model's float32 ones: the export rounds them to
+# its dtype (float16 keeps 11 significant bits, bfloat16 8; bfloat16 sets store the rounded values as float32).
+EMBEDDING_TOLERANCE = {"float32": (1e-6, 1e-8), "float16": (1e-3, 1e-7), "bfloat16": (1e-2, 1e-7)}  # (rtol, atol)
 HELD_OUT_QUESTIONS = ["What is the dominant color here?", "Is this picture taken at night?",
                       "What shape is the biggest thing?", "Name one object in the photo."]
 
@@ -64,6 +67,7 @@ def parity_report(engine_dir: Path, model: str, out_dir: Path, prompts: list[Pro
         raise ArtifactMismatchError(f"The engine in {engine_dir} was exported from a different model "
                                     f"({onnx_set.model.name}) than {model}.",
                                     "Pass the --model the engine was exported from, or export and build again.")
+    check_engine_embeddings(pipe, bundle, model)
     recipe = engine_recipe(onnx_set)
     pruned = pipe.with_runner(TorchRunner(bundle, recipe, pipe.image_start, reference_device))
     unpruned = pipe.with_runner(TorchRunner(bundle, unpruned_recipe(bundle.shape), pipe.image_start, reference_device))
@@ -78,6 +82,24 @@ def parity_report(engine_dir: Path, model: str, out_dir: Path, prompts: list[Pro
         raise ParityError(f"The engine does not match the PyTorch reference: {report['engine_vs_reference']['failures']}",
                           f"See {out_dir / 'parity.md'}; pass --allow-parity-failure to keep going anyway.")
     return report
+
+
+def check_engine_embeddings(pipe: Pipeline, bundle: LlavaBundle, model: str) -> None:
+    """ArtifactMismatchError unless the engine's embed_tokens.npy holds `model`'s own token embeddings. Models of
+    one architecture (tiny, tiny-vqa) share a fingerprint, and comparing against the wrong weights would report a
+    parity failure instead of the wrong --model."""
+    onnx_set = pipe.manifest.onnx_set
+    ours = bundle.model.get_input_embeddings().weight.detach().float().numpy()
+    theirs = pipe.embeddings.astype(np.float32)
+    rtol, atol = EMBEDDING_TOLERANCE[onnx_set.dtype]
+    if ours.shape == theirs.shape and np.allclose(theirs, ours, rtol=rtol, atol=atol):
+        return
+    exported_from = onnx_set.model.name
+    raise ArtifactMismatchError(
+        f"The engine in {pipe.engine_dir} was exported from {exported_from}, not from --model {model}: their token "
+        "embeddings differ, so this is the wrong reference model, not a parity failure.",
+        f"Pass --model {exported_from} (the model the engine was exported from), or export and build again from "
+        f"{model}.")
 
 
 def check_engine_recipe(onnx_set: OnnxSetManifest, recipe: Recipe, engine_dir: Path) -> None:

@@ -21,9 +21,16 @@ import numpy as np
 from engines.build import read_engine_set
 from engines.profiles import check_request_fits
 from runtime.runners import Runner, open_runner
-from visprune.errors import PromptError
+from visprune.errors import ConfigError, PromptError
 from visprune.manifests import EngineManifest
 from visprune.models.inputs import IMAGE_PLACEHOLDER, check_single_image_placeholder, image_span, load_image
+
+
+def check_max_new_tokens(max_new_tokens: int) -> None:
+    """Prefill always yields one token, so a request for none (or fewer) is a mistake, not an empty answer."""
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1, got {max_new_tokens}.",
+                          "Ask for at least one token, e.g. --max-new-tokens 32.")
 
 
 @dataclass
@@ -89,7 +96,9 @@ class Pipeline:
         return input_ids, batch["pixel_values"].astype(self.host_dtype)
 
     def check_request(self, prompt_tokens: int, max_new_tokens: int) -> None:
-        """PromptError if the request does not fit the export's max_seq or the engine's built shapes."""
+        """ConfigError for fewer than one new token; PromptError if the request does not fit the export's max_seq
+        or the engine's built shapes."""
+        check_max_new_tokens(max_new_tokens)
         if prompt_tokens + max_new_tokens > self.max_seq:
             raise PromptError(f"The prompt has {prompt_tokens} tokens; with {max_new_tokens} new tokens that "
                               f"exceeds the {self.max_seq} this engine allows.",
@@ -99,6 +108,7 @@ class Pipeline:
 
     def generate(self, image: Any, prompt: str, max_new_tokens: int = 32, keep_logits: bool = False) -> Generation:
         """Greedy decoding from `prompt` (a full prompt with one `<image>`) about `image` (a path or PIL image)."""
+        check_max_new_tokens(max_new_tokens)  # before the image is read and encoded
         input_ids, pixel_values = self.encode(image, prompt)
         self.check_request(input_ids.shape[1], max_new_tokens)
         timings: dict[str, float] = {"prompt_tokens": input_ids.shape[1]}

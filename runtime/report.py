@@ -35,6 +35,15 @@ class ReportConfig:
                               "--recipe, then `visprune build`).")
         if not (self.parity or self.latency):
             raise ConfigError("Nothing to report: --no-parity without --latency.", "Drop --no-parity or add --latency.")
+        for flag, value, least in (("--max-new-tokens", self.max_new_tokens, 1), ("--new-tokens", self.new_tokens, 1),
+                                   ("--warmup", self.warmup, 0), ("--rounds", self.rounds, 1)):
+            _check_at_least(flag, value, least)
+
+
+def _check_at_least(flag: str, value: int, least: int) -> None:
+    if value < least:
+        raise ConfigError(f"{flag} must be at least {least}, got {value}.",
+                          f"Pass {flag} {least} or more, or leave it out for the default.")
 
 
 def write_reports(config: ReportConfig, engine_dir: Path, out_dir: Path, force: bool = False,

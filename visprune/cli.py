@@ -37,6 +37,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return INTERNAL_ERROR_EXIT
 
 
+class HintingParser(argparse.ArgumentParser):
+    """argparse's usage errors (exit 2) end with a `Hint:` line like every other visprune error."""
+
+    command_parsers: dict[str, argparse.ArgumentParser] = {}  # the top-level parser's subcommands, by name
+
+    def parse_args(self, args=None, namespace=None):
+        # argparse reports unknown flags from the top-level parser; blame the subcommand they were given to
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            owner = self.command_parsers.get(getattr(parsed, "command", None), self)
+            owner.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return parsed
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        # a subcommand's parser has prog "visprune <command>"; the top-level one has just "visprune"
+        hint = f"Hint: run `{self.prog} --help` to see the options."
+        self.exit(2, f"{self.prog}: error: {message}\n{hint}\n")
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM (a scheduler, `kill`, `timeout`) unwinds like Ctrl-C, so staging files are removed on the way out."""
@@ -64,10 +84,10 @@ def _add_verify(p) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="visprune", description="Visual-token pruning for LLaVA, from "
-                                     "calibration to deployable engines.")
+    parser = HintingParser(prog="visprune", description="Visual-token pruning for LLaVA, from "
+                           "calibration to deployable engines.")
     parser.add_argument("--verbose", action="store_true", help="show tracebacks and library logs")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=HintingParser)
     _add_calibrate(commands)
     _add_recipe(commands)
     _add_export(commands)
@@ -77,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_pipeline(commands)
     _add_eval(commands)
     _add_tradeoff(commands)
+    parser.command_parsers = commands.choices
     return parser
 
 
@@ -213,7 +234,9 @@ def _add_run(commands) -> None:
 
 def _run_run(args) -> int:
     from runtime import Pipeline
+    from runtime.pipeline import check_max_new_tokens
 
+    check_max_new_tokens(args.max_new_tokens)  # a bad option fails before the engine is loaded
     pipe = Pipeline.from_engine_dir(args.engine, verify=args.verify)
     prompt = args.prompt if "<image>" in args.prompt else pipe.chat_prompt(args.prompt)
     generation = pipe.generate(args.image, prompt, max_new_tokens=args.max_new_tokens)

@@ -17,6 +17,12 @@ if TYPE_CHECKING:  # the runtime uses this module without PyTorch
 
 IMAGE_PLACEHOLDER = "<image>"
 
+# Greyscale modes wider than 8 bits, and the value each maps to white. PIL's convert("RGB") clips them to
+# 0..255, which turns nearly all of a 16-bit image white. I;16* hold 0..65535 (16-bit PNG and TIFF). Mode I
+# (int32) is what 16-bit greyscale PNGs open as in some Pillow versions, so it is read as 16-bit too; mode F
+# (float32) is read as 0..1, the usual range of float images. Values outside the range are clipped.
+_WIDE_GREY_WHITE = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+
 
 def load_image(path: Path) -> Any:
     """Open an image file as RGB, with an error that names the file."""
@@ -27,12 +33,25 @@ def load_image(path: Path) -> Any:
         raise ImageLoadError(f"Image not found: {path}", "Check the path, or the --images folder it is resolved against.")
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return to_rgb(image)
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise ImageLoadError(
             f"Image does not decode: {path} ({e})",
             "Replace the file with a valid PNG or JPEG (it may be truncated or not an image).",
         ) from e
+
+
+def to_rgb(image: Any) -> Any:
+    """An RGB copy of a PIL image; wide greyscale is scaled to 8 bits first (0 and its white, see above)."""
+    import numpy as np
+    from PIL import Image
+
+    white = _WIDE_GREY_WHITE.get(image.mode)
+    if white is None:
+        return image.convert("RGB")
+    values = np.nan_to_num(np.asarray(image, dtype=np.float64))
+    grey = np.rint(np.clip(values, 0, white) * (255 / white)).astype(np.uint8)  # 16-bit: v / 257, rounded
+    return Image.fromarray(grey).convert("RGB")
 
 
 def chat_prompt(processor: Any, question: str) -> str:
