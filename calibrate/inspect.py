@@ -8,15 +8,18 @@ from pathlib import Path
 from calibrate.plots import format_recipe_summary, plot_tokens_per_layer
 from calibrate.recipe import Recipe, achieved_reductions, check_recipe_fits, load_recipe
 from visprune.models.llava import LanguageModelShape, architecture_fingerprint, load_llava_config
+from visprune.outputs import PLOT, check_output
 
 
 def inspect_recipes(paths: list[Path], model: str | None = None, plot: Path | None = None,
-                    text_tokens: float | None = None) -> tuple[list[Recipe], str]:
+                    text_tokens: float | None = None, force: bool = False) -> tuple[list[Recipe], str]:
     """Load every recipe; with `model`, check it fits and (re)compute its FLOPs reductions for that model.
 
     `text_tokens` is the prompt's non-visual length for the whole-LM figure (default: the recipe's own
     calibration mean, else 0). Returns the recipes and a printable summary; writes a PNG to `plot` if given.
     """
+    if plot:
+        check_output(Path(plot), PLOT, inputs=paths, force=force)
     recipes = [load_recipe(p) for p in paths]
     if model:
         config = load_llava_config(model)

@@ -167,8 +167,9 @@ def _write_outputs(recipe: Recipe, out: Path, plot: bool, timings: dict[str, flo
         if plot:
             plot_tokens_per_layer([(f"{recipe.reduction_target:.0%} target", recipe)], plot_file,
                                   title=f"{_METHOD_TITLES[recipe.method]} recipe, {recipe.model.get('name', '')}")
-        run_file.write_bytes(to_pretty_json({"recipe_sha256": recipe.content_hash(), "timings": timings, **run,
-                                             "host": platform.node(), "created_unix": round(time.time(), 3)}))
+        run_file.write_bytes(to_pretty_json({
+            "schema": "visprune.calibration_run", "recipe_sha256": recipe.content_hash(), "timings": timings, **run,
+            "host": platform.node(), "created_unix": round(time.time(), 3)}))
         save_recipe(recipe, recipe_file)
     return CalibrationResult(recipe=recipe, recipe_path=out, plot_path=plot_path if plot else None,
                              run_record_path=run_path, timings=timings)

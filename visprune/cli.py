@@ -148,13 +148,15 @@ def _add_recipe(commands) -> None:
                                    "or a checkpoint folder; also computes their FLOPs reductions")
     p.add_argument("--text-tokens", type=float, help="non-visual prompt tokens for the whole-LM FLOPs figure")
     p.add_argument("--plot", type=Path, help="write visual tokens per layer of all recipes to this PNG")
+    _add_force(p)
     p.set_defaults(handler=_run_recipe)
 
 
 def _run_recipe(args) -> int:
     from calibrate import inspect_recipes
 
-    _, summary = inspect_recipes(args.recipes, model=args.model, plot=args.plot, text_tokens=args.text_tokens)
+    _, summary = inspect_recipes(args.recipes, model=args.model, plot=args.plot, text_tokens=args.text_tokens,
+                                 force=args.force)
     print(summary)
     return 0
 

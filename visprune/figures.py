@@ -8,6 +8,8 @@ from typing import Any
 
 from visprune.artifacts import atomic_write_bytes
 
+PNG_SCHEMA_KEY, PLOT_SCHEMA = "visprune-schema", "visprune.plot"
+
 
 def pyplot():
     """matplotlib.pyplot on the Agg backend (no display needed)."""
@@ -24,6 +26,6 @@ def save_figure(fig: Any, out: Path) -> None:
     plt = pyplot()
     fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
+    fig.savefig(buffer, format="png", metadata={PNG_SCHEMA_KEY: PLOT_SCHEMA})  # marks it as ours (outputs.py)
     plt.close(fig)
     atomic_write_bytes(Path(out), buffer.getvalue())

@@ -59,6 +59,7 @@ REPORT = ArtifactKind("report folder", (("parity.json", "visprune.parity_report"
 EVAL = ArtifactKind("evaluation", (("eval.json", "visprune.eval_report"),), ("eval.*",), "visprune eval")
 TRADEOFF = ArtifactKind("trade-off study", (("tradeoff.json", "visprune.tradeoff"),), ("tradeoff.*", "recipes"),
                         "visprune tradeoff")
+PLOT = ArtifactKind("plot", (("", "visprune.plot"),), command="visprune recipe --plot")
 PIPELINE_RUN = ArtifactKind("pipeline run", (("pipeline.json", "visprune.pipeline_run"),),
                             ("pipeline.json", "recipe.*", "onnx", "onnx-unpruned", "engine", "engine-unpruned",
                              "sample.png", "report", "report.md"), "visprune pipeline")
@@ -80,7 +81,8 @@ def check_output(out: Path, kind: ArtifactKind, inputs: Iterable[Path | None] = 
     replaces_artifact = _check_existing(out, kind, force)
     for sibling in siblings:
         recover_interrupted(sibling)
-        if sibling.exists() and not (replaces_artifact or force):
+        ours = replaces_artifact or (_schema_of(sibling) or "").startswith("visprune.")  # a plot or run record
+        if (sibling.exists() or sibling.is_symlink()) and not (ours or force):
             raise OutputLocationError(f"{sibling} exists and is not part of a visprune {kind.name} at {out}.",
                                       FORCE_HINT)
 
@@ -142,11 +144,26 @@ def artifact_kind_at(path: Path) -> ArtifactKind | None:
 
 
 def _schema_of(path: Path) -> str | None:
+    if path.suffix.lower() == ".png":
+        return _png_schema_of(path)
     try:  # markers are small; a large file is no marker (and is not read whole)
         data = json.loads(path.read_bytes()) if path.stat().st_size <= 1 << 24 else None
     except (OSError, ValueError):
         return None
     return data.get("schema") if isinstance(data, dict) else None
+
+
+def _png_schema_of(path: Path) -> str | None:
+    """Plots carry their schema in a PNG text chunk (visprune/figures.py)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from visprune.figures import PNG_SCHEMA_KEY
+
+    try:
+        with Image.open(path) as image:
+            return getattr(image, "text", {}).get(PNG_SCHEMA_KEY)
+    except (OSError, UnidentifiedImageError, ValueError):
+        return None
 
 
 def foreign_entries(folder: Path, kind: ArtifactKind) -> list[str]:
@@ -283,4 +300,4 @@ def _alive(pid: int) -> bool:
     return True
 
 
-KINDS = (RECIPE, ONNX_SET, ENGINE_SET, REPORT, EVAL, TRADEOFF, PIPELINE_RUN)
+KINDS = (RECIPE, PLOT, ONNX_SET, ENGINE_SET, REPORT, EVAL, TRADEOFF, PIPELINE_RUN)

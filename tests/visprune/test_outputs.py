@@ -172,3 +172,23 @@ def test_a_live_writer_is_not_disturbed(tmp_path):
     time.sleep(0.1)
     check_output(target, ONNX_SET)
     assert [p.name for p in tmp_path.iterdir()] == ["onnx"]
+
+
+@pytest.mark.slow
+def test_sigterm_during_an_export_keeps_the_old_set_and_leaves_nothing(exported, tmp_path):
+    """SIGTERM unwinds like Ctrl-C: exit 130, the staging folder is removed, the set being replaced is intact."""
+    import shutil
+
+    target = tmp_path / "onnx"
+    shutil.copytree(exported["pruned-onnx"], target)
+    before = snapshot(tmp_path)
+    child = subprocess.Popen([sys.executable, "-c", "from visprune.cli import entry_point; entry_point()", "export",
+                              "--out", str(target), "--quiet"], stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = time.monotonic() + 120
+    while not any(".visprune-staging." in p.name for p in tmp_path.iterdir()):  # the export is under way
+        assert child.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    assert snapshot(tmp_path) == before
