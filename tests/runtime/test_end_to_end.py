@@ -27,7 +27,19 @@ def test_pipeline_writes_every_artifact(pipeline_run):
     report = (out / "report.md").read_text()
     for picture in ("recipe.png", "report/kept_tokens.png", "report/latency.png", "report/parity.png"):
         assert f"]({picture})" in report and (out / picture).read_bytes()[:4] == b"\x89PNG"
-    assert not list(out.glob(".*staging*"))
+    assert not list(out.glob(".*staging*")) and [p.name for p in out.parent.iterdir()] == ["demo"]
+
+
+@pytest.mark.slow
+def test_a_pipeline_run_is_recognised_as_one(pipeline_run):
+    """A second `pipeline --out` may replace it; every other command's --out refuses it without --force."""
+    from visprune.outputs import ENGINE_SET, PIPELINE_RUN, OutputLocationError, check_output, foreign_entries
+
+    _, out = pipeline_run
+    check_output(out, PIPELINE_RUN)
+    assert foreign_entries(out, PIPELINE_RUN) == []
+    with pytest.raises(OutputLocationError, match="is a visprune pipeline run, not a visprune engine"):
+        check_output(out, ENGINE_SET)
 
 
 @pytest.mark.slow
@@ -51,5 +63,4 @@ def test_pipeline_with_an_unreachable_budget_fails_cleanly(tmp_path, capsys):
     code = main(["pipeline", "--reduction", "0.999", "--out", str(tmp_path / "run"), "--samples", "2", "--quiet"])
     err = capsys.readouterr().err
     assert code == 6 and "Hint:" in err
-    assert not (tmp_path / "run" / "recipe.json").exists() and not (tmp_path / "run" / "engine").exists()
-    assert not list((tmp_path / "run").glob(".*"))  # the background export was stopped and its staging removed
+    assert list(tmp_path.iterdir()) == []  # the run folder, the background export's staging: all gone

@@ -77,6 +77,7 @@ def test_recipe_mutations_give_only_recipe_errors(tiny):
         achieved_reductions(recipe, tiny.shape, 20.0)
 
     outcomes = run_fuzz(base, load_and_use, seed=1)
+    print(f"fuzz seed 1: {outcomes}")  # the closing note quotes these (pytest -s)
     assert outcomes["rejected"] >= MUTATIONS // 2, outcomes
 
 
@@ -103,6 +104,7 @@ def test_onnx_set_manifest_mutations_give_only_typed_errors(exported, tmp_path):
         derive_profiles(read_onnx_set(folder), max_prompt_tokens=1024, max_new_tokens=256)
 
     outcomes = run_fuzz(base, load_and_use, seed=2)
+    print(f"fuzz seed 2: {outcomes}")  # the closing note quotes these (pytest -s)
     assert outcomes["rejected"] >= MUTATIONS * 3 // 4, outcomes
 
 
@@ -123,4 +125,5 @@ def test_engine_manifest_mutations_give_only_typed_errors(exported, tmp_path):
         pipe.check_request(600, 8)
 
     outcomes = run_fuzz(base, load_and_use, seed=3)
+    print(f"fuzz seed 3: {outcomes}")  # the closing note quotes these (pytest -s)
     assert outcomes["rejected"] >= MUTATIONS * 3 // 4, outcomes
