@@ -171,7 +171,8 @@ def _build_pytorch(config: BuildConfig, onnx_dir: Path, onnx_set: OnnxSetManifes
     if config.device == "cuda" and not torch.cuda.is_available():
         raise BackendUnavailableError("--device cuda was asked for, but this PyTorch sees no CUDA GPU.",
                                       "Use --device cpu, or install PyTorch's CUDA build on a GPU host (README).")
-    return {"device": config.device, "torch_compile": config.torch_compile, "tools": tool_versions("torch", "transformers")}
+    return {"device": config.device, "torch_compile": config.torch_compile,
+            "tools": tool_versions("torch", "transformers")}
 
 
 def _optimize(source: Path, target: Path, config: BuildConfig, providers: list[str]):

@@ -9,7 +9,6 @@ Shape legend: B batch (1), S prompt length, N visual tokens, D hidden, V vocabul
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch

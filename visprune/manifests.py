@@ -205,8 +205,9 @@ def _check_input_dims(graphs: dict[str, GraphIO], kv_stages: list[int]) -> None:
                 raise ValueError(f"graphs.{graph} input {spec.name} has shape {spec.shape}")
     past = kv_names("past", len(kv_stages))
     for index, spec in enumerate(graphs["decode"].inputs[2:]):
-        if spec.name != past[index] or len(spec.shape) != 4 or spec.shape[2] != past_len_dim(kv_stages[index // 2]):
-            raise ValueError(f"graphs.decode input {spec.name} must be [batch, heads, {past_len_dim(kv_stages[index // 2])}, head_dim]")
+        length = past_len_dim(kv_stages[index // 2])
+        if spec.name != past[index] or len(spec.shape) != 4 or spec.shape[2] != length:
+            raise ValueError(f"graphs.decode input {spec.name} must be [batch, heads, {length}, head_dim]")
 
 
 # --- the engine folder -----------------------------------------------------------------------------------------
@@ -396,7 +397,8 @@ def check_schema(data: Any, schema: tuple[str, int], where: Any, what: str, hint
         raise ArtifactMismatchError(f"{where} is not a visprune {what} manifest.", hint)
     if data.get("schema_version") != schema[1]:
         raise ArtifactMismatchError(f"{where} has schema version {data.get('schema_version')!r}; this visprune "
-                                    f"reads version {schema[1]}.", f"It was written by another visprune version. {hint}")
+                                    f"reads version {schema[1]}.",
+                                    f"It was written by another visprune version. {hint}")
 
 
 # --- file digests ----------------------------------------------------------------------------------------------
@@ -455,9 +457,3 @@ def model_dump(model: Strict) -> dict[str, Any]:
     """The JSON dict of a parsed model, with its original key names."""
     return model.model_dump(by_alias=True, mode="json")
 
-
-__all__ = [
-    "BACKENDS", "DTYPES", "ENGINE_SET_SCHEMA", "EngineManifest", "EvalReport", "FileDigest", "LatencyReport", "METHODS", "ONNX_SET_SCHEMA", "OnnxSetManifest",
-    "ParityReport", "check_files", "digest_files", "is_sealed", "kv_stages_of", "model_dump", "parse", "read_json",
-    "read_sealed", "seal",
-]

@@ -1,7 +1,6 @@
 """TensorRT optimization profiles and KV capacities, derived from the ONNX set and two limits, checked against
 the shapes a real ONNX Runtime engine produces."""
 
-import json
 
 import numpy as np
 import pytest
