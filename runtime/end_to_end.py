@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from calibrate import CalibrationConfig, calibrate
+from calibrate.stage import resolve_device
 from engines import BuildConfig, auto_backend, build_engine
 from exporter import ExportConfig, export_onnx
 from visprune.artifacts import atomic_write_bytes, atomic_write_json
@@ -47,6 +48,10 @@ class PipelineConfig:
         if self.backend not in ("auto", "onnxruntime", "tensorrt", "pytorch"):
             raise ConfigError(f"Unknown backend {self.backend!r}.", "Use auto, onnxruntime, tensorrt or pytorch.")
         CalibrationConfig(model=self.model, reduction=self.reduction, device=self.device, samples=self.samples)
+        for name in ("max_new_tokens", "latency_rounds", "parity_prompts"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.",
+                                  "Leave it out for the default.")
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.VERSION, **{k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}}
@@ -65,6 +70,7 @@ def run_pipeline(config: PipelineConfig, out_dir: Path, progress: bool = True, f
     its own paths, so it is written in place: an old run is kept aside until the new one is complete."""
     out = Path(out_dir)
     check_output(out, PIPELINE_RUN, inputs=[config.data, config.images, model_folder(config.model)], force=force)
+    resolve_device(config.device)  # no CUDA for --device cuda: fail before two processes start working
     with writing_in_place(out):
         result = _run_stages(config, out, progress)
     if not result.figures["parity_passed"]:  # raised after the run is in place: its reports explain the failure

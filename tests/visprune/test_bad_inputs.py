@@ -297,6 +297,8 @@ CASES = [
                                      True))),
     # --- pipeline ------------------------------------------------------------------------------------------
     Case("pipeline-reduction-two", "pipeline --reduction 2 --out {ws}/run", 2, "strictly between"),
+    Case("pipeline-cuda-without-cuda", "pipeline --device cuda --out {ws}/run", 10, "sees no CUDA GPU"),
+    Case("pipeline-zero-latency-rounds", "pipeline --latency-rounds 0 --out {ws}/run", 2, "--latency-rounds must be"),
     Case("pipeline-unknown-backend", "pipeline --backend openvino --out {ws}/run", 2, "Unknown backend"),
     Case("pipeline-out-is-a-user-folder", "pipeline --out {ws}/mine", 2, "a folder with other files", user_folder),
     Case("pipeline-out-is-an-engine", "pipeline --out {ws}/engine2", 2, "is a visprune engine, not a visprune "
