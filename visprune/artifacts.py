@@ -65,9 +65,11 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def atomic_directory(path: Path):
-    """A staging folder next to `path` that replaces it only if the block succeeds (visprune.outputs)."""
-    from visprune.outputs import replacing
+    """A staging folder next to `path` that replaces it only if the block succeeds (visprune.outputs); for the
+    cache's own folders, so what a killed build left there is cleaned first."""
+    from visprune.outputs import recover_interrupted, replacing
 
+    recover_interrupted(Path(path))
     return replacing(Path(path), is_dir=True)
 
 
