@@ -9,8 +9,10 @@ Method (recorded in every report):
 - Warm-up requests per engine first; then rounds. In each round every engine gets one untimed request (so ORT's
   spinning threads and caches of the other engine do not bill this one) and one timed request; the engine order
   alternates between rounds to cancel drift.
-- Memory: the change in resident memory (CPU) or in device memory in use (CUDA) from before the engine is loaded
-  to after its warm-up: weights plus working memory. KV bytes: the cache after prefill and after the last token.
+- Memory (`MEMORY_METHODS`, written into each report): what loading the engine takes and what its requests add,
+  from the process's resident memory on CPU (working: the peak) and from the whole device's memory in use on
+  CUDA (every allocator; working: the level after warm-up). KV bytes: the cache after prefill and after the
+  last token.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from engines.build import read_engine_set
 from runtime.pipeline import Pipeline
 from visprune.artifacts import atomic_write_bytes, atomic_write_json, tool_versions
 from visprune.errors import ArtifactMismatchError, ConfigError
@@ -130,10 +133,12 @@ def latency_report(engine_dir: Path, baseline_dir: Path, out_dir: Path, image: P
     if rounds < 1 or warmup < 0 or new_tokens < 1:
         raise ConfigError(f"rounds {rounds}, warm-up {warmup} and new tokens {new_tokens} must be >= 1, >= 0, >= 1.",
                           "Pass e.g. --rounds 10 --warmup 3 --new-tokens 16.")
-    pipes = {"pruned": Pipeline.from_engine_dir(engine_dir), "baseline": Pipeline.from_engine_dir(baseline_dir)}
+    loaded = {name: _load_measuring_memory(folder) for name, folder in (("pruned", engine_dir),
+                                                                         ("baseline", baseline_dir))}
+    pipes = {name: pipe for name, (pipe, _) in loaded.items()}
     _check_comparable(pipes["pruned"], pipes["baseline"])
     request = _request(pipes["pruned"], image, question, new_tokens)  # same processor and layout for both
-    memory = {name: _warm_up_measuring_memory(pipe, request, warmup) for name, pipe in pipes.items()}
+    memory = {name: _warm_up_measuring_memory(pipe, request, warmup, marks) for name, (pipe, marks) in loaded.items()}
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     timed = measure_side_by_side(pipes, request, warmup=0, rounds=rounds, clock=clock)
     report = {
@@ -155,43 +160,63 @@ def latency_report(engine_dir: Path, baseline_dir: Path, out_dir: Path, image: P
     return report
 
 
-def _warm_up_measuring_memory(pipe: Pipeline, request: Request, warmup: int) -> dict[str, Any]:
-    """Warm-up requests; returns the engine's weight bytes and the peak memory its requests add on top."""
-    device = pipe.runner.device
-    before = _reset_peak_memory(device)
+def _load_measuring_memory(engine_dir: Path) -> tuple[Pipeline, dict[str, Any]]:
+    """The engine's Pipeline, and the memory in use on its device before and after loading it."""
+    device = read_engine_set(Path(engine_dir)).device
+    before = memory_in_use(device)
+    pipe = Pipeline.from_engine_dir(engine_dir)
+    return pipe, {"before_load": before, "after_load": memory_in_use(device)}
+
+
+def _warm_up_measuring_memory(pipe: Pipeline, request: Request, warmup: int, marks: dict[str, Any]) -> dict[str, Any]:
+    """Warm-up requests; returns the engine's file bytes, the memory its loading took and the memory its
+    requests add on top (what each figure is on this device: `method`)."""
+    kind = "cuda" if pipe.runner.device.startswith("cuda") else "cpu"
+    _reset_peak(kind)
     for _ in range(max(warmup, 1)):
         time_request(pipe, request)
-    peak, method = _peak_memory(device)
-    engine_bytes = sum(p.stat().st_size for p in pipe.engine_dir.glob("*.onnx")) + \
-        sum(p.stat().st_size for p in pipe.engine_dir.glob("*.plan"))
-    return {"engine_file_bytes": engine_bytes, "peak_working_bytes": peak - before if peak is not None else None,
-            "method": method}
+    after = memory_in_use(kind) if kind == "cuda" else _proc_status_bytes("VmHWM") or None
+    engine_bytes = sum(p.stat().st_size for p in pipe.engine_dir.iterdir() if p.suffix in (".onnx", ".plan", ".data"))
+    return {"engine_file_bytes": engine_bytes, "load_bytes": _difference(marks["after_load"], marks["before_load"]),
+            "working_bytes": _difference(after, marks["after_load"]), "method": MEMORY_METHODS[kind]}
 
 
-def _reset_peak_memory(device: str) -> int:
-    """Current memory in use; also resets the high-water mark _peak_memory reads."""
-    if device.startswith("cuda"):
+MEMORY_METHODS = {
+    "cpu": "process resident memory: load = RSS after loading minus before; working = peak RSS during warm-up "
+           "(VmHWM, reset first) minus RSS after loading",
+    "cuda": "whole-device memory in use (cudaMemGetInfo via torch.cuda.mem_get_info, so every allocator counts: "
+            "TensorRT's context and buffers, ONNX Runtime's arena, PyTorch's cache): load = after loading minus "
+            "before; working = after warm-up minus after loading, a level, not a peak (other processes on the GPU "
+            "would count too)",
+}
+
+
+def memory_in_use(device: str) -> int | None:
+    """Bytes in use: the process's resident memory (CPU), or the whole device's (CUDA); None if unreadable."""
+    if not device.startswith("cuda"):
+        return _proc_status_bytes("VmRSS") or None
+    try:
         import torch
 
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
+        free, total = torch.cuda.mem_get_info()
+    except (ImportError, RuntimeError):  # no PyTorch CUDA build: not measured, rather than a wrong figure
+        return None
+    return total - free
+
+
+def _reset_peak(device: str) -> None:
+    if device.startswith("cuda"):
+        return
     try:
         with open("/proc/self/clear_refs", "w") as f:  # "5" resets the process's peak RSS (VmHWM), Linux >= 4.0
             f.write("5")
     except OSError:
         pass
-    return _proc_status_bytes("VmRSS")
 
 
-def _peak_memory(device: str) -> tuple[int | None, str]:
-    if device.startswith("cuda"):
-        import torch
-
-        return (torch.cuda.max_memory_allocated(), "peak of PyTorch's CUDA allocator during warm-up minus before "
-                "(TensorRT buffers and the PyTorch backend; ONNX Runtime's own CUDA arena is not seen)")
-    peak = _proc_status_bytes("VmHWM")
-    return (peak or None), "peak resident memory of the process during warm-up minus before (weights loaded before)"
+def _difference(after: int | None, before: int | None) -> int | None:
+    return after - before if after is not None and before is not None else None
 
 
 def _proc_status_bytes(field: str) -> int:
@@ -306,7 +331,8 @@ def latency_markdown(report: dict[str, Any]) -> str:
     for label, key in (("KV cache after prefill (bytes)", "kv_bytes_prefill"), ("KV cache at the end (bytes)", "kv_bytes_final")):
         a, b = e["pruned"][key], e["baseline"][key]
         lines.append(f"| {label} | {a:,} | {b:,} | {a / b:.3f} |")
-    for label, key in (("engine files (MiB)", "engine_file_bytes"), ("peak working memory (MiB)", "peak_working_bytes")):
+    for label, key in (("engine files (MiB)", "engine_file_bytes"), ("memory taken by loading (MiB)", "load_bytes"),
+                       ("working memory of requests (MiB)", "working_bytes")):
         a, b = e["pruned"]["memory"][key], e["baseline"]["memory"][key]
         lines.append(f"| {label} | {_mib(a)} | {_mib(b)} | {a / b if a and b else float('nan'):.3f} |")
     lines += ["", f"**Prefill latency ratio {r['prefill_latency_ratio']:.3f} vs. whole-LM FLOPs ratio "

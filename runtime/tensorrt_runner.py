@@ -131,6 +131,8 @@ class TensorRTRunner:
     def _run(self, graph: str, inputs: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
         import torch
 
+        # the inputs were copied on the current stream: TensorRT's stream must not start before those copies end
+        self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
             result = self.graphs[graph].run(inputs, outputs, self.stream, self.torch_dtypes)
         self.stream.synchronize()

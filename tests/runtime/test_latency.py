@@ -81,6 +81,16 @@ def test_latency_report_schema_and_files(report):
     assert data["method"]["device"]["kind"] == "cpu" and "onnxruntime" in data["method"]["versions"]
 
 
+def test_latency_report_says_what_memory_it_measured(report, exported):
+    _, data = report
+    for name, folder in (("pruned", exported["pruned"]), ("baseline", exported["unpruned"])):
+        memory = data["engines"][name]["memory"]
+        assert memory["engine_file_bytes"] == sum(p.stat().st_size for p in folder.glob("*.onnx"))
+        assert isinstance(memory["load_bytes"], int) and memory["working_bytes"] >= 0
+        assert memory["method"].startswith("process resident memory")
+    assert "memory taken by loading (MiB)" in (report[0] / "latency.md").read_text()
+
+
 def test_latency_report_figures_are_sane(report):
     _, data = report
     ratios = data["ratios"]
