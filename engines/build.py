@@ -54,7 +54,7 @@ ORT_CUDA_HINT = ("For CUDA install onnxruntime-gpu instead of onnxruntime on a G
 class BuildConfig:
     """How to build an engine folder. TensorRT always runs on CUDA; `device` applies to the other backends."""
 
-    VERSION = 2
+    VERSION = 3
 
     backend: str = "onnxruntime"
     device: str = "cpu"
@@ -65,6 +65,7 @@ class BuildConfig:
     builder_optimization_level: int = 3  # TensorRT 0-5
     timing_cache: Path | None = None  # a TensorRT timing cache file to start from (shared between builds)
     torch_compile: bool = False  # PyTorch backend: torch.compile the prefill and decode modules
+    allow_tf32: bool = False  # CUDA: let float32 matmuls and convolutions round their inputs to TF32
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -149,20 +150,23 @@ def _build_onnxruntime(config: BuildConfig, onnx_dir: Path, onnx_set: OnnxSetMan
     import onnxruntime as ort
 
     providers = ORT_PROVIDERS[config.device]
+    tf32 = uses_tf32(config.device, config.allow_tf32)
     if providers[0] not in ort.get_available_providers():
         raise BackendUnavailableError(f"This onnxruntime has no {providers[0]} (it offers "
                                       f"{ort.get_available_providers()}).", ORT_CUDA_HINT)
     for graph in GRAPH_NAMES:
-        session = _optimize(onnx_dir / f"{graph}.onnx", staging / f"{graph}.onnx", config, providers)
+        session = _optimize(onnx_dir / f"{graph}.onnx", staging / f"{graph}.onnx", config,
+                            ort_providers(providers, tf32))
         check_session_providers(session, providers)
-    return {"device": config.device, "providers": providers, "onnxruntime_version": ort.__version__,
+    return {"device": config.device, "providers": providers, "tf32": tf32, "onnxruntime_version": ort.__version__,
             "optimization_level": config.optimization_level, "tools": tool_versions("onnxruntime", "onnxruntime-gpu")}
 
 
 def _build_tensorrt(config: BuildConfig, onnx_dir: Path, onnx_set: OnnxSetManifest, staging: Path) -> dict[str, Any]:
     from engines.tensorrt import build_tensorrt_plans
 
-    return {"device": "cuda", **build_tensorrt_plans(config, onnx_dir, onnx_set, staging)}
+    tf32 = uses_tf32("cuda", config.allow_tf32) and onnx_set.dtype == "float32"
+    return {"device": "cuda", "tf32": tf32, **build_tensorrt_plans(config, onnx_dir, onnx_set, staging, tf32)}
 
 
 def _build_pytorch(config: BuildConfig, onnx_dir: Path, onnx_set: OnnxSetManifest, staging: Path) -> dict[str, Any]:
@@ -172,6 +176,7 @@ def _build_pytorch(config: BuildConfig, onnx_dir: Path, onnx_set: OnnxSetManifes
         raise BackendUnavailableError("--device cuda was asked for, but this PyTorch sees no CUDA GPU.",
                                       "Use --device cpu, or install PyTorch's CUDA build on a GPU host (README).")
     return {"device": config.device, "torch_compile": config.torch_compile,
+            "tf32": uses_tf32(config.device, config.allow_tf32) and onnx_set.dtype == "float32",
             "tools": tool_versions("torch", "transformers")}
 
 
@@ -183,6 +188,17 @@ def _optimize(source: Path, target: Path, config: BuildConfig, providers: list[s
     options.optimized_model_filepath = str(target)
     return open_ort_session(source, providers, options,
                             hint="The file is corrupt or truncated; export the set again with `visprune export`.")
+
+
+def uses_tf32(device: str, allowed: bool) -> bool:
+    """TF32 only where asked for: ONNX Runtime's CUDA provider, TensorRT and cuDNN turn it on by default, and an
+    fp32 engine must compute what its fp32 reference computes unless the user accepts the difference."""
+    return allowed and device.startswith("cuda")
+
+
+def ort_providers(names: list[str], tf32: bool) -> list:
+    """The session's providers, CUDA with TF32 set explicitly (its default is on)."""
+    return [(name, {"use_tf32": str(int(tf32))}) if name == "CUDAExecutionProvider" else name for name in names]
 
 
 def check_session_providers(session, requested: list[str]) -> None:

@@ -75,7 +75,8 @@ def check_engine_compatible(manifest: EngineManifest, tensorrt_version: str, gpu
                                     f"{built.upstream.get('onnx_dir', 'DIR')} --out DIR`.")
 
 
-def build_tensorrt_plans(config, onnx_dir: Path, onnx_set: OnnxSetManifest, staging: Path) -> dict[str, Any]:
+def build_tensorrt_plans(config, onnx_dir: Path, onnx_set: OnnxSetManifest, staging: Path,
+                         tf32: bool = False) -> dict[str, Any]:
     """Write vision/prefill/decode.plan and timing.cache into `staging`; returns the manifest facts."""
     trt = import_tensorrt()
     gpu = gpu_identity()
@@ -83,7 +84,7 @@ def build_tensorrt_plans(config, onnx_dir: Path, onnx_set: OnnxSetManifest, stag
     logger = trt.Logger(trt.Logger.WARNING)
     cache = Path(config.timing_cache).read_bytes() if config.timing_cache and Path(config.timing_cache).exists() else b""
     for graph in GRAPH_NAMES:
-        plan, cache = _build_plan(trt, logger, onnx_dir / f"{graph}.onnx", profiles[graph], config, cache)
+        plan, cache = _build_plan(trt, logger, onnx_dir / f"{graph}.onnx", profiles[graph], config, cache, tf32)
         atomic_write_bytes(staging / f"{graph}.plan", plan)
     atomic_write_bytes(staging / "timing.cache", cache)
     if config.timing_cache:  # the shared cache grows with every build, so later builds skip the measured tactics
@@ -103,7 +104,7 @@ def network_flags(trt) -> int:
 
 
 def _build_plan(trt, logger, onnx_path: Path, graph_profiles: dict[str, Any], config,
-                timing_cache: bytes) -> tuple[bytes, bytes]:
+                timing_cache: bytes, tf32: bool = False) -> tuple[bytes, bytes]:
     """One serialized engine, and the timing cache after building it."""
     builder = trt.Builder(logger)
     network = builder.create_network(network_flags(trt))
@@ -115,6 +116,8 @@ def _build_plan(trt, logger, onnx_path: Path, graph_profiles: dict[str, Any], co
                                "with this list and your TensorRT version.")
     build_config = builder.create_builder_config()
     build_config.builder_optimization_level = config.builder_optimization_level
+    if not tf32:  # TensorRT enables TF32 by default; cleared, float32 layers compute in float32
+        build_config.clear_flag(trt.BuilderFlag.TF32)
     if config.workspace_gib:
         build_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(config.workspace_gib * 2**30))
     profile = builder.create_optimization_profile()

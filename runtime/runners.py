@@ -75,7 +75,7 @@ class OrtRunner:
 
     @classmethod
     def open(cls, engine_dir: Path, manifest: EngineManifest) -> "OrtRunner":
-        from engines.build import check_session_providers, open_ort_session
+        from engines.build import check_session_providers, open_ort_session, ort_providers
 
         if manifest.onnx_set.dtype == "bfloat16":
             raise ConfigError("ONNX Runtime engines take float32 or float16 sets; this one is bfloat16.",
@@ -83,7 +83,8 @@ class OrtRunner:
         providers = manifest.providers
         sessions = {}
         for graph in GRAPH_NAMES:
-            sessions[graph] = open_ort_session(Path(engine_dir) / f"{graph}.onnx", providers,
+            sessions[graph] = open_ort_session(Path(engine_dir) / f"{graph}.onnx",
+                                               ort_providers(providers, manifest.tf32),
                                                hint="The engine folder is damaged; rebuild it with `visprune build`.")
             check_session_providers(sessions[graph], providers)
         return cls(sessions, manifest.device, manifest.onnx_set.num_layers)

@@ -35,10 +35,12 @@ class TorchRunner:
     backend = "pytorch"
 
     def __init__(self, bundle: LlavaBundle, recipe: Recipe, image_start: int, device: str = "cpu",
-                 compile: bool = False):
+                 compile: bool = False, tf32: bool = False):
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise BackendUnavailableError(f"Device {device} was asked for, but this PyTorch sees no CUDA GPU.",
                                           "Use device cpu, or install PyTorch's CUDA build on a GPU host (README).")
+        if device.startswith("cuda"):  # process-wide switches; cuDNN's is on by default (the vision tower's conv)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
         self.bundle, self.device, self.compiled = bundle, device, compile
         model = bundle.model.to(device)
         self.dtype = model.dtype
@@ -71,7 +73,7 @@ class TorchRunner:
             raise ArtifactMismatchError(f"The checkpoint at {model} no longer matches the one {engine_dir} was built "
                                         "from.", "Export and build again from the checkpoint you have now.")
         return cls(bundle, engine_recipe(onnx_set), onnx_set.prompt.image_start, manifest.device,
-                   bool(manifest.torch_compile))
+                   bool(manifest.torch_compile), manifest.tf32)
 
     @torch.no_grad()
     def image_features(self, pixel_values: np.ndarray) -> np.ndarray:

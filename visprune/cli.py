@@ -207,6 +207,8 @@ def _add_build(commands) -> None:
     trt.add_argument("--timing-cache", type=Path, help="timing cache file to reuse and update across builds")
     torch_group = p.add_argument_group("pytorch")
     torch_group.add_argument("--compile", action="store_true", help="torch.compile the prefill and decode modules")
+    p.add_argument("--allow-tf32", action="store_true", help="CUDA: let float32 engines use TF32 matmuls and "
+                                                              "convolutions (off by default; recorded in engine.json)")
     _add_force(p)
     p.set_defaults(handler=_run_build)
 
@@ -217,7 +219,7 @@ def _run_build(args) -> int:
     config = BuildConfig(backend=args.backend, device=args.device, optimization_level=args.optimization_level, max_prompt_tokens=args.max_prompt_tokens,
                          max_new_tokens=args.max_new_tokens, workspace_gib=args.workspace_gib,
                          builder_optimization_level=args.builder_optimization_level, timing_cache=args.timing_cache,
-                         torch_compile=args.compile)
+                         torch_compile=args.compile, allow_tf32=args.allow_tf32)
     manifest = build_engine(config, args.onnx, args.out, force=args.force)
     version = manifest.onnxruntime_version or manifest.tensorrt_version or ""
     print(f"built {args.out}: {manifest.backend} {version} on {manifest.device}")

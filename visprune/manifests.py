@@ -234,6 +234,7 @@ class EngineManifest(Strict):
     tools: dict[str, str]
     files: dict[RelativeFile, FileDigest]
     manifest_sha256: Sha256
+    tf32: bool  # float32 matmuls and convolutions may run in TF32 (CUDA, only when built with --allow-tf32)
     # onnxruntime
     providers: list[str] | None = None
     onnxruntime_version: str | None = None

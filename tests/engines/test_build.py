@@ -27,3 +27,15 @@ def test_engine_manifest_records_backend_and_upstream(exported):
 def test_bad_build_configs_are_rejected(kwargs, fragment):
     with pytest.raises(ConfigError, match=fragment):
         BuildConfig(**kwargs)
+
+
+def test_tf32_is_off_unless_asked_for_and_recorded(exported):
+    from engines.build import ort_providers, uses_tf32
+
+    manifest = json.loads((exported["pruned"] / "engine.json").read_text())
+    assert manifest["tf32"] is False and manifest["config"]["allow_tf32"] is False
+    cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert ort_providers(cuda, uses_tf32("cuda", False)) == [("CUDAExecutionProvider", {"use_tf32": "0"}),
+                                                             "CPUExecutionProvider"]
+    assert ort_providers(cuda, uses_tf32("cuda", True))[0] == ("CUDAExecutionProvider", {"use_tf32": "1"})
+    assert not uses_tf32("cpu", True) and ort_providers(["CPUExecutionProvider"], False) == ["CPUExecutionProvider"]
