@@ -36,6 +36,7 @@ class TradeoffConfig:
     reductions: tuple[float, ...] = (0.4, 0.6, 0.8, 0.9)  # 0 (unpruned) is always measured
     questions: int = 500
     seed: int = 0  # calibration subset seed and random pruning seed
+    device: str = "cpu"  # calibration and scoring; the committed table is float32 on CPU (`cuda` calibrates in fp16)
 
     def __post_init__(self) -> None:
         if not all(0 < r < 1 for r in self.reductions):
@@ -53,7 +54,7 @@ def tradeoff(config: TradeoffConfig, out_dir: Path, progress: bool = True, force
 
 def _study(config: TradeoffConfig, out_dir: Path, progress: bool) -> dict[str, Any]:
     samples = make_split("test", config.questions)
-    evaluation = EvalConfig(questions=config.questions)
+    evaluation = EvalConfig(questions=config.questions, device=config.device)
 
     def score(recipe: Recipe | None) -> dict[str, Any]:
         return accuracy_by_type(samples, answers_from_recipe(config.model, recipe, samples, evaluation, progress))
@@ -81,7 +82,8 @@ def _recipes(config: TradeoffConfig, reduction: float, out_dir: Path) -> dict[st
     tag = f"{reduction:.2f}"
     recipes: dict[str, Recipe | None] = dict.fromkeys(METHODS)
     try:
-        recipes["fitprune"] = calibrate(CalibrationConfig(model=config.model, reduction=reduction, seed=config.seed),
+        recipes["fitprune"] = calibrate(CalibrationConfig(model=config.model, reduction=reduction, seed=config.seed,
+                                                          device=config.device),
                                         out_dir / "recipes" / f"fitprune-{tag}.json", plot=False, progress=False).recipe
         recipes["random"] = random_recipe(recipes["fitprune"], config.seed)
     except BudgetUnreachableError:
