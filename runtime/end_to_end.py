@@ -2,7 +2,9 @@
 
 calibrate -> export (pruned, and the unpruned baseline) -> build (TensorRT where available, else ONNX Runtime)
 -> run one sample request -> parity and latency reports -> report.md with the plots. The unpruned export does not
-depend on the recipe, so it runs in a second process while calibration and the pruned export run here.
+depend on the recipe, so it runs in a second process while calibration and the pruned export run here (its
+TensorRT build waits for the pruned one: TensorRT times its kernels on the GPU, and two builds at once would skew
+each other's choices).
 
 Layout of `out`: recipe.json/.png, onnx/, onnx-unpruned/, engine/, engine-unpruned/, sample.png,
 report/{parity,latency}.{json,md}, report/*.png, report.md, pipeline.json (config, stage times, headline figures).
@@ -87,8 +89,9 @@ def _run_stages(config: PipelineConfig, out: Path, progress: bool) -> PipelineRe
     dtype = "float16" if backend == "tensorrt" else "float32"
     resolve_model_path(config.model)  # builds `tiny` once here, before two processes could race to build it
     export = ExportConfig(model=config.model, dtype=dtype)
-    with InBackground(_export_and_build, export, backend, out / "onnx-unpruned", out / "engine-unpruned",
-                      cleanup=lambda: _remove_staging(out)) as baseline:
+    overlap_build = backend != "tensorrt"  # TensorRT times kernels on the GPU: two builds at once skew both
+    with InBackground(_export_and_build, export, backend if overlap_build else None, out / "onnx-unpruned",
+                      out / "engine-unpruned", cleanup=lambda: _remove_staging(out)) as baseline:
         with _stage(result, "calibrate"):
             calibrate(CalibrationConfig(model=config.model, reduction=config.reduction, device=config.device,
                                         data=config.data, images=config.images, samples=config.samples),
@@ -98,6 +101,9 @@ def _run_stages(config: PipelineConfig, out: Path, progress: bool) -> PipelineRe
                               out / "onnx", out / "engine", progress)
         with _stage(result, "export + build (unpruned, overlapped)"):
             baseline.result()
+    if not overlap_build:
+        with _stage(result, "build (unpruned, after the pruned one)"):
+            _build(backend, out / "onnx-unpruned", out / "engine-unpruned")
     _run_and_report(config, result)
     atomic_write_json(out / "pipeline.json", {"schema": PIPELINE_SCHEMA[0], "schema_version": PIPELINE_SCHEMA[1],
                                               "config": config.to_dict(), "backend": backend, "answer": result.answer,
@@ -121,9 +127,15 @@ def format_summary(result: PipelineResult) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
-def _export_and_build(export: ExportConfig, backend: str, onnx_dir: Path, engine_dir: Path,
+def _export_and_build(export: ExportConfig, backend: str | None, onnx_dir: Path, engine_dir: Path,
                       progress: bool = False) -> None:
+    """Export, then build with `backend` (None: export only)."""
     export_onnx(export, onnx_dir, progress=progress)
+    if backend:
+        _build(backend, onnx_dir, engine_dir)
+
+
+def _build(backend: str, onnx_dir: Path, engine_dir: Path) -> None:
     device = "cuda" if backend == "tensorrt" else "cpu"
     build_engine(BuildConfig(backend=backend, device=device, max_prompt_tokens=1024, max_new_tokens=256),
                  onnx_dir, engine_dir)
