@@ -43,6 +43,8 @@ OPT_LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "exten
 ORT_PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 HOST_FILES = ("embed_tokens.npy", "processor")
 ENGINE_FILE, ONNX_MANIFEST_FILE = "engine.json", "manifest.json"
+EXTERNAL_DATA_ABOVE = 1_800_000_000  # bytes of a graph and its weights above which the optimized graph's weights go
+# to a side file (ONNX protobufs cap at 2 GB)
 ONNX_HINT = "Export it again with `visprune export ...`."
 ENGINE_HINT = "Build it again with `visprune build --onnx DIR --out DIR`."
 ORT_CUDA_HINT = ("For CUDA install onnxruntime-gpu instead of onnxruntime on a GPU host with CUDA 12 (README 'GPU "
@@ -186,8 +188,18 @@ def _optimize(source: Path, target: Path, config: BuildConfig, providers: list[s
     options = ort.SessionOptions()
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[config.optimization_level])
     options.optimized_model_filepath = str(target)
+    if graph_bytes(source) > EXTERNAL_DATA_ABOVE:  # a protobuf caps at 2 GB: weights go to `<graph>.onnx.data`
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                         f"{target.name}.data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     return open_ort_session(source, providers, options,
                             hint="The file is corrupt or truncated; export the set again with `visprune export`.")
+
+
+def graph_bytes(path: Path) -> int:
+    """A graph's size with its external data (`<name>.data` or `<name>.onnx.data` beside it, as exporters write)."""
+    siblings = (path.with_name(path.name + ".data"), path.with_suffix(".data"))
+    return path.stat().st_size + sum(p.stat().st_size for p in set(siblings) if p.is_file())
 
 
 def uses_tf32(device: str, allowed: bool) -> bool:

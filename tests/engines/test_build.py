@@ -39,3 +39,28 @@ def test_tf32_is_off_unless_asked_for_and_recorded(exported):
                                                              "CPUExecutionProvider"]
     assert ort_providers(cuda, uses_tf32("cuda", True))[0] == ("CUDAExecutionProvider", {"use_tf32": "1"})
     assert not uses_tf32("cpu", True) and ort_providers(["CPUExecutionProvider"], False) == ["CPUExecutionProvider"]
+
+
+def test_weights_over_the_protobuf_limit_go_to_side_files_that_travel_with_the_engine(exported, tmp_path, monkeypatch,
+                                                                                      default_set):
+    """What a 7B graph takes (over 2 GB): the optimized graph's weights in `<graph>.onnx.data`, recorded and loaded.
+    The threshold is lowered so that tiny's graphs take the same path."""
+    import shutil
+
+    import numpy as np
+
+    import engines.build
+    from engines import build_engine
+    from runtime import Pipeline
+    from visprune.errors import ArtifactMismatchError
+
+    monkeypatch.setattr(engines.build, "EXTERNAL_DATA_ABOVE", 0)
+    manifest = build_engine(BuildConfig(), exported["pruned-onnx"], tmp_path / "engine")
+    assert {"vision.onnx.data", "prefill.onnx.data", "decode.onnx.data"} <= set(manifest.files)
+    image, prompt = default_set.samples[0].image, "USER: <image>\nWhat is it? ASSISTANT:"
+    side, whole = (Pipeline.from_engine_dir(e).generate(image, prompt, 4, keep_logits=True)
+                   for e in (tmp_path / "engine", exported["pruned"]))
+    assert side.token_ids == whole.token_ids and np.allclose(side.step_logits[0], whole.step_logits[0], atol=1e-5)
+    shutil.copytree(tmp_path / "engine", tmp_path / "copy", ignore=shutil.ignore_patterns("prefill.onnx.data"))
+    with pytest.raises(ArtifactMismatchError, match="lacks prefill.onnx.data"):
+        Pipeline.from_engine_dir(tmp_path / "copy")
