@@ -1,14 +1,21 @@
 """Parity reports: (a) the engine against the PyTorch reference of the same pruned model, (b) pruned against
 unpruned (both in PyTorch, same weights) on prompts that calibration did not use.
 
-(a) per prompt: first-token and per-step logits error, kept indices per pruning layer, greedy tokens.
+(a) per prompt, under the criteria of the engine's precision (`CRITERIA`, overridable, written into the report):
+the reference decodes greedily and the engine is fed the reference's tokens (teacher forcing), so one early flip
+cannot ruin every later step; per pruning layer the share of kept indices both keep; per step whether the engine's
+top-1 is the reference's token, and, where both kept the same tokens, the logits error against
+atol + rtol x max|reference logits| (where the selection differs the logits legitimately differ more, and the
+overlap and top-1 criteria judge). The reference
+is the PyTorch backend at the engine's dtype on the engine's device where that device exists here (a CUDA engine
+on a CUDA host), else float32 on the CPU, and the criteria of the engine's dtype allow for that difference.
 (b) per prompt: next-token top-1 agreement, KL(unpruned || pruned) of the first-token distribution, and
 whether the greedy answers match exactly.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +23,34 @@ import numpy as np
 
 from calibrate.recipe import Recipe, check_recipe_fits, load_recipe, unpruned_recipe
 from runtime.pipeline import Pipeline
-from runtime.torch_runner import TorchRunner, engine_recipe
+from runtime.torch_runner import TORCH_DTYPES, TorchRunner, engine_recipe
 from visprune.artifacts import atomic_write_bytes, atomic_write_json
 from visprune.errors import ArtifactMismatchError, VispruneError
 from visprune.manifests import OnnxSetManifest, ParityReport
 from visprune.models import LlavaBundle, load_llava
 
-# Logits tolerance of engine vs reference, by export dtype (max abs error).
-TOLERANCE = {"float32": 1e-4, "float16": 5e-2, "bfloat16": 2e-1}
+
+
+@dataclass(frozen=True)
+class ParityCriteria:
+    """What "the engine computes what the reference computes" means at one precision, output by output."""
+
+    logits_atol: float  # per step, where the kept tokens agree: max |engine - reference| <= atol + rtol * max|ref|
+    logits_rtol: float
+    min_kept_overlap: float  # per pruning layer: |kept by both| / K
+    min_top1: float  # per prompt, teacher-forced: share of steps whose top-1 is the reference's token
+
+
+# By the engine's export dtype. float32: exact selection and tokens, float32 rounding in the logits. float16 and
+# bfloat16 engines against the float32 reference: rounding moves near-tied scores across the TopK boundary and
+# near-tied logits across the argmax, so a few flips are expected numerics. Measured on CPU for float16
+# (bench/results/parity_fp16.md: 8 prompts, kept sets equal in 5 with logits errors 0.007-0.022; overlap down to
+# 0.950, teacher-forced top-1 down to 0.875); bfloat16 (8 mantissa bits to float16's 11) scaled from it, unmeasured.
+CRITERIA = {
+    "float32": ParityCriteria(logits_atol=1e-4, logits_rtol=0.0, min_kept_overlap=1.0, min_top1=1.0),
+    "float16": ParityCriteria(logits_atol=0.05, logits_rtol=0.02, min_kept_overlap=0.9, min_top1=0.75),
+    "bfloat16": ParityCriteria(logits_atol=0.2, logits_rtol=0.1, min_kept_overlap=0.8, min_top1=0.6),
+}
 # How far the engine's saved token embeddings may sit from the model's float32 ones: the export rounds them to
 # its dtype (float16 keeps 11 significant bits, bfloat16 8; bfloat16 sets store the rounded values as float32).
 EMBEDDING_TOLERANCE = {"float32": (1e-6, 1e-8), "float16": (1e-3, 1e-7), "bfloat16": (1e-2, 1e-7)}  # (rtol, atol)
@@ -52,11 +79,11 @@ def default_parity_prompts(count: int = 8) -> list[PromptCase]:
 
 def parity_report(engine_dir: Path, model: str, out_dir: Path, prompts: list[PromptCase] | None = None,
                   max_new_tokens: int = 8, allow_failure: bool = False, recipe: Path | None = None,
-                  reference_device: str = "cpu") -> dict[str, Any]:
+                  criteria: dict[str, float] | None = None) -> dict[str, Any]:
     """Write parity.json and parity.md to `out_dir`; raise ParityError on failure unless `allow_failure`.
 
-    The reference is the PyTorch backend in float32 on `reference_device`. With `recipe`, the engine must have
-    been exported from exactly that recipe.
+    `criteria` overrides fields of the engine dtype's `CRITERIA`. With `recipe`, the engine must have been exported
+    from exactly that recipe.
     """
     pipe = Pipeline.from_engine_dir(engine_dir)
     onnx_set = pipe.manifest.onnx_set
@@ -68,12 +95,14 @@ def parity_report(engine_dir: Path, model: str, out_dir: Path, prompts: list[Pro
                                     f"({onnx_set.model.name}) than {model}.",
                                     "Pass the --model the engine was exported from, or export and build again.")
     check_engine_embeddings(pipe, bundle, model)
-    recipe = engine_recipe(onnx_set)
-    pruned = pipe.with_runner(TorchRunner(bundle, recipe, pipe.image_start, reference_device))
-    unpruned = pipe.with_runner(TorchRunner(bundle, unpruned_recipe(bundle.shape), pipe.image_start, reference_device))
-    tolerance = TOLERANCE[onnx_set.dtype]
-    cases = [_compare_case(pipe, pruned, unpruned, case, max_new_tokens) for case in prompts or default_parity_prompts()]
-    report = _summarize(cases, tolerance, onnx_set)
+    device, dtype = reference_precision(pipe)
+    bundle = bundle if dtype == "float32" else load_llava(model, dtype=TORCH_DTYPES[dtype])
+    pruned = pipe.with_runner(TorchRunner(bundle, engine_recipe(onnx_set), pipe.image_start, device))
+    unpruned = pipe.with_runner(TorchRunner(bundle, unpruned_recipe(bundle.shape), pipe.image_start, device))
+    rules = replace(CRITERIA[onnx_set.dtype], **(criteria or {}))
+    cases = [_compare_case(pipe, pruned, unpruned, case, max_new_tokens, rules)
+             for case in prompts or default_parity_prompts()]
+    report = _summarize(cases, rules, onnx_set, {"device": device, "dtype": dtype})
     out_dir = Path(out_dir)
     ParityReport.model_validate(report)  # a writer's bug, not the user's: fails loudly before writing
     atomic_write_json(out_dir / "parity.json", report)
@@ -114,42 +143,72 @@ def check_engine_recipe(onnx_set: OnnxSetManifest, recipe: Recipe, engine_dir: P
             "Export and build again from this recipe, or leave --recipe out.")
 
 
-def _compare_case(pipe: Pipeline, pruned: Pipeline, unpruned: Pipeline, case: PromptCase,
-                  max_new_tokens: int) -> dict[str, Any]:
+def reference_precision(pipe: Pipeline) -> tuple[str, str]:
+    """(device, dtype) of the reference: like the engine where its device exists here, else float32 on the CPU."""
+    import torch
+
+    if pipe.runner.device.startswith("cuda") and torch.cuda.is_available():
+        return "cuda", pipe.manifest.onnx_set.dtype
+    return "cpu", "float32"
+
+
+def _compare_case(pipe: Pipeline, pruned: Pipeline, unpruned: Pipeline, case: PromptCase, max_new_tokens: int,
+                  rules: ParityCriteria) -> dict[str, Any]:
     prompt = pipe.chat_prompt(case.question)
-    engine = pipe.generate(case.image, prompt, max_new_tokens=max_new_tokens, keep_logits=True)
     reference = pruned.generate(case.image, prompt, max_new_tokens=max_new_tokens, keep_logits=True)
+    engine = pipe.generate(case.image, prompt, keep_logits=True, forced_tokens=reference.token_ids)
     baseline = unpruned.generate(case.image, prompt, max_new_tokens=max_new_tokens, keep_logits=True)
-    ref_tokens, ref_logits, ref_kept = reference.token_ids, reference.step_logits, reference.kept_indices
+    ref_tokens, ref_logits = reference.token_ids, reference.step_logits
     base_tokens, base_logits = baseline.token_ids, baseline.step_logits
-    steps = min(len(engine.step_logits), len(ref_logits))
-    abs_err = [float(np.abs(engine.step_logits[i] - ref_logits[i]).max()) for i in range(steps)]
-    rel_err = [e / max(float(np.abs(ref_logits[i]).max()), 1e-12) for i, e in enumerate(abs_err)]
+    abs_err = [float(np.abs(e - r).max()) for e, r in zip(engine.step_logits, ref_logits)]
+    scale = [float(np.abs(r).max()) for r in ref_logits]
+    top1 = [int(np.argmax(e)) == token for e, token in zip(engine.step_logits, ref_tokens)]
+    overlap = kept_overlap(engine.kept_indices, reference.kept_indices)
     return {
         "image": case.image.name, "question": case.question,
-        "max_abs_logits_error": abs_err, "max_rel_logits_error": rel_err,
-        "kept_indices_equal": engine.kept_indices == ref_kept,
-        "tokens_equal": engine.token_ids == ref_tokens, "engine_tokens": engine.token_ids,
+        "max_abs_logits_error": abs_err, "max_rel_logits_error": [e / max(s, 1e-12) for e, s in zip(abs_err, scale)],
+        "logits_within": not all(v == 1.0 for v in overlap.values()) or  # judged by overlap and top-1 instead
+                         all(e <= rules.logits_atol + rules.logits_rtol * s for e, s in zip(abs_err, scale)),
+        "kept_overlap": overlap, "kept_indices_equal": all(v == 1.0 for v in overlap.values()),
+        "teacher_forced_top1": float(np.mean(top1)), "tokens_equal": all(top1),
+        "engine_tokens": [int(np.argmax(e)) for e in engine.step_logits], "reference_tokens": ref_tokens,
         "first_token_top1_agree": int(np.argmax(base_logits[0])) == int(np.argmax(ref_logits[0])),
         "first_token_kl": _kl(base_logits[0], ref_logits[0]),
         "answer_exact_match": base_tokens == ref_tokens,
     }
 
 
-def _summarize(cases: list[dict[str, Any]], tolerance: float, onnx_set: OnnxSetManifest) -> dict[str, Any]:
-    worst = max(max(c["max_abs_logits_error"]) for c in cases)
+def kept_overlap(engine: dict[int, list[int]], reference: dict[int, list[int]]) -> dict[str, float]:
+    """Per pruning layer, the share of the reference's kept image indices that the engine kept too."""
+    return {str(layer): len(set(engine.get(layer, [])) & set(kept)) / len(kept) for layer, kept in reference.items()}
+
+
+def _failures(cases: list[dict[str, Any]], rules: ParityCriteria) -> list[str]:
     failures = []
-    if worst > tolerance:
-        failures.append(f"max abs logits error {worst:.2e} > {tolerance:.0e}")
-    if not all(c["kept_indices_equal"] for c in cases):
-        failures.append("kept indices differ")
-    if not all(c["tokens_equal"] for c in cases):
-        failures.append("greedy tokens differ")
+    if not all(c["logits_within"] for c in cases):
+        worst = max(max(c["max_abs_logits_error"]) for c in cases if not c["logits_within"])
+        failures.append(f"logits error up to {worst:.2e} with the same kept tokens, over atol {rules.logits_atol:g} "
+                        f"+ rtol {rules.logits_rtol:g} x max|reference|")
+    overlap = min((v for c in cases for v in c["kept_overlap"].values()), default=1.0)
+    if overlap < rules.min_kept_overlap:
+        failures.append(f"kept-index overlap down to {overlap:.3f} < {rules.min_kept_overlap:g}")
+    top1 = min(c["teacher_forced_top1"] for c in cases)
+    if top1 < rules.min_top1:
+        failures.append(f"teacher-forced top-1 agreement down to {top1:.3f} < {rules.min_top1:g}")
+    return failures
+
+
+def _summarize(cases: list[dict[str, Any]], rules: ParityCriteria, onnx_set: OnnxSetManifest,
+               reference: dict[str, str]) -> dict[str, Any]:
+    failures = _failures(cases, rules)
     return {
-        "schema": "visprune.parity_report", "schema_version": 1,
+        "schema": "visprune.parity_report", "schema_version": 2,
         "engine": {"recipe_sha256": onnx_set.recipe.sha256, "dtype": onnx_set.dtype, "model": onnx_set.model.name},
-        "engine_vs_reference": {"passed": not failures, "failures": failures, "tolerance": tolerance,
-                                "max_abs_logits_error": worst, "prompts": len(cases)},
+        "engine_vs_reference": {
+            "passed": not failures, "failures": failures, "criteria": asdict(rules), "reference": reference,
+            "tolerance": rules.logits_atol, "max_abs_logits_error": max(max(c["max_abs_logits_error"]) for c in cases),
+            "min_kept_overlap": min((v for c in cases for v in c["kept_overlap"].values()), default=1.0),
+            "min_teacher_forced_top1": min(c["teacher_forced_top1"] for c in cases), "prompts": len(cases)},
         "pruned_vs_unpruned": {
             "first_token_top1_agreement": float(np.mean([c["first_token_top1_agree"] for c in cases])),
             "mean_first_token_kl": float(np.mean([c["first_token_kl"] for c in cases])),
@@ -173,13 +232,16 @@ def _markdown(report: dict[str, Any]) -> str:
         f"Model `{report['engine']['model']}`, export dtype {report['engine']['dtype']}, "
         f"recipe {report['engine']['recipe_sha256'][:19]}…", "",
         "## Engine vs. PyTorch reference (same pruned model)", "",
-        f"**{'PASSED' if a['passed'] else 'FAILED'}** over {a['prompts']} prompts: max abs logits error "
-        f"{a['max_abs_logits_error']:.2e} (tolerance {a['tolerance']:.0e}); "
-        + ("; ".join(a["failures"]) if a["failures"] else "kept indices and greedy tokens identical."), "",
-        "| image | question | max abs err | kept equal | tokens equal |", "|---|---|---:|---|---|",
+        f"**{'PASSED' if a['passed'] else 'FAILED'}** over {a['prompts']} prompts against the PyTorch reference in "
+        f"{a['reference']['dtype']} on {a['reference']['device']}: max abs logits error "
+        f"{a['max_abs_logits_error']:.2e}, kept-index overlap at least {a['min_kept_overlap']:.3f}, teacher-forced "
+        f"top-1 agreement at least {a['min_teacher_forced_top1']:.3f}"
+        + (f". Failed: {'; '.join(a['failures'])}." if a["failures"] else "."), "",
+        "Criteria: " + ", ".join(f"{k} {v:g}" for k, v in a["criteria"].items()) + ".", "",
+        "| image | question | max abs err | min kept overlap | top-1 (teacher-forced) |", "|---|---|---:|---:|---:|",
     ]
     lines += [f"| {c['image']} | {c['question']} | {max(c['max_abs_logits_error']):.2e} | "
-              f"{'yes' if c['kept_indices_equal'] else 'NO'} | {'yes' if c['tokens_equal'] else 'NO'} |"
+              f"{min(c['kept_overlap'].values(), default=1.0):.3f} | {c['teacher_forced_top1']:.3f} |"
               for c in report["cases"]]
     lines += ["", "## Pruned vs. unpruned (PyTorch, same weights, prompts not used for calibration)", "",
               f"- first-token top-1 agreement: {b['first_token_top1_agreement']:.0%}",

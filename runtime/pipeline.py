@@ -106,8 +106,13 @@ class Pipeline:
         if self.manifest.limits:  # TensorRT: the optimization profiles' ranges
             check_request_fits(self.manifest.limits, prompt_tokens, max_new_tokens, self.engine_dir)
 
-    def generate(self, image: Any, prompt: str, max_new_tokens: int = 32, keep_logits: bool = False) -> Generation:
-        """Greedy decoding from `prompt` (a full prompt with one `<image>`) about `image` (a path or PIL image)."""
+    def generate(self, image: Any, prompt: str, max_new_tokens: int = 32, keep_logits: bool = False,
+                 forced_tokens: list[int] | None = None) -> Generation:
+        """Greedy decoding from `prompt` (a full prompt with one `<image>`) about `image` (a path or PIL image).
+
+        `forced_tokens` teacher-forces: each step feeds the given token instead of its own argmax (parity checks
+        compare the logits of two models fed the same tokens), and generation runs exactly that many steps."""
+        max_new_tokens = len(forced_tokens) if forced_tokens else max_new_tokens
         check_max_new_tokens(max_new_tokens)  # before the image is read and encoded
         input_ids, pixel_values = self.encode(image, prompt)
         self.check_request(input_ids.shape[1], max_new_tokens)
@@ -120,7 +125,8 @@ class Pipeline:
         timings["prefill_s"] = time.perf_counter() - prefill_start
         timings["ttft_s"] = time.perf_counter() - start
         timings["kv_bytes"] = self.runner.kv_bytes(first.past)
-        tokens, step_logits = self._decode_greedy(first.logits, first.past, input_ids.shape[1], max_new_tokens, timings)
+        tokens, step_logits = self._decode_greedy(first.logits, first.past, input_ids.shape[1], max_new_tokens, timings,
+                                                  forced_tokens)
         text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True)
         return Generation(text=text, token_ids=tokens, timings=timings, kept_indices=first.kept,
                           step_logits=step_logits if keep_logits else [])
@@ -131,13 +137,13 @@ class Pipeline:
         embeds[:, self.image_start:self.image_start + self.num_visual] = image_features
         return embeds
 
-    def _decode_greedy(self, logits, past, prompt_len, max_new_tokens, timings):
+    def _decode_greedy(self, logits, past, prompt_len, max_new_tokens, timings, forced=None):
         tokens, step_logits, step_times = [], [], []
         for step in range(max_new_tokens):
             step_logits.append(logits[0])
-            token = int(np.argmax(logits[0]))
+            token = forced[step] if forced else int(np.argmax(logits[0]))
             tokens.append(token)
-            if token == self.eos_token_id or step == max_new_tokens - 1:
+            if (token == self.eos_token_id and not forced) or step == max_new_tokens - 1:
                 break
             start = time.perf_counter()
             embeds = self.embeddings[[[token]]].astype(self.host_dtype)

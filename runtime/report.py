@@ -27,6 +27,11 @@ class ReportConfig:
     new_tokens: int = 16
     warmup: int = 3
     rounds: int = 10
+    # parity criteria overriding the engine dtype's defaults (runtime/parity.py CRITERIA); None: the default
+    logits_atol: float | None = None
+    logits_rtol: float | None = None
+    min_kept_overlap: float | None = None
+    min_top1: float | None = None
 
     def __post_init__(self) -> None:
         if self.latency and self.baseline is None:
@@ -38,6 +43,15 @@ class ReportConfig:
         for flag, value, least in (("--max-new-tokens", self.max_new_tokens, 1), ("--new-tokens", self.new_tokens, 1),
                                    ("--warmup", self.warmup, 0), ("--rounds", self.rounds, 1)):
             _check_at_least(flag, value, least)
+        for name, value in self.criteria().items():
+            if value < 0 or (name.startswith("min_") and value > 1):
+                raise ConfigError(f"--{name.replace('_', '-')} {value} is out of range.",
+                                  "Tolerances are >= 0; minimum shares lie in [0, 1].")
+
+    def criteria(self) -> dict[str, float]:
+        """The parity criteria given on the command line (the rest come from the engine's dtype)."""
+        names = ("logits_atol", "logits_rtol", "min_kept_overlap", "min_top1")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 
 def _check_at_least(flag: str, value: int, least: int) -> None:
@@ -74,7 +88,7 @@ def _write(config: ReportConfig, engine_dir: Path, out_dir: Path) -> None:
 
     if config.parity:
         parity_report(engine_dir, config.model, out_dir, max_new_tokens=config.max_new_tokens,
-                      allow_failure=config.allow_parity_failure, recipe=config.recipe)
+                      allow_failure=config.allow_parity_failure, recipe=config.recipe, criteria=config.criteria())
     if config.latency:
         latency_report(engine_dir, config.baseline, out_dir, image=config.image, new_tokens=config.new_tokens,
                        warmup=config.warmup, rounds=config.rounds)

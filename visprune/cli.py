@@ -263,6 +263,11 @@ def _add_report(commands) -> None:
     parity.add_argument("--max-new-tokens", type=int, default=8)
     parity.add_argument("--allow-parity-failure", action="store_true", help="exit 0 even if parity fails")
     parity.add_argument("--no-parity", action="store_true", help="skip the parity report")
+    for flag, meaning in (("--logits-atol", "logits: absolute tolerance"), ("--logits-rtol", "logits: tolerance "
+                          "relative to max |reference logit|"), ("--min-kept-overlap", "kept indices: least share "
+                          "both keep, per pruning layer"), ("--min-top1", "tokens: least teacher-forced top-1 "
+                          "agreement")):
+        parity.add_argument(flag, type=float, help=f"{meaning} (default: by the engine's dtype, README)")
     latency = p.add_argument_group("latency")
     latency.add_argument("--latency", action="store_true", help="write latency.json/.md/.png")
     latency.add_argument("--baseline", type=Path, help="engine to compare with (normally the unpruned one)")
@@ -281,7 +286,8 @@ def _run_report(args) -> int:
     config = ReportConfig(parity=not args.no_parity, model=args.model, recipe=args.recipe,
                           max_new_tokens=args.max_new_tokens, allow_parity_failure=args.allow_parity_failure,
                           latency=args.latency, baseline=args.baseline, image=args.image, new_tokens=args.new_tokens,
-                          warmup=args.warmup, rounds=args.rounds)
+                          warmup=args.warmup, rounds=args.rounds, logits_atol=args.logits_atol,
+                          logits_rtol=args.logits_rtol, min_kept_overlap=args.min_kept_overlap, min_top1=args.min_top1)
     for path in write_reports(config, args.engine, args.out, force=args.force, verify=args.verify):
         print(path.read_text())
     return 0

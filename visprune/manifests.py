@@ -271,8 +271,12 @@ class EngineManifest(Strict):
 class EngineVsReference(Strict):
     passed: bool
     failures: list[str]
-    tolerance: Annotated[float, Field(ge=0.0)]
+    criteria: dict[str, float]
+    reference: dict[str, str]  # device, dtype
+    tolerance: Annotated[float, Field(ge=0.0)]  # the logits atol
     max_abs_logits_error: Annotated[float, Field(ge=0.0)]
+    min_kept_overlap: Fraction
+    min_teacher_forced_top1: Fraction
     prompts: PosInt
 
 
@@ -284,7 +288,7 @@ class PrunedVsUnpruned(Strict):
 
 class ParityReport(Strict):
     schema_: Literal["visprune.parity_report"] = Field(alias="schema")
-    schema_version: Literal[1]
+    schema_version: Literal[2]
     engine: dict[str, str]
     engine_vs_reference: EngineVsReference
     pruned_vs_unpruned: PrunedVsUnpruned

@@ -72,8 +72,8 @@ def test_the_same_tensorrt_and_gpu_are_accepted():
 @pytest.mark.gpu
 @needs_tensorrt_gpu
 def test_tensorrt_fp16_engine_matches_the_pytorch_reference(tmp_path, exported):
-    """fp16 export with float32 islands -> strongly typed TensorRT engine -> parity within fp16 tolerance,
-    identical kept indices and greedy tokens."""
+    """fp16 export with float32 islands -> strongly typed TensorRT engine -> parity under the fp16 criteria against
+    the fp16 CUDA reference."""
     from exporter import ExportConfig, export_onnx
     from runtime.parity import parity_report
 
@@ -82,9 +82,9 @@ def test_tensorrt_fp16_engine_matches_the_pytorch_reference(tmp_path, exported):
                             tmp_path / "onnx", tmp_path / "engine")
     assert manifest.precision == "float16" and manifest.profiles["prefill"]["inputs_embeds"]["max"][1] == 700
     report = parity_report(tmp_path / "engine", "tiny", tmp_path / "report", max_new_tokens=8, allow_failure=True)
-    cases = report["cases"]
-    assert report["engine_vs_reference"]["max_abs_logits_error"] <= 5e-2, json.dumps(report["engine_vs_reference"])
-    assert all(c["kept_indices_equal"] for c in cases) and all(c["tokens_equal"] for c in cases)
+    verdict = report["engine_vs_reference"]
+    assert verdict["passed"], json.dumps(verdict)
+    assert verdict["reference"] == {"device": "cuda", "dtype": "float16"}
 
 
 @pytest.mark.gpu
@@ -99,5 +99,7 @@ def test_onnxruntime_cuda_engine_matches_the_pytorch_reference(tmp_path, exporte
     manifest = build_engine(BuildConfig(device="cuda"), exported["pruned-onnx"], tmp_path / "engine")
     assert manifest.providers[0] == "CUDAExecutionProvider"
     report = parity_report(tmp_path / "engine", "tiny", tmp_path / "report", max_new_tokens=8, allow_failure=True)
-    assert report["engine_vs_reference"]["max_abs_logits_error"] <= 1e-3
-    assert all(c["kept_indices_equal"] and c["tokens_equal"] for c in report["cases"])
+    verdict = report["engine_vs_reference"]
+    assert verdict["reference"] == {"device": "cuda", "dtype": "float32"} and not manifest.tf32
+    assert verdict["max_abs_logits_error"] <= 1e-3 and verdict["min_teacher_forced_top1"] == 1.0, json.dumps(verdict)
+    assert verdict["min_kept_overlap"] >= 0.99

@@ -281,6 +281,9 @@ CASES = [
     Case("report-zero-new-tokens", "report --engine {engine} --out {ws}/r --max-new-tokens 0", 2, "at least 1"),
     Case("report-zero-rounds", "report --engine {engine} --out {ws}/r --no-parity --latency --baseline {baseline} "
          "--rounds 0", 2, "--rounds"),
+    Case("report-overlap-above-one", "report --engine {engine} --out {ws}/r --min-kept-overlap 1.5", 2,
+         "--min-kept-overlap 1.5 is out of range"),
+    Case("report-negative-tolerance", "report --engine {engine} --out {ws}/r --logits-atol -1", 2, "out of range"),
     Case("report-7b-recipe", f"report --engine {{engine}} --out {{ws}}/r --recipe {RECIPE_7B}", 5, "for 32 layers"),
     Case("report-another-recipe", "report --engine {engine} --out {ws}/r --recipe {ws}/r.json", 8,
          "exported from recipe", recipe_file(MINIMAL)),
