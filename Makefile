@@ -1,19 +1,23 @@
 # `make demo` and `make test` each create (or reuse) .venv and install what they need first.
 PYTHON ?= python3
+comma  := ,
 VENV   := .venv
 BIN    := $(VENV)/bin
 # The stamp changes with pyproject.toml, so a dependency change reinstalls.
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+# A GPU host keeps its own CUDA PyTorch (and ONNX Runtime, TensorRT): the venv sees the system's packages, and
+# neither the CPU wheel nor the `cpu` extra is installed.
+GPU_HOST := $(shell $(PYTHON) -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null && echo yes)
 
-.PHONY: demo test env clean
+.PHONY: demo test env clean gpu-check
 
 env: $(STAMP)
 
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(if $(GPU_HOST),--system-site-packages) $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==2.13.0   # the CPU wheel on our machines; see README for GPU hosts
-	$(BIN)/python -m pip install --quiet -e '.[dev,cpu]'
+	$(if $(GPU_HOST),,$(BIN)/python -m pip install --quiet torch==2.13.0)
+	$(BIN)/python -m pip install --quiet -e '.[dev$(if $(GPU_HOST),,$(comma)cpu)]'
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)
@@ -21,6 +25,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# On a GPU host, with the host's own python3 and packages, no install step (works offline): bench/gpu_check.py.
+gpu-check:
+	PYTHONPATH=. $(PYTHON) bench/gpu_check.py
 
 clean:
 	rm -rf $(VENV) runs

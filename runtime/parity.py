@@ -79,11 +79,12 @@ def default_parity_prompts(count: int = 8) -> list[PromptCase]:
 
 def parity_report(engine_dir: Path, model: str, out_dir: Path, prompts: list[PromptCase] | None = None,
                   max_new_tokens: int = 8, allow_failure: bool = False, recipe: Path | None = None,
-                  criteria: dict[str, float] | None = None) -> dict[str, Any]:
+                  criteria: dict[str, float] | None = None, reference: str = "auto") -> dict[str, Any]:
     """Write parity.json and parity.md to `out_dir`; raise ParityError on failure unless `allow_failure`.
 
-    `criteria` overrides fields of the engine dtype's `CRITERIA`. With `recipe`, the engine must have been exported
-    from exactly that recipe.
+    `criteria` overrides fields of the engine dtype's `CRITERIA`. `reference`: "auto" (see `reference_precision`)
+    or "cpu" (float32 on the CPU, e.g. for the PyTorch backend on CUDA, whose "auto" reference would be itself).
+    With `recipe`, the engine must have been exported from exactly that recipe.
     """
     pipe = Pipeline.from_engine_dir(engine_dir)
     onnx_set = pipe.manifest.onnx_set
@@ -95,7 +96,7 @@ def parity_report(engine_dir: Path, model: str, out_dir: Path, prompts: list[Pro
                                     f"({onnx_set.model.name}) than {model}.",
                                     "Pass the --model the engine was exported from, or export and build again.")
     check_engine_embeddings(pipe, bundle, model)
-    device, dtype = reference_precision(pipe)
+    device, dtype = reference_precision(pipe) if reference == "auto" else ("cpu", "float32")
     bundle = bundle if dtype == "float32" else load_llava(model, dtype=TORCH_DTYPES[dtype])
     pruned = pipe.with_runner(TorchRunner(bundle, engine_recipe(onnx_set), pipe.image_start, device))
     unpruned = pipe.with_runner(TorchRunner(bundle, unpruned_recipe(bundle.shape), pipe.image_start, device))
