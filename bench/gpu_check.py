@@ -2,7 +2,8 @@
 
     make gpu-check            # the host's own python3 (its CUDA PyTorch), PYTHONPATH=., no install step
 
-Needs PyTorch with CUDA, transformers, onnx, onnxscript, onnxruntime and pydantic; adds the ONNX Runtime CUDA and
+Needs PyTorch with CUDA, transformers, onnx, onnxscript, onnxruntime, pydantic and polygraphy (pure-Python
+wheels: carry them to an offline host); adds the ONNX Runtime CUDA and
 TensorRT checks where onnxruntime-gpu / tensorrt are installed (skipped with the reason otherwise). Each step is
 timed, and a failing step is recorded with its error while the next one runs:
 

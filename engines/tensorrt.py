@@ -1,12 +1,13 @@
-"""TensorRT engines from the ONNX set, through the TensorRT Python API (10.x and 11.x).
+"""TensorRT engines from the ONNX set (TensorRT 10.x and 11.x), built through Polygraphy's TensorRT loaders.
 
-Kept thin on purpose: TensorRT cannot be installed on our CPU machines, so everything here follows the documented
-API calls one to one (shared/reference/deploy_constraints.md §3.5-3.7) and everything that can be computed without
-TensorRT (profiles, KV capacities, compatibility checks) lives in plain functions with CPU tests.
+Kept thin on purpose: TensorRT cannot be installed on our CPU machines, so the build is Polygraphy's
+(`NetworkFromOnnxPath`, `CreateConfig` with one `Profile`, `EngineBytesFromNetwork`), which tracks TensorRT's API
+across versions, and everything that can be computed without TensorRT (profiles, KV capacities, compatibility
+checks) lives in plain functions with CPU tests.
 
 Precision comes from the ONNX graphs: TensorRT 11 networks are always strongly typed, and on TensorRT 10 we ask for
 STRONGLY_TYPED, so a float16 export (with its float32 softmax and scoring islands) builds a float16 engine on both
-and no builder precision flag (removed in 11) is used.
+and no builder precision flag (removed in 11) is used. TF32 stays off unless `build --allow-tf32`.
 """
 
 from __future__ import annotations
@@ -81,55 +82,52 @@ def build_tensorrt_plans(config, onnx_dir: Path, onnx_set: OnnxSetManifest, stag
     trt = import_tensorrt()
     gpu = gpu_identity()
     profiles = derive_profiles(onnx_set, config.max_prompt_tokens, config.max_new_tokens)
-    logger = trt.Logger(trt.Logger.WARNING)
-    cache = Path(config.timing_cache).read_bytes() if config.timing_cache and Path(config.timing_cache).exists() else b""
-    for graph in GRAPH_NAMES:
-        plan, cache = _build_plan(trt, logger, onnx_dir / f"{graph}.onnx", profiles[graph], config, cache, tf32)
+    cache = staging / "timing.cache"
+    if config.timing_cache and Path(config.timing_cache).exists():
+        shutil.copy(config.timing_cache, cache)
+    for graph in GRAPH_NAMES:  # each build starts from the cache the previous one grew
+        plan = _build_plan(trt, onnx_dir / f"{graph}.onnx", profiles[graph], config, cache, tf32)
         atomic_write_bytes(staging / f"{graph}.plan", plan)
-    atomic_write_bytes(staging / "timing.cache", cache)
     if config.timing_cache:  # the shared cache grows with every build, so later builds skip the measured tactics
-        atomic_write_bytes(Path(config.timing_cache), cache)
+        atomic_write_bytes(Path(config.timing_cache), cache.read_bytes())
     return {
         "tensorrt_version": trt.__version__, "gpu": gpu, "precision": onnx_set.dtype, "strongly_typed": True,
         "limits": {"max_prompt_tokens": config.max_prompt_tokens, "max_new_tokens": config.max_new_tokens},
         "profiles": profiles, "kv_capacity": kv_capacity(onnx_set, config.max_prompt_tokens, config.max_new_tokens),
-        "tools": tool_versions("tensorrt"),
+        "tools": tool_versions("tensorrt", "polygraphy"),
     }
 
 
-def network_flags(trt) -> int:
-    """STRONGLY_TYPED where the flag exists (TensorRT 10; in 11 it is the only mode)."""
-    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    return 1 << int(flag) if flag is not None else 0
+def polygraphy_profile(graph_profiles: dict[str, Any]):
+    """Polygraphy's optimization profile for one graph's {input: {"min", "opt", "max"}} (engines/profiles.py)."""
+    from polygraphy.backend.trt import Profile
 
-
-def _build_plan(trt, logger, onnx_path: Path, graph_profiles: dict[str, Any], config,
-                timing_cache: bytes, tf32: bool = False) -> tuple[bytes, bytes]:
-    """One serialized engine, and the timing cache after building it."""
-    builder = trt.Builder(logger)
-    network = builder.create_network(network_flags(trt))
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):  # resolves external data next to the file
-        errors = "\n".join(f"  - {parser.get_error(i)}" for i in range(parser.num_errors))
-        raise EngineBuildError(f"TensorRT's ONNX parser rejected {onnx_path}:\n{errors}",
-                               "Run `visprune export` again (it lints for TensorRT); if it persists, report it "
-                               "with this list and your TensorRT version.")
-    build_config = builder.create_builder_config()
-    build_config.builder_optimization_level = config.builder_optimization_level
-    if not tf32:  # TensorRT enables TF32 by default; cleared, float32 layers compute in float32
-        build_config.clear_flag(trt.BuilderFlag.TF32)
-    if config.workspace_gib:
-        build_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(config.workspace_gib * 2**30))
-    profile = builder.create_optimization_profile()
+    profile = Profile()
     for name, shapes in graph_profiles.items():
-        profile.set_shape(name, shapes["min"], shapes["opt"], shapes["max"])
-    build_config.add_optimization_profile(profile)
-    cache = build_config.create_timing_cache(timing_cache)
-    build_config.set_timing_cache(cache, False)
-    plan = builder.build_serialized_network(network, build_config)
-    if plan is None:
+        profile.add(name, min=shapes["min"], opt=shapes["opt"], max=shapes["max"])
+    return profile
+
+
+def _build_plan(trt, onnx_path: Path, graph_profiles: dict[str, Any], config, timing_cache: Path,
+                tf32: bool) -> bytes:
+    """One serialized engine through Polygraphy's loaders: the ONNX parser on a strongly typed network (TensorRT
+    11's only mode, asked for on 10), one optimization profile, TF32 only if allowed, the timing cache loaded from
+    and saved to `timing_cache`."""
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath
+    from polygraphy.exception import PolygraphyException
+
+    profile = polygraphy_profile(graph_profiles)
+    limits = {trt.MemoryPoolType.WORKSPACE: int(config.workspace_gib * 2**30)} if config.workspace_gib else None
+    build_config = CreateConfig(profiles=[profile], tf32=tf32, memory_pool_limits=limits,
+                                builder_optimization_level=config.builder_optimization_level,
+                                load_timing_cache=str(timing_cache) if timing_cache.exists() else None)
+    typed = hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")  # TensorRT 11: the only mode, no flag
+    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=typed)  # resolves external data beside the file
+    try:
+        return bytes(EngineBytesFromNetwork(network, config=build_config, save_timing_cache=str(timing_cache))())
+    except PolygraphyException as e:
         raise EngineBuildError(
-            f"TensorRT could not build an engine from {onnx_path.name} (see TensorRT's log above).",
-            "Running out of GPU memory is the usual cause: free the GPU, lower --max-prompt-tokens / "
-            "--max-new-tokens, or cap --workspace-gib. --verbose shows TensorRT's full log.")
-    return bytes(plan), bytes(cache.serialize())
+            f"TensorRT could not build an engine from {onnx_path.name}: {str(e).strip().splitlines()[-1]}",
+            "A parser error: run `visprune export` again (it lints for TensorRT) and report it if it persists. "
+            "Out of GPU memory: free the GPU, lower --max-prompt-tokens / --max-new-tokens, or cap --workspace-gib. "
+            "--verbose shows TensorRT's log.") from e

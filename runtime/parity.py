@@ -4,9 +4,9 @@ unpruned (both in PyTorch, same weights) on prompts that calibration did not use
 (a) per prompt, under the criteria of the engine's precision (`CRITERIA`, overridable, written into the report):
 the reference decodes greedily and the engine is fed the reference's tokens (teacher forcing), so one early flip
 cannot ruin every later step; per pruning layer the share of kept indices both keep; per step whether the engine's
-top-1 is the reference's token, and, where both kept the same tokens, the logits error against
-atol + rtol x max|reference logits| (where the selection differs the logits legitimately differ more, and the
-overlap and top-1 criteria judge). The reference
+top-1 is the reference's token, and, where both kept the same tokens, the logits through Polygraphy's
+comparator (each step one iteration; its max error within atol, or its max relative error within rtol). Where
+the selection differs the logits legitimately differ more, and the overlap and top-1 criteria judge. The reference
 is the PyTorch backend at the engine's dtype on the engine's device where that device exists here (a CUDA engine
 on a CUDA host), else float32 on the CPU, and the criteria of the engine's dtype allow for that difference.
 (b) per prompt: next-token top-1 agreement, KL(unpruned || pruned) of the first-token distribution, and
@@ -35,7 +35,7 @@ from visprune.models import LlavaBundle, load_llava
 class ParityCriteria:
     """What "the engine computes what the reference computes" means at one precision, output by output."""
 
-    logits_atol: float  # per step, where the kept tokens agree: max |engine - reference| <= atol + rtol * max|ref|
+    logits_atol: float  # where the kept tokens agree, per step: max abs error <= atol, or max relative error <= rtol
     logits_rtol: float
     min_kept_overlap: float  # per pruning layer: |kept by both| / K
     min_top1: float  # per prompt, teacher-forced: share of steps whose top-1 is the reference's token
@@ -44,12 +44,14 @@ class ParityCriteria:
 # By the engine's export dtype. float32: exact selection and tokens, float32 rounding in the logits. float16 and
 # bfloat16 engines against the float32 reference: rounding moves near-tied scores across the TopK boundary and
 # near-tied logits across the argmax, so a few flips are expected numerics. Measured on CPU for float16
-# (bench/results/parity_fp16.md: 8 prompts, kept sets equal in 5 with logits errors 0.007-0.022; overlap down to
-# 0.950, teacher-forced top-1 down to 0.875); bfloat16 (8 mantissa bits to float16's 11) scaled from it, unmeasured.
+# (bench/results/parity_fp16.md: 8 prompts, kept sets equal in 5 with logits errors 0.007-0.022 at logits of
+# magnitude ~3; overlap down to 0.950, teacher-forced top-1 down to 0.875). The float16 atol leaves room for the
+# larger logits of a 7B model; bfloat16 (8 mantissa bits to float16's 11) is scaled from it. Both unmeasured at 7B.
+# rtol stays 0: logits cross zero, so an element-wise relative error says little about them.
 CRITERIA = {
     "float32": ParityCriteria(logits_atol=1e-4, logits_rtol=0.0, min_kept_overlap=1.0, min_top1=1.0),
-    "float16": ParityCriteria(logits_atol=0.05, logits_rtol=0.02, min_kept_overlap=0.9, min_top1=0.75),
-    "bfloat16": ParityCriteria(logits_atol=0.2, logits_rtol=0.1, min_kept_overlap=0.8, min_top1=0.6),
+    "float16": ParityCriteria(logits_atol=0.1, logits_rtol=0.0, min_kept_overlap=0.9, min_top1=0.75),
+    "bfloat16": ParityCriteria(logits_atol=0.5, logits_rtol=0.0, min_kept_overlap=0.8, min_top1=0.6),
 }
 # How far the engine's saved token embeddings may sit from the model's float32 ones: the export rounds them to
 # its dtype (float16 keeps 11 significant bits, bfloat16 8; bfloat16 sets store the rounded values as float32).
@@ -169,7 +171,7 @@ def _compare_case(pipe: Pipeline, pruned: Pipeline, unpruned: Pipeline, case: Pr
         "image": case.image.name, "question": case.question,
         "max_abs_logits_error": abs_err, "max_rel_logits_error": [e / max(s, 1e-12) for e, s in zip(abs_err, scale)],
         "logits_within": not all(v == 1.0 for v in overlap.values()) or  # judged by overlap and top-1 instead
-                         all(e <= rules.logits_atol + rules.logits_rtol * s for e, s in zip(abs_err, scale)),
+                         logits_match(engine.step_logits, ref_logits, rules),
         "kept_overlap": overlap, "kept_indices_equal": all(v == 1.0 for v in overlap.values()),
         "teacher_forced_top1": float(np.mean(top1)), "tokens_equal": all(top1),
         "engine_tokens": [int(np.argmax(e)) for e in engine.step_logits], "reference_tokens": ref_tokens,
@@ -177,6 +179,19 @@ def _compare_case(pipe: Pipeline, pruned: Pipeline, unpruned: Pipeline, case: Pr
         "first_token_kl": _kl(base_logits[0], ref_logits[0]),
         "answer_exact_match": base_tokens == ref_tokens,
     }
+
+
+def logits_match(engine: list[np.ndarray], reference: list[np.ndarray], rules: ParityCriteria) -> bool:
+    """Polygraphy's comparator over the steps' logits [V] (one iteration per step), quietly."""
+    from polygraphy.comparator import Comparator, IterationResult, RunResults
+    from polygraphy.comparator.compare import SimpleCompareFunc
+    from polygraphy.logger import G_LOGGER
+
+    runs = RunResults([(name, [IterationResult({"logits": step}, runner_name=name) for step in steps])
+                       for name, steps in (("engine", engine), ("reference", reference))])
+    compare = SimpleCompareFunc(atol=rules.logits_atol, rtol=rules.logits_rtol, check_error_stat="max")
+    with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
+        return bool(Comparator.compare_accuracy(runs, compare_func=compare))
 
 
 def kept_overlap(engine: dict[int, list[int]], reference: dict[int, list[int]]) -> dict[str, float]:
@@ -189,7 +204,7 @@ def _failures(cases: list[dict[str, Any]], rules: ParityCriteria) -> list[str]:
     if not all(c["logits_within"] for c in cases):
         worst = max(max(c["max_abs_logits_error"]) for c in cases if not c["logits_within"])
         failures.append(f"logits error up to {worst:.2e} with the same kept tokens, over atol {rules.logits_atol:g} "
-                        f"+ rtol {rules.logits_rtol:g} x max|reference|")
+                        f"and rtol {rules.logits_rtol:g} (Polygraphy's max-error check)")
     overlap = min((v for c in cases for v in c["kept_overlap"].values()), default=1.0)
     if overlap < rules.min_kept_overlap:
         failures.append(f"kept-index overlap down to {overlap:.3f} < {rules.min_kept_overlap:g}")

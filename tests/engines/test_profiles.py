@@ -85,3 +85,16 @@ def test_a_request_outside_the_built_shapes_is_refused_before_it_runs(exported, 
         with pytest.raises(PromptError, match="outside the shapes") as info:
             pipe.generate(image, pipe.chat_prompt(question), max_new_tokens=new_tokens)
         assert "--max-prompt-tokens/--max-new-tokens" in str(info.value)
+
+
+def test_polygraphy_profiles_carry_the_derived_shapes(onnx_set):
+    """The TensorRT build hands these to Polygraphy's CreateConfig (the rest of that path needs TensorRT)."""
+    from engines.tensorrt import polygraphy_profile
+
+    derived = derive_profiles(onnx_set, max_prompt_tokens=700, max_new_tokens=32)
+    for graph, inputs in derived.items():
+        profile = polygraphy_profile(inputs)
+        assert set(profile) == set(inputs)
+        for name, bounds in inputs.items():
+            assert [list(profile[name].min), list(profile[name].opt), list(profile[name].max)] == \
+                [bounds["min"], bounds["opt"], bounds["max"]]

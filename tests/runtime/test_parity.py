@@ -35,7 +35,7 @@ def test_unpruned_engine_agrees_perfectly_with_unpruned_reference(exported, tmp_
 
 def test_parity_failure_is_an_error_unless_allowed(exported, tmp_path):
     strict = {"logits_atol": 1e-12}  # no engine can meet this
-    with pytest.raises(ParityError, match="logits error up to .* with the same kept tokens, over atol 1e-12"):
+    with pytest.raises(ParityError, match="logits error up to .* with the same kept tokens, over atol 1e-12 and rtol 0"):
         parity_report(exported["pruned"], "tiny", tmp_path / "a", prompts=default_parity_prompts(1), max_new_tokens=2,
                       criteria=strict)
     report = parity_report(exported["pruned"], "tiny", tmp_path / "b", prompts=default_parity_prompts(1),
