@@ -33,7 +33,7 @@ from visprune.errors import ArtifactMismatchError, ConfigError
 from visprune.manifests import LatencyReport
 from visprune.figures import pyplot, save_figure
 
-LATENCY_SCHEMA = ("visprune.latency_report", 1)
+LATENCY_SCHEMA = ("visprune.latency_report", 2)  # 2: memory as load_bytes and working_bytes, with their method
 Clock = Callable[[], float]
 
 

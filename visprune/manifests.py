@@ -309,7 +309,7 @@ class LatencyRatios(Strict):
 
 class LatencyReport(Strict):
     schema_: Literal["visprune.latency_report"] = Field(alias="schema")
-    schema_version: Literal[1]
+    schema_version: Literal[2]
     request: dict[str, Any]
     engines: dict[Literal["pruned", "baseline"], dict[str, Any]]
     method: dict[str, Any]

@@ -69,7 +69,7 @@ def report(exported, tmp_path_factory):
 def test_latency_report_schema_and_files(report):
     out, data = report
     assert json.loads((out / "latency.json").read_text()) == data
-    assert data["schema"] == "visprune.latency_report" and data["schema_version"] == 1
+    assert data["schema"] == "visprune.latency_report" and data["schema_version"] == 2
     assert (out / "latency.png").read_bytes()[:4] == b"\x89PNG"
     assert "Prefill latency ratio" in (out / "latency.md").read_text()
     for name in ("pruned", "baseline"):
