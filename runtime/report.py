@@ -32,6 +32,7 @@ class ReportConfig:
     logits_rtol: float | None = None
     min_kept_overlap: float | None = None
     min_top1: float | None = None
+    reference: str = "auto"  # auto: the engine's dtype on its device where present, else float32 CPU; cpu: always
 
     def __post_init__(self) -> None:
         if self.latency and self.baseline is None:
@@ -43,6 +44,8 @@ class ReportConfig:
         for flag, value, least in (("--max-new-tokens", self.max_new_tokens, 1), ("--new-tokens", self.new_tokens, 1),
                                    ("--warmup", self.warmup, 0), ("--rounds", self.rounds, 1)):
             _check_at_least(flag, value, least)
+        if self.reference not in ("auto", "cpu"):
+            raise ConfigError(f"Unknown --reference {self.reference!r}.", "Use auto or cpu.")
         for name, value in self.criteria().items():
             if value < 0 or (name.startswith("min_") and value > 1):
                 raise ConfigError(f"--{name.replace('_', '-')} {value} is out of range.",
@@ -88,7 +91,8 @@ def _write(config: ReportConfig, engine_dir: Path, out_dir: Path) -> None:
 
     if config.parity:
         parity_report(engine_dir, config.model, out_dir, max_new_tokens=config.max_new_tokens,
-                      allow_failure=config.allow_parity_failure, recipe=config.recipe, criteria=config.criteria())
+                      allow_failure=config.allow_parity_failure, recipe=config.recipe, criteria=config.criteria(),
+                      reference=config.reference)
     if config.latency:
         latency_report(engine_dir, config.baseline, out_dir, image=config.image, new_tokens=config.new_tokens,
                        warmup=config.warmup, rounds=config.rounds)

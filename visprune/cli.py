@@ -268,6 +268,9 @@ def _add_report(commands) -> None:
                           "both keep, per pruning layer"), ("--min-top1", "tokens: least teacher-forced top-1 "
                           "agreement")):
         parity.add_argument(flag, type=float, help=f"{meaning} (default: by the engine's dtype, README)")
+    parity.add_argument("--reference", default="auto", choices=("auto", "cpu"),
+                        help="auto: PyTorch at the engine's dtype on its device where present, else float32 on "
+                             "the CPU; cpu: always float32 on the CPU (use it for the PyTorch backend on CUDA)")
     latency = p.add_argument_group("latency")
     latency.add_argument("--latency", action="store_true", help="write latency.json/.md/.png")
     latency.add_argument("--baseline", type=Path, help="engine to compare with (normally the unpruned one)")
@@ -287,7 +290,8 @@ def _run_report(args) -> int:
                           max_new_tokens=args.max_new_tokens, allow_parity_failure=args.allow_parity_failure,
                           latency=args.latency, baseline=args.baseline, image=args.image, new_tokens=args.new_tokens,
                           warmup=args.warmup, rounds=args.rounds, logits_atol=args.logits_atol,
-                          logits_rtol=args.logits_rtol, min_kept_overlap=args.min_kept_overlap, min_top1=args.min_top1)
+                          logits_rtol=args.logits_rtol, min_kept_overlap=args.min_kept_overlap, min_top1=args.min_top1,
+                          reference=args.reference)
     for path in write_reports(config, args.engine, args.out, force=args.force, verify=args.verify):
         print(path.read_text())
     return 0
