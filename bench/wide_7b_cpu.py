@@ -11,7 +11,7 @@ Each stage runs as the real CLI in its own process; wall time and that process's
     export (float32, a pruning recipe baked in) -> build (ONNX Runtime, CPU) -> run (one request)
     -> export --dtype float16 (TensorRT lint included)
 
-    .venv/bin/python bench/wide_7b_cpu.py                      # ~15-25 min on two cores, ~12 GB peak
+    .venv/bin/python bench/wide_7b_cpu.py         # ~4 min on two cores, ~6 GB peak RSS, ~15 GB of files
 Results: bench/results/wide_7b_cpu.{json,md}.
 """
 
