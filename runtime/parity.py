@@ -199,32 +199,37 @@ def kept_overlap(engine: dict[int, list[int]], reference: dict[int, list[int]]) 
     return {str(layer): len(set(engine.get(layer, [])) & set(kept)) / len(kept) for layer, kept in reference.items()}
 
 
-def _failures(cases: list[dict[str, Any]], rules: ParityCriteria) -> list[str]:
+def _worst(cases: list[dict[str, Any]]) -> dict[str, float]:
+    """The figures the criteria judge, over all prompts."""
+    return {"max_abs_logits_error": max(max(c["max_abs_logits_error"]) for c in cases),
+            "min_kept_overlap": min((v for c in cases for v in c["kept_overlap"].values()), default=1.0),
+            "min_teacher_forced_top1": min(c["teacher_forced_top1"] for c in cases)}
+
+
+def _failures(cases: list[dict[str, Any]], worst: dict[str, float], rules: ParityCriteria) -> list[str]:
     failures = []
     if not all(c["logits_within"] for c in cases):
-        worst = max(max(c["max_abs_logits_error"]) for c in cases if not c["logits_within"])
-        failures.append(f"logits error up to {worst:.2e} with the same kept tokens, over atol {rules.logits_atol:g} "
+        error = max(max(c["max_abs_logits_error"]) for c in cases if not c["logits_within"])
+        failures.append(f"logits error up to {error:.2e} with the same kept tokens, over atol {rules.logits_atol:g} "
                         f"and rtol {rules.logits_rtol:g} (Polygraphy's max-error check)")
-    overlap = min((v for c in cases for v in c["kept_overlap"].values()), default=1.0)
-    if overlap < rules.min_kept_overlap:
-        failures.append(f"kept-index overlap down to {overlap:.3f} < {rules.min_kept_overlap:g}")
-    top1 = min(c["teacher_forced_top1"] for c in cases)
-    if top1 < rules.min_top1:
-        failures.append(f"teacher-forced top-1 agreement down to {top1:.3f} < {rules.min_top1:g}")
+    if worst["min_kept_overlap"] < rules.min_kept_overlap:
+        failures.append(f"kept-index overlap down to {worst['min_kept_overlap']:.3f} < {rules.min_kept_overlap:g}")
+    if worst["min_teacher_forced_top1"] < rules.min_top1:
+        failures.append(f"teacher-forced top-1 agreement down to {worst['min_teacher_forced_top1']:.3f} < "
+                        f"{rules.min_top1:g}")
     return failures
 
 
 def _summarize(cases: list[dict[str, Any]], rules: ParityCriteria, onnx_set: OnnxSetManifest,
                reference: dict[str, str]) -> dict[str, Any]:
-    failures = _failures(cases, rules)
+    worst = _worst(cases)
+    failures = _failures(cases, worst, rules)
     return {
         "schema": "visprune.parity_report", "schema_version": 2,
         "engine": {"recipe_sha256": onnx_set.recipe.sha256, "dtype": onnx_set.dtype, "model": onnx_set.model.name},
         "engine_vs_reference": {
             "passed": not failures, "failures": failures, "criteria": asdict(rules), "reference": reference,
-            "tolerance": rules.logits_atol, "max_abs_logits_error": max(max(c["max_abs_logits_error"]) for c in cases),
-            "min_kept_overlap": min((v for c in cases for v in c["kept_overlap"].values()), default=1.0),
-            "min_teacher_forced_top1": min(c["teacher_forced_top1"] for c in cases), "prompts": len(cases)},
+            "tolerance": rules.logits_atol, **worst, "prompts": len(cases)},
         "pruned_vs_unpruned": {
             "first_token_top1_agreement": float(np.mean([c["first_token_top1_agree"] for c in cases])),
             "mean_first_token_kl": float(np.mean([c["first_token_kl"] for c in cases])),

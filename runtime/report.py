@@ -71,8 +71,8 @@ def write_reports(config: ReportConfig, engine_dir: Path, out_dir: Path, force: 
     out_dir = Path(out_dir)
     check_output(out_dir, REPORT, inputs=_inputs(config, engine_dir), force=force)
     for folder in (engine_dir, config.baseline if config.latency else None):
-        if folder is not None:
-            read_engine_set(Path(folder), verify)
+        if verify and folder is not None:  # every load below checks the manifest and sizes anyway
+            read_engine_set(Path(folder), verify=True)
     failure = None
     with replacing(out_dir) as staging:
         try:

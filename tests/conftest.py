@@ -61,6 +61,18 @@ def make_search(tiny, states, **kwargs):
     return search
 
 
+def snapshot(*roots) -> dict[str, str | None]:
+    """Every path under the roots (the roots too) with its content hash (files) or None (folders): equal
+    snapshots before and after a command mean it lost, changed and left nothing there."""
+    import hashlib
+
+    state = {}
+    for root in map(Path, roots):
+        for path in [root, *root.rglob("*")] if root.exists() else []:
+            state[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    return state
+
+
 def reseal_manifest(path: Path, change) -> None:
     """Apply `change` to the manifest JSON at `path` and seal it again: an artifact that visprune could have written
     this way (e.g. an engine of another model), not a tampered one."""

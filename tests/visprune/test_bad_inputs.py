@@ -14,7 +14,7 @@ from typing import Callable
 import pytest
 import torch
 
-from conftest import REPO, reseal_manifest
+from conftest import REPO, reseal_manifest, snapshot
 from visprune.cli import main
 
 RECIPE_7B = REPO / "recipes" / "llava-1.5-7b" / "fitprune-60.json"
@@ -331,17 +331,6 @@ CASES = [
 def shared(exported, default_set):
     return {"engine": exported["pruned"], "baseline": exported["unpruned"], "onnx": exported["pruned-onnx"],
             "recipe": exported["recipe"], "image": default_set.samples[0].image}
-
-
-def snapshot(*roots):
-    """Every path under the roots with its size and content hash (files) or None (folders)."""
-    import hashlib
-
-    state = {}
-    for root in roots:
-        for path in [Path(root), *Path(root).rglob("*")] if Path(root).exists() else []:
-            state[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-    return state
 
 
 def argv_of(case, ws, shared):

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, snapshot
 from visprune.outputs import (
     ENGINE_SET,
     ONNX_SET,
@@ -35,10 +35,6 @@ def user_file(path):
     path.parent.mkdir(parents=True)
     path.write_bytes(b"a user's picture")
     return path
-
-
-def snapshot(root):
-    return sorted((str(p.relative_to(root)), p.read_bytes() if p.is_file() else None) for p in root.rglob("*"))
 
 
 def test_missing_empty_and_same_kind_locations_are_accepted(tmp_path):
