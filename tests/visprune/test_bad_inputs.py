@@ -284,6 +284,7 @@ CASES = [
     Case("report-overlap-above-one", "report --engine {engine} --out {ws}/r --min-kept-overlap 1.5", 2,
          "--min-kept-overlap 1.5 is out of range"),
     Case("report-negative-tolerance", "report --engine {engine} --out {ws}/r --logits-atol -1", 2, "out of range"),
+    Case("report-unknown-reference", "report --engine {engine} --out {ws}/r --reference gpu", 2, "invalid choice"),
     Case("report-7b-recipe", f"report --engine {{engine}} --out {{ws}}/r --recipe {RECIPE_7B}", 5, "for 32 layers"),
     Case("report-another-recipe", "report --engine {engine} --out {ws}/r --recipe {ws}/r.json", 8,
          "exported from recipe", recipe_file(MINIMAL)),
