@@ -319,11 +319,13 @@ class LatencyReport(Strict):
 class TypeAccuracy(Strict):
     accuracy: Fraction
     n: NonNegInt
+    ci95: list[Fraction]  # [low, high], the Wilson score interval (visprune/tasks/shapes_vqa.py)
 
 
 class Accuracy(Strict):
     overall: Fraction
     n: PosInt
+    ci95: list[Fraction]
     per_type: dict[str, TypeAccuracy]
 
 

@@ -279,16 +279,17 @@ def evaluate(model, processor, samples, batch_size: int = 32) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--steps", type=int, default=1650)
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--eval-samples", type=int, default=500)
     parser.add_argument("--vision-steps", type=int, default=800, help="stage-1 steps for the vision tower alone")
     parser.add_argument("--probe-weight", type=float, default=0.5, help="weight of the patch-label loss in stage 2")
-    parser.add_argument("--turns", type=int, default=6, help="questions asked per training image, at most")
-    parser.add_argument("--keep-visual", type=int, default=192,
-                        help="visual tokens the language model sees per image, before the last --full-steps")
-    parser.add_argument("--full-steps", type=int, default=100, help="final steps with all 576 visual tokens")
+    parser.add_argument("--turns", type=int, default=12, help="questions asked per training image, at most")
+    parser.add_argument("--keep-visual", type=int, default=NUM_VISUAL,
+                        help="visual tokens the language model sees per image, before the last --full-steps "
+                             "(v1 used 192: objects first, then random background, which favours random pruning)")
+    parser.add_argument("--full-steps", type=int, default=0, help="final steps with all 576 visual tokens")
     parser.add_argument("--eval-every", type=int, default=0, help="validation accuracy every N steps (0: never)")
     args = parser.parse_args()
     print(json.dumps(train(args.out, args.steps, args.batch_size, args.lr, args.eval_samples, args.eval_every,

@@ -18,6 +18,7 @@ from disjoint seed ranges, so train, calibration and test never share a generato
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -214,11 +215,22 @@ def _background(kind: str, seed: int) -> np.ndarray:
 
 
 def accuracy_by_type(samples: list[ShapesSample], answers: list[str]) -> dict[str, Any]:
-    """Exact-match accuracy (first word, lower case) overall and per question type."""
+    """Exact-match accuracy (first word, lower case) overall and per question type, each with its 95 % Wilson
+    interval (`ci95`, [low, high]) so a reader can tell which gaps between two rows are real."""
     correct = [normalize_answer(a) == s.answer for s, a in zip(samples, answers)]
     per_type = {t: [c for c, s in zip(correct, samples) if s.question_type == t] for t in QUESTION_TYPES}
-    return {"overall": float(np.mean(correct)), "n": len(correct),
-            "per_type": {t: {"accuracy": float(np.mean(v)), "n": len(v)} for t, v in per_type.items() if v}}
+    return {"overall": float(np.mean(correct)), "n": len(correct), "ci95": wilson_interval(sum(correct), len(correct)),
+            "per_type": {t: {"accuracy": float(np.mean(v)), "n": len(v), "ci95": wilson_interval(sum(v), len(v))}
+                         for t, v in per_type.items() if v}}
+
+
+def wilson_interval(hits: int, n: int, z: float = 1.959964) -> list[float]:
+    """The 95 % Wilson score interval of a proportion hits/n, [low, high] rounded to 4 places. Unlike the normal
+    approximation it stays inside [0, 1] and is honest at 0 % and 100 %."""
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
 
 
 def normalize_answer(text: str) -> str:
