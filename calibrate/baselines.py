@@ -1,12 +1,17 @@
-"""Baseline recipes at an equal FLOPs budget, exported through the same code as FitPrune's (paper Fig. 5 and 9).
+"""Recipes for every method that is not FitPrune's own search, at an equal FLOPs budget, exported through the same
+code as FitPrune's (paper Fig. 5 and 9). Which builder a method uses is its schedule (visprune/methods.py).
 
-- `fastv_recipe`: FastV (pruning_methods.md §2.2) prunes once, before layer K (2 by default), keeping the visual
-  tokens layer K-1's last prompt token attends to most (heads averaged). In our recipe terms that is one
-  deletion count at layer K-1, taken after its attention: the kept tokens compute exactly what FastV computes, and
-  the dropped ones skip layer K-1's output projection and MLP, which only ever fed themselves. The count is the
-  smallest that meets the visual-only FLOPs reduction under the same accounting FitPrune recipes are fitted with.
-- `random_recipe`: FitPrune's per-layer counts with the survivors drawn at random (a seeded fixed score per image
-  index), "FitPrune(Random)" in the paper.
+- `one_layer_recipe`: one cut, as FastV (pruning_methods.md §2.2) prunes before layer K (2 by default). In our
+  recipe terms that is one deletion count at layer K-1, taken after its attention: the kept tokens compute
+  exactly what FastV computes, and the dropped ones skip layer K-1's output projection and MLP, which only ever
+  fed themselves. The count is the smallest that meets the visual-only FLOPs reduction under the same
+  accounting FitPrune recipes are fitted with. Where a cut before layer K cannot reach the budget (on a shallow
+  model: the tiny ones have 8 layers, LLaVA-1.5-7B 32), the cut moves to the latest earlier layer that can,
+  and the recipe records where. FastV, DART and the one-cut FitPrune ablation use it.
+- `pre_llm_recipe`: the smallest count removed before the first layer that meets the budget (DivPrune,
+  VisionZip).
+- `counts_recipe`: FitPrune's per-layer counts with another selection: random survivors ("FitPrune(Random)" in
+  the paper, seeded) and the score ablations.
 """
 
 from __future__ import annotations
@@ -16,29 +21,58 @@ from dataclasses import replace
 from calibrate.flops import visual_flops_reduction
 from calibrate.recipe import Recipe
 from visprune.errors import BudgetUnreachableError
+from visprune.methods import METHODS
 from visprune.models.llava import LanguageModelShape
 
 FASTV_LAYER = 2
 
 
-def fastv_recipe(shape: LanguageModelShape, reduction: float, layer: int = FASTV_LAYER) -> Recipe:
-    """The FastV recipe pruning before `layer` whose visual-only FLOPs reduction first reaches `reduction`."""
-    schedule = [0] * shape.num_layers
-    for removed in range(1, shape.num_visual_tokens):
-        schedule[layer - 1] = removed
-        if visual_flops_reduction(shape, schedule) >= reduction:
-            recipe = Recipe(method="fastv", num_visual_tokens=shape.num_visual_tokens, removed=list(schedule),
-                            reduction_target=reduction, search={"fastv_layer": layer, "score": "last token, head mean"})
-            recipe.achieved = {"visual_flops_reduction": round(visual_flops_reduction(shape, schedule), 6)}
-            return recipe
+def one_layer_recipe(shape: LanguageModelShape, reduction: float, method: str = "fastv",
+                     layer: int = FASTV_LAYER) -> Recipe:
+    """The recipe pruning once before `layer` (or, if that cannot reach `reduction`, the latest earlier layer
+    that can) with the fewest tokens removed that meet `reduction`."""
+    for cut in range(layer, 0, -1):
+        schedule = [0] * shape.num_layers
+        for removed in range(1, shape.num_visual_tokens):
+            schedule[cut - 1] = removed
+            if visual_flops_reduction(shape, schedule) >= reduction:
+                return _budget_recipe(shape, method, reduction, schedule, 0,
+                                      {"cut_before_layer": cut, "asked_cut_before_layer": layer})
     best = visual_flops_reduction(shape, schedule)
     raise BudgetUnreachableError(
-        f"FastV pruning before layer {layer} removes at most {best:.1%} of the visual-token FLOPs "
-        f"(keeping one token); {reduction:.0%} was asked for.",
-        f"Ask for at most {int(best * 100) / 100:.2f}, or prune earlier (a smaller K).")
+        f"One cut before layer 1 removes at most {best:.1%} of the visual-token FLOPs (keeping one token); "
+        f"{reduction:.0%} was asked for.", f"Ask for at most {int(best * 100) / 100:.2f}.")
+
+
+def fastv_recipe(shape: LanguageModelShape, reduction: float, layer: int = FASTV_LAYER) -> Recipe:
+    return one_layer_recipe(shape, reduction, "fastv", layer)
+
+
+def pre_llm_recipe(shape: LanguageModelShape, reduction: float, method: str) -> Recipe:
+    """The recipe removing the fewest tokens before the first layer that still meets `reduction`."""
+    schedule = [0] * shape.num_layers
+    for removed in range(1, shape.num_visual_tokens):
+        if visual_flops_reduction(shape, schedule, removed) >= reduction:
+            return _budget_recipe(shape, method, reduction, schedule, removed, {"cut_before_layer": 0})
+    raise BudgetUnreachableError(f"{reduction:.0%} of the visual-token FLOPs cannot be removed while keeping one token.",
+                                 "Ask for a smaller --reduction.")
+
+
+def _budget_recipe(shape: LanguageModelShape, method: str, reduction: float, schedule: list[int], before: int,
+                   search: dict) -> Recipe:
+    recipe = Recipe(method=method, num_visual_tokens=shape.num_visual_tokens, removed=list(schedule),
+                    reduction_target=reduction, removed_before_llm=before,
+                    search={**search, "selection": METHODS[method].selection})
+    recipe.achieved = {"visual_flops_reduction": round(visual_flops_reduction(shape, schedule, before), 6)}
+    return recipe
+
+
+def counts_recipe(recipe: Recipe, method: str, seed: int | None = None) -> Recipe:
+    """`recipe`'s per-layer counts with `method`'s selection (seeded where the method draws at random)."""
+    return replace(recipe, method=method, seed=seed if METHODS[method].needs_seed else recipe.seed, alpha=None,
+                   search={**recipe.search, "counts_from": recipe.method, "selection": METHODS[method].selection})
 
 
 def random_recipe(recipe: Recipe, seed: int) -> Recipe:
     """`recipe`'s per-layer counts with seeded random survivors."""
-    return replace(recipe, method="random", seed=seed, alpha=None,
-                   search={**recipe.search, "counts_from": recipe.method})
+    return counts_recipe(recipe, "random", seed)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from visprune.errors import ConfigError
+from visprune.methods import method
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -19,7 +20,7 @@ class CalibrationConfig:
     VERSION = 1
 
     model: str = "tiny"  # "tiny", "tiny-vqa" or a local llava-hf checkpoint folder
-    method: str = "fitprune"  # fitprune | fastv (one layer, FLOPs-matched) | random (FitPrune's counts, seeded)
+    method: str = "fitprune"  # any pruning method of visprune/methods.py
     reduction: float = 0.6  # target fraction of visual-token FLOPs removed, in (0, 1)
     data: Path | None = None  # calibration JSONL; None: the embedded default set
     images: Path | None = None  # folder that image paths resolve against; None: the JSONL's folder
@@ -30,8 +31,9 @@ class CalibrationConfig:
     alpha_tolerance: float = 0.01  # bisection stops when the alpha interval is this narrow
 
     def __post_init__(self) -> None:
-        if self.method not in ("fitprune", "fastv", "random"):
-            raise ConfigError(f"Unknown method {self.method!r}.", "Use fitprune, fastv or random.")
+        if method(self.method).schedule == "none":
+            raise ConfigError("Method none prunes nothing: there is no recipe to calibrate.",
+                              "Export without --recipe for the unpruned model, or pick a pruning method.")
         if not 0.0 < self.reduction < 1.0:
             raise ConfigError(f"--reduction must lie strictly between 0 and 1, got {self.reduction}.",
                               "Give the fraction of visual-token FLOPs to remove, e.g. --reduction 0.6 for 60 %.")

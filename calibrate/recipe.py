@@ -21,6 +21,7 @@ from calibrate.flops import lm_flops_reduction, visual_flops_reduction, visual_t
 from visprune.artifacts import atomic_write_json, canonical_json, sha256_bytes
 from visprune.errors import RecipeError
 from visprune.manifests import METHODS, Fraction, NonNegInt, PosInt, parse, read_json
+from visprune.methods import METHODS as METHOD_REGISTRY
 from visprune.models.llava import LanguageModelShape
 
 RECIPE_SCHEMA = "visprune.recipe"
@@ -45,6 +46,7 @@ class Recipe:
     search: dict[str, Any] = field(default_factory=dict)  # tolerance, steps
     seed: int | None = None
     tools: dict[str, str] = field(default_factory=dict)
+    removed_before_llm: NonNegInt = 0  # pre-LLM methods: tokens dropped before the first layer
 
     @property
     def num_layers(self) -> int:
@@ -53,14 +55,16 @@ class Recipe:
     @property
     def keep(self) -> list[int]:
         """Visual tokens leaving each layer."""
-        return visual_tokens_entering(self.num_visual_tokens, self.removed)[1:]
+        return visual_tokens_entering(self.num_visual_tokens - self.removed_before_llm, self.removed)[1:]
 
     @property
     def total_removed(self) -> int:
-        return sum(self.removed)
+        return self.removed_before_llm + sum(self.removed)
 
     def to_dict(self) -> dict[str, Any]:
         body = asdict(self)
+        if not body["removed_before_llm"]:  # in-LLM recipes keep the bytes (and hashes) they always had
+            del body["removed_before_llm"]
         return {"schema": RECIPE_SCHEMA, "schema_version": RECIPE_SCHEMA_VERSION, "method": body.pop("method"),
                 "num_visual_tokens": body.pop("num_visual_tokens"), "num_layers": self.num_layers,
                 "removed": body.pop("removed"), "keep": self.keep, **body}
@@ -98,8 +102,14 @@ def _check_header(data: dict[str, Any], source: str) -> None:
 
 def check_recipe(recipe: Recipe, source: str = "recipe") -> None:
     """The rules between fields, for recipes read from files and made in code alike."""
-    if recipe.method == "random" and recipe.seed is None:
-        raise RecipeError(f"{source}: a random recipe needs a 'seed'.", "Add e.g. \"seed\": 0.")
+    spec = METHOD_REGISTRY[recipe.method]
+    if spec.needs_seed and recipe.seed is None:
+        raise RecipeError(f"{source}: a {recipe.method} recipe needs a 'seed'.", "Add e.g. \"seed\": 0.")
+    if (recipe.removed_before_llm > 0) != spec.pre_llm or (spec.pre_llm and any(recipe.removed)):
+        where = "before the LLM only ('removed_before_llm')" if spec.pre_llm else "inside the LLM only ('removed')"
+        raise RecipeError(f"{source}: {recipe.method} removes tokens {where}.",
+                          f"Write {recipe.method}'s count there, or rebuild it with `visprune calibrate --method "
+                          f"{recipe.method}`.")
     if not recipe.removed:
         raise RecipeError(f"{source}: 'removed' is empty.", RECIPE_HINT)
     if recipe.total_removed >= recipe.num_visual_tokens:
@@ -144,8 +154,9 @@ def check_recipe_fits(recipe: Recipe, shape: LanguageModelShape, fingerprint: st
 
 def achieved_reductions(recipe: Recipe, shape: LanguageModelShape, text_tokens: float) -> dict[str, float]:
     """Visual-only and whole-LM FLOPs reductions of the recipe's fixed counts."""
+    pre = recipe.removed_before_llm
     return {
-        "visual_flops_reduction": round(visual_flops_reduction(shape, recipe.removed), 6),
-        "lm_flops_reduction": round(lm_flops_reduction(shape, recipe.removed, text_tokens), 6),
+        "visual_flops_reduction": round(visual_flops_reduction(shape, recipe.removed, pre), 6),
+        "lm_flops_reduction": round(lm_flops_reduction(shape, recipe.removed, text_tokens, pre), 6),
         "lm_flops_text_tokens": round(text_tokens, 3),
     }

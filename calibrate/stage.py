@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from calibrate.baselines import fastv_recipe, random_recipe
+from calibrate.baselines import counts_recipe, one_layer_recipe, pre_llm_recipe
 from calibrate.config import CalibrationConfig
 from calibrate.data import CalibrationSet, default_set_for, read_calibration_jsonl, select_samples
 from calibrate.plots import plot_tokens_per_layer
@@ -22,6 +22,7 @@ from calibrate.replay import DecoderReplay, SampleState, embed_samples
 from calibrate.search import RecipeSearch, SearchResult
 from visprune.artifacts import to_pretty_json, tool_versions
 from visprune.errors import BackendUnavailableError, InputDataError
+from visprune.methods import METHODS
 from visprune.models import LlavaBundle, chat_prompt, encode_image_prompt, load_image, load_llava
 from visprune.models.llava import model_folder
 from visprune.outputs import RECIPE, check_output, replacing
@@ -38,7 +39,9 @@ class CalibrationResult:
 
 def calibrate(config: CalibrationConfig, out: Path, plot: bool = True, progress: bool = True,
               force: bool = False) -> CalibrationResult:
-    """Search a FitPrune recipe for `config.reduction` and write it to `out` (plus a plot and a run record).
+    """Make `config.method`'s recipe for `config.reduction` and write it to `out` (plus a plot and a run record):
+    FitPrune's search, or a method built on its counts, or one whose counts follow from the budget alone
+    (visprune/methods.py: the schedule).
 
     `out` is checked before any work (visprune/outputs.py; `force` replaces what is not a visprune recipe).
     Nothing is written unless the search succeeds; the files are staged and swapped in, the recipe last.
@@ -53,8 +56,10 @@ def calibrate(config: CalibrationConfig, out: Path, plot: bool = True, progress:
     with _timed(timings, "prepare_samples_s"):
         dataset = _dataset(config)
         states = prepare_samples(bundle, dataset, batch_size, progress)
-    if config.method == "fastv":  # no search: the count follows from the FLOPs budget alone
-        recipe = _with_provenance(fastv_recipe(bundle.shape, config.reduction), config, bundle, dataset, states)
+    spec = METHODS[config.method]
+    if not spec.needs_calibration:  # no search: the counts follow from the FLOPs budget alone
+        recipe = _with_provenance(budget_recipe(bundle.shape, config.reduction, config.method), config, bundle,
+                                  dataset, states)
         timings["total_s"] = round(sum(timings.values()), 3)
         return _write_outputs(recipe, out, plot, timings, {"device": device})
     search = RecipeSearch(DecoderReplay(bundle.model), states, bundle.shape, batch_size=batch_size)
@@ -65,10 +70,17 @@ def calibrate(config: CalibrationConfig, out: Path, plot: bool = True, progress:
         result = _bisect(search, config, progress)
     timings["total_s"] = round(sum(timings.values()), 3)
     recipe = _recipe(config, bundle, dataset, states, result)
-    if config.method == "random":
-        recipe = random_recipe(recipe, config.seed)
+    if config.method != "fitprune":
+        recipe = counts_recipe(recipe, config.method, config.seed)
     run = {"device": device, "batch_size": batch_size, "sample_layers_computed": search.layers_computed}
     return _write_outputs(recipe, out, plot, timings, run)
+
+
+def budget_recipe(shape, reduction: float, method: str) -> Recipe:
+    """The recipe of a method whose counts follow from the FLOPs budget alone (one cut, or before the LLM)."""
+    if METHODS[method].pre_llm:
+        return pre_llm_recipe(shape, reduction, method)
+    return one_layer_recipe(shape, reduction, method)
 
 
 def resolve_device(device: str) -> tuple[str, torch.dtype]:
@@ -166,16 +178,13 @@ def _write_outputs(recipe: Recipe, out: Path, plot: bool, timings: dict[str, flo
             replacing(run_path, is_dir=False) as run_file:
         if plot:
             plot_tokens_per_layer([(f"{recipe.reduction_target:.0%} target", recipe)], plot_file,
-                                  title=f"{_METHOD_TITLES[recipe.method]} recipe, {recipe.model.get('name', '')}")
+                                  title=f"{METHODS[recipe.method].title} recipe, {recipe.model.get('name', '')}")
         run_file.write_bytes(to_pretty_json({
             "schema": "visprune.calibration_run", "recipe_sha256": recipe.content_hash(), "timings": timings, **run,
             "host": platform.node(), "created_unix": round(time.time(), 3)}))
         save_recipe(recipe, recipe_file)
     return CalibrationResult(recipe=recipe, recipe_path=out, plot_path=plot_path if plot else None,
                              run_record_path=run_path, timings=timings)
-
-
-_METHOD_TITLES = {"fitprune": "FitPrune", "fastv": "FastV", "random": "FitPrune(Random)"}
 
 
 @contextmanager

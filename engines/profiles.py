@@ -66,8 +66,10 @@ def prompt_length_range(onnx_set: OnnxSetManifest, max_prompt_tokens: int, max_n
 
 
 def pruned_before_stage(onnx_set: OnnxSetManifest) -> list[int]:
-    """R_k: visual tokens removed before KV stage k (stage k starts after the k-th pruning layer)."""
-    counts, total = [0], 0
+    """R_k: visual tokens removed before KV stage k (stage k starts after the k-th pruning layer; a pre-LLM
+    method's tokens are gone before stage 0)."""
+    total = onnx_set.recipe.removed_before_llm
+    counts = [total]
     for removed in onnx_set.recipe.removed:
         if removed:
             total += removed

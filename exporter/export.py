@@ -100,7 +100,7 @@ def lint_exported_set(folder: Path, recipe: Recipe) -> None:
 def _export_graph(graph: str, bundle: LlavaBundle, recipe: Recipe, image_start: int, config: ExportConfig,
                   out: Path) -> None:
     if graph == "vision":
-        export_vision(bundle.model, out, config.opset)
+        export_vision(bundle.model, recipe, out, config.opset)
     elif graph == "prefill":
         export_prefill(bundle.model, recipe, image_start, config.max_seq, out, config.opset)
     else:
@@ -115,7 +115,8 @@ def _manifest(config: ExportConfig, bundle: LlavaBundle, recipe: Recipe, image_s
         "schema_version": ONNX_SET_SCHEMA[1],
         "model": {"name": bundle.name, "path": str(bundle.path.resolve()), "fingerprint": bundle.fingerprint},
         "recipe": {"sha256": recipe.content_hash(), "method": recipe.method, "removed": recipe.removed,
-                   "keep": recipe.keep, "num_visual_tokens": recipe.num_visual_tokens, "seed": recipe.seed},
+                   "keep": recipe.keep, "num_visual_tokens": recipe.num_visual_tokens, "seed": recipe.seed,
+                   "removed_before_llm": recipe.removed_before_llm},
         "prompt": {"image_start": image_start, "num_visual_tokens": recipe.num_visual_tokens,
                    "max_seq": config.max_seq, "image_token_id": bundle.image_token_id,
                    "eos_token_id": tokenizer.eos_token_id},

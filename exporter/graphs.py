@@ -18,14 +18,15 @@ from torch.export import Dim
 
 from calibrate.recipe import Recipe
 from exporter.pruned_lm import LlamaDecodeStep, PrunedLlamaPrefill
-from visprune.manifests import kv_stages_of
+from visprune.manifests import kv_stages_of, recipe_io_names
+from visprune.methods import METHODS
 from visprune.tensor_names import (
     BATCH_DIM,
+    IMAGE_SCORES,
     INPUTS_EMBEDS,
     PIXEL_VALUES,
     POSITION_IDS,
     SEQ_DIM,
-    graph_io_names,
     past_len_dim,
 )
 
@@ -35,25 +36,44 @@ EXAMPLE_TEXT = 12  # text tokens after the image in the example prompt, fewer if
 
 class VisionFeatures(nn.Module):
     """pixel_values [B, 3, H, W] -> image_features [B, N, D]: tower output at the feature layer, CLS dropped
-    under the "default" strategy, then the projector."""
+    under the "default" strategy, then the projector. With `cls_scores`, also image_scores [B, N] float32: the
+    [CLS] query's attention to each patch in the feature layer, heads summed (VisionZip's dominant-token score)."""
 
-    def __init__(self, llava: nn.Module):
+    def __init__(self, llava: nn.Module, cls_scores: bool = False):
         super().__init__()
         self.tower = llava.model.vision_tower
         self.projector = llava.model.multi_modal_projector
         self.layer = llava.config.vision_feature_layer
         self.drop_cls = llava.config.vision_feature_select_strategy == "default"
+        self.cls_scores = cls_scores
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        hidden = self.tower(pixel_values, output_hidden_states=True).hidden_states[self.layer]
-        return self.projector(hidden[:, 1:] if self.drop_cls else hidden)
+    def forward(self, pixel_values: torch.Tensor):
+        states = self.tower(pixel_values, output_hidden_states=True).hidden_states
+        hidden = states[self.layer]
+        features = self.projector(hidden[:, 1:] if self.drop_cls else hidden)
+        if not self.cls_scores:
+            return features
+        return features, self._cls_attention(states[self.layer - 1])
+
+    def _cls_attention(self, entering: torch.Tensor) -> torch.Tensor:
+        """[B, N]: the feature layer's [CLS] attention row (patches only), from the states entering it; only the
+        one query row is computed, so the tower keeps whatever attention kernel it has."""
+        layers = self.tower.vision_model.encoder.layers
+        layer = layers[self.layer % (len(layers) + 1)]  # hidden_states[i + 1] is layers[i]'s output
+        attn, x = layer.self_attn, layer.layer_norm1(entering)
+        heads, batch = attn.num_heads, x.shape[0]
+        q = attn.q_proj(x[:, :1]).view(batch, 1, heads, -1).transpose(1, 2)  # [B, H, 1, Dh]
+        k = attn.k_proj(x).view(batch, x.shape[1], heads, -1).transpose(1, 2)  # [B, H, 1 + N, Dh]
+        probs = torch.softmax((q @ k.transpose(2, 3)).float() * attn.scale, dim=-1)  # [B, H, 1, 1 + N]
+        return probs[:, :, 0, 1:].sum(dim=1)
 
 
-def export_vision(llava: nn.Module, out: Path, opset: int) -> None:
+def export_vision(llava: nn.Module, recipe: Recipe, out: Path, opset: int) -> None:
     size = llava.config.vision_config.image_size
     example = torch.zeros(EXAMPLE_BATCH, 3, size, size, dtype=llava.dtype)
-    inputs, outputs = graph_io_names("vision", [])
-    _export(VisionFeatures(llava), (example,), out, opset, inputs, outputs, {PIXEL_VALUES: {0: Dim(BATCH_DIM)}})
+    inputs, outputs = recipe_io_names("vision", recipe)
+    _export(VisionFeatures(llava, cls_scores=METHODS[recipe.method].vision_score), (example,), out, opset, inputs,
+            outputs, {PIXEL_VALUES: {0: Dim(BATCH_DIM)}})
 
 
 def export_prefill(llava: nn.Module, recipe: Recipe, image_start: int, max_seq: int, out: Path, opset: int) -> None:
@@ -61,9 +81,14 @@ def export_prefill(llava: nn.Module, recipe: Recipe, image_start: int, max_seq: 
     min_seq = image_start + recipe.num_visual_tokens + 1
     example_len = image_start + recipe.num_visual_tokens + example_text(image_start, recipe, max_seq)
     example = torch.zeros(EXAMPLE_BATCH, example_len, hidden, dtype=llava.dtype)
-    inputs, outputs = graph_io_names("prefill", recipe.removed)
-    _export(PrunedLlamaPrefill(llava, recipe, image_start), (example,), out, opset, inputs, outputs,
-            {INPUTS_EMBEDS: {0: Dim(BATCH_DIM), 1: Dim(SEQ_DIM, min=min_seq, max=max_seq)}})
+    inputs, outputs = recipe_io_names("prefill", recipe)
+    batch = Dim(BATCH_DIM)
+    shapes = {INPUTS_EMBEDS: {0: batch, 1: Dim(SEQ_DIM, min=min_seq, max=max_seq)}}
+    args = (example,)
+    if METHODS[recipe.method].vision_score:
+        args += (torch.zeros(EXAMPLE_BATCH, recipe.num_visual_tokens),)
+        shapes[IMAGE_SCORES] = {0: batch}
+    _export(PrunedLlamaPrefill(llava, recipe, image_start), args, out, opset, inputs, outputs, shapes)
 
 
 def export_decode(llava: nn.Module, recipe: Recipe, image_start: int, max_seq: int, out: Path, opset: int) -> None:
@@ -73,14 +98,14 @@ def export_decode(llava: nn.Module, recipe: Recipe, image_start: int, max_seq: i
     example_len = image_start + recipe.num_visual_tokens + example_text(image_start, recipe, max_seq)
     stage_of = kv_stages_of(recipe.removed)
     dims = [Dim(past_len_dim(s), min=1, max=max_seq) for s in range(max(stage_of) + 1)]
-    lengths = [example_len - sum(recipe.removed[:layer]) for layer in range(recipe.num_layers)]
+    lengths = [example_len - recipe.removed_before_llm - sum(recipe.removed[:layer]) for layer in range(recipe.num_layers)]
     past = [torch.zeros(EXAMPLE_BATCH, kv_heads, lengths[layer], head_dim, dtype=llava.dtype)
             for layer in range(recipe.num_layers) for _ in ("key", "value")]
     embeds = torch.zeros(EXAMPLE_BATCH, 1, text.hidden_size, dtype=llava.dtype)
     positions = torch.full((EXAMPLE_BATCH, 1), example_len, dtype=torch.long)
     batch = Dim(BATCH_DIM)
     past_shapes = [{0: batch, 2: dims[stage_of[layer]]} for layer in range(recipe.num_layers) for _ in range(2)]
-    inputs, outputs = graph_io_names("decode", recipe.removed)
+    inputs, outputs = recipe_io_names("decode", recipe)
     _export(LlamaDecodeStep(llava), (embeds, positions, past), out, opset, inputs, outputs,
             {INPUTS_EMBEDS: {0: batch}, POSITION_IDS: {0: batch}, "past": past_shapes})
 

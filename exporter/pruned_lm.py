@@ -1,12 +1,14 @@
 """The pruned LLaVA language model as plain-tensor modules: what the exporter traces, and the PyTorch reference.
 
-FitPrune inference (pruning_methods.md §1.5) with a recipe's fixed per-layer keep counts baked in: at a layer
-that prunes, after its attention, each visual token is scored a_u = a_s * a_c from that layer's head-max
-attention probabilities (self: the current visual rows, cross: the rows after the image; float32), the top
-keep_l survive in their original order, and the rest leave the residual stream. The baselines change only the
-score: FastV (§2.2) the last prompt token's head-mean attention, random a fixed seeded score per image index. The layer's KV cache is taken
-before pruning, so cache lengths shrink layer by layer; kept tokens keep their original RoPE positions, and
-decode positions continue from the unpruned length.
+A recipe's fixed keep counts baked in. At a layer that prunes, after its attention, the method's selection
+(exporter/selection.py, named in visprune/methods.py) picks which visual tokens survive: FitPrune (pruning_methods.md
+§1.5) scores a_u = a_s * a_c from that layer's head-max attention probabilities, FastV (§2.2) the last prompt
+token's head-mean attention, random a fixed seeded score per image index, DART the duplication with key-norm
+pivots. The survivors keep their original order; the rest leave the residual stream. A pre-LLM method (DivPrune,
+VisionZip) selects once before the first layer, from the input embeddings' image span (or the vision graph's
+`image_scores`), so every layer sees fewer tokens. The layer's KV cache is taken before pruning, so cache lengths
+shrink layer by layer; kept tokens keep their original RoPE positions, and decode positions continue from the
+unpruned length.
 
 Only fixed shapes depend on the recipe (TopK with constant K, Gather), so the graphs stay static-shape apart
 from the text length. Batch rows share one layout: prefix (P tokens) | image (N) | text (T, dynamic).
@@ -17,16 +19,21 @@ K kept, T text tokens after the image, H heads, Hkv key/value heads, Dh head dim
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
 from calibrate.recipe import Recipe
+from exporter import selection
+from visprune.methods import METHODS
 from visprune.models.decoder import attend, causal_blocked, finish_layer
 
 
 class PrunedLlamaPrefill(nn.Module):
-    """inputs_embeds [B, S, D] -> logits [B, V] (last position), present K/V per layer, kept indices per
-    pruning layer ([B, keep_l], 0-based within the image, ascending)."""
+    """inputs_embeds [B, S, D] (and, for methods scored in the vision tower, image_scores [B, N]) -> logits [B, V]
+    (last position), present K/V per layer, kept indices per pruning point ([B, K], 0-based within the image,
+    ascending; a pre-LLM method's selection comes first)."""
 
     def __init__(self, llava: nn.Module, recipe: Recipe, image_start: int):
         super().__init__()
@@ -34,53 +41,56 @@ class PrunedLlamaPrefill(nn.Module):
         self.layers, self.norm, self.rotary = lm.layers, lm.norm, lm.rotary_emb
         self.lm_head = llava.lm_head
         self.removed = list(recipe.removed)
+        self.removed_before_llm = recipe.removed_before_llm
         self.num_visual = recipe.num_visual_tokens
         self.image_start = image_start
-        self.method = recipe.method
-        if recipe.method == "random":  # one fixed score per image index; nested random subsets layer by layer
+        spec = METHODS[recipe.method]
+        self.select = partial(getattr(selection, spec.selection), **spec.params) if spec.selection else None
+        self.needs_attention = spec.needs_attention
+        if spec.needs_seed:  # one fixed score per image index; nested random subsets layer by layer
             scores = torch.rand(recipe.num_visual_tokens, generator=torch.Generator().manual_seed(recipe.seed))
             self.register_buffer("random_scores", scores.to(self.lm_head.weight.device), persistent=False)
+        else:
+            self.random_scores = None
 
-    def forward(self, inputs_embeds: torch.Tensor):
+    def forward(self, inputs_embeds: torch.Tensor, image_scores: torch.Tensor | None = None):
         batch, seq, _ = inputs_embeds.shape
         hidden = inputs_embeds
         positions = torch.arange(seq, device=hidden.device).unsqueeze(0).expand(batch, seq)  # [B, S]
-        visual_ids = torch.arange(self.num_visual, device=hidden.device).unsqueeze(0).expand(batch, -1)  # [B, n]
+        visual_ids = torch.arange(self.num_visual, device=hidden.device).unsqueeze(0).expand(batch, -1)  # [B, N]
         presents, kept = [], []
+        if self.removed_before_llm:  # pre-LLM: the image span shrinks before any layer sees it
+            view = self._view(visual_ids, hidden, image_scores=image_scores)
+            rows, visual_ids = self._surviving_rows(view, seq, self.num_visual - self.removed_before_llm)
+            kept.append(visual_ids)
+            hidden, positions = _take_rows(hidden, rows), _take_rows(positions, rows)
         for layer, removed in zip(self.layers, self.removed):
             context, probs, key, value = attend(layer, self.rotary, hidden, positions,
                                                 blocked=causal_blocked(hidden.shape[1], hidden.device))
             presents += [key, value]
             if removed:
-                rows, visual_ids = self._surviving_rows(probs, visual_ids, visual_ids.shape[1] - removed)
+                view = self._view(visual_ids, layer.input_layernorm(hidden), probs, key)
+                rows, visual_ids = self._surviving_rows(view, hidden.shape[1], visual_ids.shape[1] - removed)
                 kept.append(visual_ids)
                 hidden, context, positions = (_take_rows(t, rows) for t in (hidden, context, positions))
             hidden = finish_layer(layer, hidden, context)
         logits = self.lm_head(self.norm(hidden[:, -1]))
         return logits, presents, kept
 
-    def _surviving_rows(self, probs: torch.Tensor, visual_ids: torch.Tensor, keep: int):
-        """Rows [B, S'] that survive keeping the `keep` best-scored visual tokens, and their image indices."""
-        p, n = self.image_start, visual_ids.shape[1]
-        best = torch.topk(self._scores(probs, visual_ids), keep, dim=1, largest=True, sorted=True).indices
-        ascending = torch.topk(best, keep, dim=1, largest=False, sorted=True).values  # original order, no Sort op
-        seq = probs.shape[-1]
-        prefix = torch.arange(p, device=probs.device).unsqueeze(0).expand(probs.shape[0], p)
-        text = torch.arange(p + n, seq, device=probs.device).unsqueeze(0).expand(probs.shape[0], -1)
-        rows = torch.cat([prefix, ascending + p, text], dim=1)
-        return rows, torch.gather(visual_ids, 1, ascending)
+    def _view(self, visual_ids, hidden, probs=None, key=None, image_scores=None) -> selection.SelectionInputs:
+        return selection.SelectionInputs(self.image_start, visual_ids, hidden, probs, key, self.random_scores,
+                                         image_scores)
 
-    def _scores(self, probs: torch.Tensor, visual_ids: torch.Tensor) -> torch.Tensor:
-        """[B, n] score of each visual token present; probs [B, H, S, S] float32."""
-        p, n = self.image_start, visual_ids.shape[1]
-        if self.method == "fastv":
-            return probs.mean(dim=1)[:, -1, p:p + n]  # the last prompt token's row, heads averaged
-        if self.method == "random":
-            return self.random_scores[visual_ids]
-        visual_cols = probs.amax(dim=1)[:, :, p:p + n]  # [B, S, n], heads combined by max
-        a_self = visual_cols[:, p:p + n].sum(dim=1) / n
-        a_cross = visual_cols[:, p + n:].sum(dim=1)  # 1/T does not change the ranking
-        return a_self * a_cross
+    def _surviving_rows(self, view: selection.SelectionInputs, seq: int, keep: int):
+        """Rows [B, S'] that survive keeping `keep` of the visual tokens present, and their image indices."""
+        p, n = self.image_start, view.visual_ids.shape[1]
+        best = self.select(view, keep)
+        ascending = torch.topk(best, keep, dim=1, largest=False, sorted=True).values  # original order, no Sort op
+        batch, device = best.shape[0], best.device
+        prefix = torch.arange(p, device=device).unsqueeze(0).expand(batch, p)
+        text = torch.arange(p + n, seq, device=device).unsqueeze(0).expand(batch, -1)
+        rows = torch.cat([prefix, ascending + p, text], dim=1)
+        return rows, torch.gather(view.visual_ids, 1, ascending)
 
 
 class LlamaDecodeStep(nn.Module):

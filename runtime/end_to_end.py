@@ -1,10 +1,16 @@
 """`run_pipeline(config, out)`: the whole product in one call, as `visprune pipeline` runs it.
 
 calibrate -> export (pruned, and the unpruned baseline) -> build (TensorRT where available, else ONNX Runtime)
--> run one sample request -> parity and latency reports -> report.md with the plots. The unpruned export does not
+-> run one sample request on both engines -> (shapes-vqa models: accuracy of both engines on held-out questions)
+-> parity and latency reports -> report.md with the plots. The unpruned export does not
 depend on the recipe, so it runs in a second process while calibration and the pruned export run here (its
 TensorRT build waits for the pruned one: TensorRT times its kernels on the GPU, and two builds at once would skew
 each other's choices).
+
+The sample request: for a shapes-vqa model (`tiny-vqa`) a held-out test scene and its question, so the answer can
+be checked against the expected one; for any other model a photograph and SAMPLE_QUESTION. The accuracy sample is
+the first `accuracy_questions` test questions (as `visprune eval --questions N` takes them), answered through the
+two built engines the way `visprune eval --engine` answers.
 
 Layout of `out`: recipe.json/.png, onnx/, onnx-unpruned/, engine/, engine-unpruned/, sample.png,
 report/{parity,latency}.{json,md}, report/*.png, report.md, pipeline.json (config, stage times, headline figures).
@@ -28,6 +34,9 @@ from visprune.models.llava import model_folder, resolve_model_path
 from visprune.outputs import PIPELINE_RUN, check_output, writing_in_place
 
 SAMPLE_QUESTION = "What animal is this?"
+SAMPLE_TEST_INDEX = 0  # shapes-vqa models: the sample request is this test-split sample
+ACCURACY_TEST_START = 0  # shapes-vqa models: the accuracy sample starts at this test-split index
+SHAPES_VQA_MODELS = ("tiny-vqa",)
 PIPELINE_SCHEMA = ("visprune.pipeline_run", 1)
 
 
@@ -45,6 +54,7 @@ class PipelineConfig:
     max_new_tokens: int = 16
     latency_rounds: int = 10
     parity_prompts: int = 8
+    accuracy_questions: int = 100  # held-out shapes-vqa test questions per engine (shapes-vqa models only); 0: none
 
     def __post_init__(self) -> None:
         if self.backend not in ("auto", "onnxruntime", "tensorrt", "pytorch"):
@@ -54,6 +64,14 @@ class PipelineConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.",
                                   "Leave it out for the default.")
+        if self.accuracy_questions < 0:
+            raise ConfigError(f"--accuracy-questions must be 0 or more, got {self.accuracy_questions}.",
+                              "Pass 0 to skip the accuracy sample, or leave it out for the default.")
+
+    @property
+    def shapes_vqa(self) -> bool:
+        """Whether the model answers shapes-vqa (its sample request and accuracy sample come from that task)."""
+        return self.model in SHAPES_VQA_MODELS
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.VERSION, **{k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}}
@@ -64,7 +82,10 @@ class PipelineResult:
     out_dir: Path
     stage_seconds: dict[str, float] = field(default_factory=dict)
     figures: dict[str, Any] = field(default_factory=dict)
-    answer: str = ""
+    question: str = ""  # the sample request's
+    expected: str | None = None  # its expected answer (shapes-vqa models), else None
+    answer: str = ""  # the pruned engine's
+    unpruned_answer: str = ""
 
 
 def run_pipeline(config: PipelineConfig, out_dir: Path, progress: bool = True, force: bool = False) -> PipelineResult:
@@ -104,10 +125,11 @@ def _run_stages(config: PipelineConfig, out: Path, progress: bool) -> PipelineRe
     if not overlap_build:
         with _stage(result, "build (unpruned, after the pruned one)"):
             _build(backend, out / "onnx-unpruned", out / "engine-unpruned")
-    _run_and_report(config, result)
+    _run_and_report(config, result, progress)
     atomic_write_json(out / "pipeline.json", {"schema": PIPELINE_SCHEMA[0], "schema_version": PIPELINE_SCHEMA[1],
                                               "config": config.to_dict(), "backend": backend, "answer": result.answer,
-                                              "stage_seconds": result.stage_seconds, "figures": result.figures})
+                                              "sample": _sample_record(result), "stage_seconds": result.stage_seconds,
+                                              "figures": result.figures})
     return result
 
 
@@ -122,9 +144,33 @@ def format_summary(result: PipelineResult) -> str:
              ("KV-cache bytes ratio", f"{f['kv_bytes_ratio']:.3f}"),
              ("parity vs. PyTorch", f"{'passed' if f['parity_passed'] else 'FAILED'} "
                                     f"(max abs logits error {f['max_abs_logits_error']:.1e})"),
-             ("sample answer", repr(result.answer)), ("report", str(result.out_dir / "report.md"))]
+             ("", ""), ("sample question", result.question)]
+    if result.expected is not None:
+        rows.append(("expected answer", repr(result.expected)))
+    rows += [("pruned engine's answer", repr(result.answer)),
+             ("unpruned engine's answer", repr(result.unpruned_answer))]
+    if "accuracy" in f:
+        a = f["accuracy"]
+        rows += [("", ""), ("shapes-vqa accuracy", f"held-out {_question_range(a)}")]
+        rows += [(f"  {engine} engine", _accuracy_text(a[engine])) for engine in ("pruned", "unpruned")]
+    rows += [("", ""), ("report", str(result.out_dir / "report.md"))]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _accuracy_text(accuracy: dict[str, Any]) -> str:
+    low, high = accuracy["ci95"]
+    return f"{accuracy['overall']:.1%} right of {accuracy['n']} (95 % CI {low:.1%}-{high:.1%})"
+
+
+def _question_range(accuracy: dict[str, Any]) -> str:
+    first = accuracy["start"]
+    return f"{accuracy['split']} questions {first}-{first + accuracy['questions'] - 1}"
+
+
+def _sample_record(result: PipelineResult) -> dict[str, Any]:
+    return {"question": result.question, "expected": result.expected, "pruned_answer": result.answer,
+            "unpruned_answer": result.unpruned_answer}
 
 
 def _export_and_build(export: ExportConfig, backend: str | None, onnx_dir: Path, engine_dir: Path,
@@ -141,33 +187,69 @@ def _build(backend: str, onnx_dir: Path, engine_dir: Path) -> None:
                  onnx_dir, engine_dir)
 
 
-def _run_and_report(config: PipelineConfig, result: PipelineResult) -> None:
-    from runtime.latency import default_latency_image, latency_report
+def _sample_request(config: PipelineConfig):
+    """(image, question, expected answer or None) of the request the pipeline runs."""
+    if config.shapes_vqa:
+        from visprune.tasks.shapes_vqa import make_sample
+
+        sample = make_sample("test", SAMPLE_TEST_INDEX)
+        return sample.image(), sample.question, sample.answer
+    from runtime.latency import default_latency_image
+
+    return default_latency_image(), SAMPLE_QUESTION, None
+
+
+def _accuracy(config: PipelineConfig, out: Path, progress: bool) -> dict[str, Any]:
+    """Both engines' shapes-vqa accuracy (with 95 % intervals) on the same held-out test questions."""
+    from runtime.evaluate import EvalConfig, answers_from_engine
+    from visprune.tasks.shapes_vqa import accuracy_by_type, make_split
+
+    samples = make_split("test", config.accuracy_questions, start=ACCURACY_TEST_START)
+    max_new_tokens = EvalConfig().max_new_tokens  # as `visprune eval` answers
+    figures: dict[str, Any] = {"task": "shapes-vqa", "split": "test", "start": ACCURACY_TEST_START,
+                               "questions": config.accuracy_questions, "max_new_tokens": max_new_tokens}
+    for engine, folder in (("pruned", "engine"), ("unpruned", "engine-unpruned")):
+        answers = answers_from_engine(out / folder, samples, max_new_tokens, progress=progress)
+        figures[engine] = accuracy_by_type(samples, answers)
+    return figures
+
+
+def _run_and_report(config: PipelineConfig, result: PipelineResult, progress: bool = False) -> None:
+    from runtime.latency import latency_report
     from runtime.parity import default_parity_prompts, parity_report
     from runtime.pipeline import Pipeline
 
     out = result.out_dir
-    image = default_latency_image()
+    image, result.question, result.expected = _sample_request(config)
     image.save(out / "sample.png")
-    with _stage(result, "run (one request)"):
+    with _stage(result, "run (one request, both engines)"):
         pipe = Pipeline.from_engine_dir(out / "engine")
-        generation = pipe.generate(out / "sample.png", pipe.chat_prompt(SAMPLE_QUESTION), config.max_new_tokens)
+        generation = pipe.generate(out / "sample.png", pipe.chat_prompt(result.question), config.max_new_tokens)
         result.answer = generation.text
+        unpruned = Pipeline.from_engine_dir(out / "engine-unpruned")
+        result.unpruned_answer = unpruned.generate(out / "sample.png", unpruned.chat_prompt(result.question),
+                                                   config.max_new_tokens).text
+    accuracy = None
+    if config.shapes_vqa and config.accuracy_questions:
+        with _stage(result, f"accuracy ({config.accuracy_questions} questions, both engines)"):
+            accuracy = _accuracy(config, out, progress)
     with _stage(result, "parity report"):
         parity = parity_report(out / "engine", config.model, out / "report", recipe=out / "recipe.json",
                                prompts=default_parity_prompts(config.parity_prompts), allow_failure=True)
     with _stage(result, "latency report"):
         latency = latency_report(out / "engine", out / "engine-unpruned", out / "report", image=out / "sample.png",
                                  rounds=config.latency_rounds)
-    _plots(pipe, out, generation.kept_indices, parity)
+    _plots(pipe, out, result.question, generation.kept_indices, parity)
     result.figures = _headline(out, parity, latency)
+    if accuracy is not None:
+        result.figures["accuracy"] = accuracy
     atomic_write_bytes(out / "report.md", report_markdown(result, parity, latency).encode())
 
 
-def _plots(pipe, out: Path, kept: dict[int, list[int]], parity: dict[str, Any]) -> None:
+def _plots(pipe, out: Path, question: str, kept: dict[int, list[int]], parity: dict[str, Any]) -> None:
     from runtime.plots import model_view, plot_kept_tokens, plot_parity
 
-    _, pixel_values = pipe.encode(out / "sample.png", pipe.chat_prompt(SAMPLE_QUESTION))
+    _, pixel_values = pipe.encode(out / "sample.png", pipe.chat_prompt(question))
     plot_kept_tokens(model_view(pixel_values, pipe.processor), kept, pipe.num_visual, out / "report" / "kept_tokens.png")
     plot_parity(parity, out / "report" / "parity.png")
 
@@ -194,7 +276,7 @@ def report_markdown(result: PipelineResult, parity: dict[str, Any], latency: dic
     return f"""# visprune pipeline report
 
 Engine: {e['backend']} on {e['device']} ({e['dtype']}), recipe {e['recipe_method']}: visual tokens {f['visual_tokens']}
-(visual-FLOPs reduction {f['visual_flops_reduction']:.1%}). Sample answer: "{result.answer}"
+(visual-FLOPs reduction {f['visual_flops_reduction']:.1%}).
 
 | figure | value |
 |---|---:|
@@ -205,6 +287,9 @@ Engine: {e['backend']} on {e['device']} ({e['dtype']}), recipe {e['recipe_method
 | parity vs. PyTorch | {'passed' if f['parity_passed'] else 'FAILED'} (max abs logits error {f['max_abs_logits_error']:.1e}) |
 | first-token top-1 agreement, pruned vs. unpruned | {f['first_token_top1_agreement']:.0%} |
 
+## Sample request
+
+{_sample_markdown(result)}{_accuracy_markdown(f.get("accuracy"))}
 ## Visual tokens per layer
 
 ![tokens per layer](recipe.png)
@@ -230,6 +315,47 @@ Details: [report/parity.md](report/parity.md).
 | stage | seconds |
 |---|---:|
 {stages}
+"""
+
+
+def _sample_markdown(result: PipelineResult) -> str:
+    rows = [("question", result.question)]
+    if result.expected is not None:
+        rows.append(("expected answer", result.expected))
+    rows += [("pruned engine's answer", result.answer), ("unpruned engine's answer", result.unpruned_answer)]
+    table = "\n".join(f"| {name} | {_cell(value)} |" for name, value in rows)
+    return f"![sample image](sample.png)\n\n| | |\n|---|---|\n{table}\n"
+
+
+def _cell(text: str) -> str:
+    """`text` quoted as one markdown table cell (an engine's answer may hold anything)."""
+    return '"' + text.replace("|", "\\|").replace("\n", " ") + '"'
+
+
+def _accuracy_markdown(accuracy: dict[str, Any] | None) -> str:
+    if accuracy is None:
+        return ""
+    pruned, unpruned = accuracy["pruned"], accuracy["unpruned"]
+
+    def cell(value: float, ci95: list[float]) -> str:
+        return f"{value:.1%} [{ci95[0]:.1%}, {ci95[1]:.1%}]"
+
+    rows = [f"| all | {pruned['n']} | {cell(pruned['overall'], pruned['ci95'])} | "
+            f"{cell(unpruned['overall'], unpruned['ci95'])} |"]
+    rows += [f"| {t} | {v['n']} | {cell(v['accuracy'], v['ci95'])} | "
+             f"{cell(unpruned['per_type'][t]['accuracy'], unpruned['per_type'][t]['ci95'])} |"
+             for t, v in pruned["per_type"].items()]
+    table = "\n".join(rows)
+    return f"""
+## shapes-vqa accuracy, pruned vs. unpruned engine
+
+Held-out shapes-vqa {_question_range(accuracy)}, answered through the two built engines, greedy, scored as
+`visprune eval --engine` scores (first word, exact match). In brackets: the 95 % Wilson interval. On a sample
+this small only wide gaps are real; `visprune eval --engine DIR --questions 500` measures one engine closer.
+
+| question type | n | pruned engine | unpruned engine |
+|---|---:|---:|---:|
+{table}
 """
 
 

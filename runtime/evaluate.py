@@ -53,61 +53,84 @@ def answers_from_engine(engine_dir: Path, samples: list[ShapesSample], max_new_t
             for s in tqdm(samples, desc="answering (engine)", disable=not progress)]
 
 
+@dataclass
+class PreparedQuestions:
+    """What every recipe shares for a set of questions: prompt ids and the vision tower's outputs (pruning acts
+    after the vision tower), computed once so a study of many recipes runs only the language model per recipe."""
+
+    samples: list[ShapesSample]
+    input_ids: list[list[int]]  # per question [S]
+    features: Any  # torch [Q, N, D]
+    scores: Any  # torch [Q, N] float32: the [CLS] attention VisionZip selects with
+
+
+def prepare_questions(model: str, samples: list[ShapesSample], config: EvalConfig,
+                      progress: bool = False) -> PreparedQuestions:
+    import torch
+    from tqdm.auto import tqdm
+
+    from exporter.graphs import VisionFeatures
+    from runtime.torch_runner import TorchRunner
+    from visprune.models.inputs import chat_prompt, expanded_prompt_ids, normalized_pixels
+
+    runner = TorchRunner.from_model(model, device=config.device)
+    processor, vision = runner.bundle.processor, VisionFeatures(runner.bundle.model, cls_scores=True).eval()
+    ids = [expanded_prompt_ids(processor, chat_prompt(processor, s.question), runner.num_visual) for s in samples]
+    features, scores = [], []
+    with torch.no_grad():
+        for start in tqdm(range(0, len(samples), config.batch_size), desc="vision (once)", disable=not progress):
+            chunk = samples[start:start + config.batch_size]
+            pixels = torch.from_numpy(normalized_pixels([s.image() for s in chunk], processor.image_processor))
+            f, c = vision(pixels.to(runner.device, runner.dtype))
+            features.append(f)
+            scores.append(c)
+    return PreparedQuestions(samples, ids, torch.cat(features), torch.cat(scores))
+
+
 def answers_from_recipe(model: str, recipe: Any, samples: list[ShapesSample], config: EvalConfig,
-                        progress: bool = False) -> list[str]:
-    """Greedy answers of the PyTorch reference pruned by `recipe` (a Recipe; None: unpruned)."""
+                        progress: bool = False, prepared: PreparedQuestions | None = None) -> list[str]:
+    """Greedy answers of the PyTorch reference pruned by `recipe` (a Recipe; None: unpruned). `prepared` (for
+    these `samples`) skips the vision tower."""
     from tqdm.auto import tqdm
 
     from runtime.torch_runner import TorchRunner
 
     runner = TorchRunner.from_model(model, recipe, device=config.device)
-    batches = _batches_by_length(runner, samples, config.batch_size)
+    prepared = prepared or prepare_questions(model, samples, config)
     answers: dict[int, str] = {}
-    for indices, input_ids in tqdm(batches, desc="answering (PyTorch)", disable=not progress):
-        texts = _greedy_batch(runner, input_ids, [samples[i] for i in indices], config.max_new_tokens)
-        answers.update(zip(indices, texts))
+    for indices in tqdm(_batches_by_length(prepared.input_ids, config.batch_size), desc="answering (PyTorch)",
+                        disable=not progress):
+        answers.update(zip(indices, _greedy_batch(runner, prepared, indices, config.max_new_tokens)))
     return [answers[i] for i in range(len(samples))]
 
 
-def _batches_by_length(runner, samples: list[ShapesSample], batch_size: int) -> list[tuple[list[int], list[list[int]]]]:
-    """Samples grouped by tokenized prompt length (prefill needs one layout per batch), in chunks."""
-    from visprune.models.inputs import chat_prompt, expanded_prompt_ids
-
-    processor = runner.bundle.processor
-    by_length: dict[int, list[tuple[int, list[int]]]] = defaultdict(list)
-    for index, sample in enumerate(samples):
-        ids = expanded_prompt_ids(processor, chat_prompt(processor, sample.question), runner.num_visual)
-        by_length[len(ids)].append((index, ids))
-    batches = []
-    for length in sorted(by_length):
-        rows = by_length[length]
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            batches.append(([i for i, _ in chunk], [ids for _, ids in chunk]))
-    return batches
+def _batches_by_length(input_ids: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Question indices grouped by prompt length (prefill needs one layout per batch), in chunks."""
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for index, ids in enumerate(input_ids):
+        by_length[len(ids)].append(index)
+    return [rows[start:start + batch_size] for length in sorted(by_length)
+            for rows in [by_length[length]] for start in range(0, len(rows), batch_size)]
 
 
-def _greedy_batch(runner, input_ids: list[list[int]], samples: list[ShapesSample], max_new_tokens: int) -> list[str]:
+def _greedy_batch(runner, prepared: PreparedQuestions, indices: list[int], max_new_tokens: int) -> list[str]:
     import torch
-
-    from visprune.models.inputs import normalized_pixels
 
     tokenizer = runner.bundle.processor.tokenizer
     embed = runner.bundle.model.get_input_embeddings()
-    ids = torch.tensor(input_ids, device=runner.device)  # [B, S]
-    pixels = torch.from_numpy(normalized_pixels([s.image() for s in samples], runner.bundle.processor.image_processor))
+    ids = torch.tensor([prepared.input_ids[i] for i in indices], device=runner.device)  # [B, S]
     with torch.no_grad():
         embeds = embed(ids)
-        embeds[:, runner.image_start:runner.image_start + runner.num_visual] = runner.vision(pixels.to(runner.device, runner.dtype))
-        logits, past, _ = runner.prefill_module(embeds)
-        tokens, done = [], torch.zeros(len(samples), dtype=torch.bool)
+        embeds[:, runner.image_start:runner.image_start + runner.num_visual] = prepared.features[indices]
+        logits, past, _ = runner.prefill_module(embeds, prepared.scores[indices])
+        tokens, done = [], torch.zeros(len(indices), dtype=torch.bool)
         for step in range(max_new_tokens):
             token = logits.argmax(-1).cpu()  # [B]
             tokens.append(token)
             done |= token == tokenizer.eos_token_id
             if done.all() or step == max_new_tokens - 1:
                 break
-            positions = torch.full((len(samples), 1), ids.shape[1] + step, device=runner.device)
+            positions = torch.full((len(indices), 1), ids.shape[1] + step, device=runner.device)
             logits, past = runner.decode_module(embed(token[:, None].to(runner.device)), positions, past)
     generated = torch.stack(tokens, dim=1).tolist()
     return [tokenizer.decode(_until_eos(row, tokenizer.eos_token_id), skip_special_tokens=True) for row in generated]

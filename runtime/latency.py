@@ -79,11 +79,11 @@ class Request:
 def time_request(pipe: Pipeline, request: Request, clock: Clock = time.perf_counter) -> dict[str, Any]:
     """One request with a fixed number of new tokens (EOS ignored), phase by phase."""
     runner, stamps = pipe.runner, [clock()]
-    features = runner.image_features(request.pixel_values)
+    vision = runner.image_features(request.pixel_values)
     stamps.append(clock())
-    embeds = pipe.embed(request.input_ids, features)
+    embeds = pipe.embed(request.input_ids, vision.features)
     stamps.append(clock())
-    first = runner.prefill(embeds)
+    first = runner.prefill(embeds, vision.scores)
     token = int(np.argmax(first.logits[0]))
     stamps.append(clock())
     past, position, steps = first.past, request.input_ids.shape[1], []

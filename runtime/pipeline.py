@@ -118,10 +118,10 @@ class Pipeline:
         self.check_request(input_ids.shape[1], max_new_tokens)
         timings: dict[str, float] = {"prompt_tokens": input_ids.shape[1]}
         start = time.perf_counter()
-        features = self.runner.image_features(pixel_values)
+        vision = self.runner.image_features(pixel_values)
         timings["vision_s"] = time.perf_counter() - start
         prefill_start = time.perf_counter()
-        first = self.runner.prefill(self.embed(input_ids, features))
+        first = self.runner.prefill(self.embed(input_ids, vision.features), vision.scores)
         timings["prefill_s"] = time.perf_counter() - prefill_start
         timings["ttft_s"] = time.perf_counter() - start
         timings["kv_bytes"] = self.runner.kv_bytes(first.past)

@@ -20,6 +20,7 @@ from visprune.errors import ConfigError
 from visprune.manifests import EngineManifest
 from visprune.tensor_names import (
     GRAPH_NAMES,
+    IMAGE_SCORES,
     INPUTS_EMBEDS,
     LOGITS,
     PIXEL_VALUES,
@@ -27,6 +28,12 @@ from visprune.tensor_names import (
     kept_layer,
     kv_names,
 )
+
+
+@dataclass
+class VisionOutput:
+    features: np.ndarray  # [1, N, D]
+    scores: np.ndarray | None = None  # [1, N] float32: the vision-side score of methods that use one (VisionZip)
 
 
 @dataclass
@@ -40,9 +47,9 @@ class Runner(Protocol):
     backend: str
     device: str
 
-    def image_features(self, pixel_values: np.ndarray) -> np.ndarray: ...  # [1, 3, H, W] -> [1, N, D]
+    def image_features(self, pixel_values: np.ndarray) -> VisionOutput: ...  # [1, 3, H, W] -> [1, N, D]
 
-    def prefill(self, inputs_embeds: np.ndarray) -> PrefillOutput: ...  # [1, S, D]
+    def prefill(self, inputs_embeds: np.ndarray, image_scores: np.ndarray | None = None) -> PrefillOutput: ...  # [1, S, D]
 
     def decode(self, inputs_embeds: np.ndarray, position: int, past: Any) -> tuple[np.ndarray, Any]: ...  # [1, 1, D]
 
@@ -89,11 +96,12 @@ class OrtRunner:
             check_session_providers(sessions[graph], providers)
         return cls(sessions, manifest.device, manifest.onnx_set.num_layers)
 
-    def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
-        return self.sessions["vision"].run(None, {PIXEL_VALUES: pixel_values})[0]
+    def image_features(self, pixel_values: np.ndarray) -> VisionOutput:
+        return VisionOutput(*self.sessions["vision"].run(None, {PIXEL_VALUES: pixel_values}))
 
-    def prefill(self, inputs_embeds: np.ndarray) -> PrefillOutput:
-        values = self._run_bound("prefill", {INPUTS_EMBEDS: inputs_embeds}, {})
+    def prefill(self, inputs_embeds: np.ndarray, image_scores: np.ndarray | None = None) -> PrefillOutput:
+        host = {INPUTS_EMBEDS: inputs_embeds, **({} if image_scores is None else {IMAGE_SCORES: image_scores})}
+        values = self._run_bound("prefill", host, {})
         kept = {kept_layer(name): value.numpy()[0].tolist()
                 for name, value in values.items() if kept_layer(name) is not None}
         return PrefillOutput(values[LOGITS].numpy(), self._presents(values), kept)

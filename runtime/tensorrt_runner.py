@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 
 from engines.tensorrt import check_engine_compatible, gpu_identity, import_tensorrt
-from runtime.runners import PrefillOutput
+from runtime.runners import PrefillOutput, VisionOutput
 from visprune.errors import ArtifactMismatchError, PromptError
 from visprune.manifests import EngineManifest
-from visprune.tensor_names import kept_layer, kv_names
+from visprune.tensor_names import IMAGE_FEATURES, IMAGE_SCORES, INPUTS_EMBEDS, PIXEL_VALUES, kept_layer, kv_names
 
 
 class TensorRTGraph:
@@ -98,14 +98,20 @@ class TensorRTRunner:
                   for g in ("vision", "prefill", "decode")}
         return cls(graphs, manifest)
 
-    def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
-        out = self._run("vision", {"pixel_values": self._tensor(pixel_values)}, {})
-        return out["image_features"].float().cpu().numpy()
+    def image_features(self, pixel_values: np.ndarray) -> VisionOutput:
+        out = self._run("vision", {PIXEL_VALUES: self._tensor(pixel_values)}, {})
+        scores = out[IMAGE_SCORES].float().cpu().numpy() if IMAGE_SCORES in out else None
+        return VisionOutput(out[IMAGE_FEATURES].float().cpu().numpy(), scores)
 
-    def prefill(self, inputs_embeds: np.ndarray) -> PrefillOutput:
+    def prefill(self, inputs_embeds: np.ndarray, image_scores: np.ndarray | None = None) -> PrefillOutput:
+        import torch
+
         self.kv.current = [0] * len(self.kv.current)
         targets = {name: self._kv_target(i, 0) for i, name in enumerate(self._kv_names("present"))}
-        out = self._run("prefill", {"inputs_embeds": self._tensor(inputs_embeds)}, targets)
+        feed = {INPUTS_EMBEDS: self._tensor(inputs_embeds)}
+        if image_scores is not None:  # a float32 island whatever the engine's dtype
+            feed[IMAGE_SCORES] = torch.from_numpy(np.ascontiguousarray(image_scores)).to("cuda", torch.float32)
+        out = self._run("prefill", feed, targets)
         self.kv.lengths = [int(out[name].shape[2]) for name in self._kv_names("present")]
         kept = {kept_layer(n): t[0].tolist() for n, t in out.items() if kept_layer(n) is not None}
         return PrefillOutput(out["logits"].float().cpu().numpy(), self.kv, kept)

@@ -16,11 +16,13 @@ import torch
 from calibrate.recipe import Recipe, check_recipe_fits, unpruned_recipe
 from exporter.graphs import VisionFeatures
 from exporter.pruned_lm import LlamaDecodeStep, PrunedLlamaPrefill
-from runtime.runners import PrefillOutput
+from runtime.runners import PrefillOutput, VisionOutput
 from visprune.errors import ArtifactMismatchError, BackendUnavailableError
 from visprune.manifests import EngineManifest, OnnxSetManifest
 from visprune.models import LlavaBundle, load_llava
+from visprune.methods import METHODS
 from visprune.models.llava import EMBEDDED_MODELS
+from visprune.tensor_names import pruning_layers
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -28,7 +30,8 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 def engine_recipe(onnx_set: OnnxSetManifest) -> Recipe:
     """The recipe an ONNX set was exported with, from its manifest (all the pruned model needs)."""
     summary = onnx_set.recipe
-    return Recipe(summary.method, summary.num_visual_tokens, list(summary.removed), seed=summary.seed)
+    return Recipe(summary.method, summary.num_visual_tokens, list(summary.removed), seed=summary.seed,
+                  removed_before_llm=summary.removed_before_llm)
 
 
 class TorchRunner:
@@ -44,13 +47,13 @@ class TorchRunner:
         self.bundle, self.device, self.compiled = bundle, device, compile
         model = bundle.model.to(device)
         self.dtype = model.dtype
-        self.vision = VisionFeatures(model).eval()
+        self.vision = VisionFeatures(model, cls_scores=METHODS[recipe.method].vision_score).eval()
         prefill, decode = PrunedLlamaPrefill(model, recipe, image_start).eval(), LlamaDecodeStep(model).eval()
         # dynamic=True: one graph for every prompt length and KV length instead of a recompile per shape
         self.prefill_module = torch.compile(prefill, dynamic=True) if compile else prefill
         self.decode_module = torch.compile(decode, dynamic=True) if compile else decode
         self.image_start, self.num_visual = image_start, recipe.num_visual_tokens
-        self.pruning_layers = [layer for layer, removed in enumerate(recipe.removed) if removed]
+        self.pruning_layers = pruning_layers(recipe.removed, recipe.removed_before_llm)
 
     @classmethod
     def from_model(cls, model: str, recipe: Recipe | None = None, image_start: int | None = None,
@@ -76,13 +79,15 @@ class TorchRunner:
                    bool(manifest.torch_compile), manifest.tf32)
 
     @torch.no_grad()
-    def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
-        features = self.vision(torch.from_numpy(pixel_values).to(self.device, self.dtype))
-        return features.float().cpu().numpy()
+    def image_features(self, pixel_values: np.ndarray) -> VisionOutput:
+        out = self.vision(torch.from_numpy(pixel_values).to(self.device, self.dtype))
+        features, scores = out if isinstance(out, tuple) else (out, None)
+        return VisionOutput(features.float().cpu().numpy(), None if scores is None else scores.cpu().numpy())
 
     @torch.no_grad()
-    def prefill(self, inputs_embeds: np.ndarray) -> PrefillOutput:
-        logits, presents, kept = self.prefill_module(self._tensor(inputs_embeds))
+    def prefill(self, inputs_embeds: np.ndarray, image_scores: np.ndarray | None = None) -> PrefillOutput:
+        scores = None if image_scores is None else torch.from_numpy(image_scores).to(self.device, torch.float32)
+        logits, presents, kept = self.prefill_module(self._tensor(inputs_embeds), scores)
         kept_by_layer = {layer: k[0].tolist() for layer, k in zip(self.pruning_layers, kept)}
         return PrefillOutput(logits.float().cpu().numpy(), presents, kept_by_layer)
 

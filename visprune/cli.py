@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from visprune.errors import VispruneError
+from visprune.methods import MAIN_METHODS, PRUNING_METHODS
 
 INTERNAL_ERROR_EXIT = 70
 
@@ -102,14 +103,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_calibrate(commands) -> None:
-    p = commands.add_parser("calibrate", help="search a FitPrune pruning recipe for a FLOPs budget",
+    p = commands.add_parser("calibrate", help="make a pruning recipe for a FLOPs budget (FitPrune's search or "
+                                              "another method)",
                             description="Collect attention statistics on a calibration set and bisect FitPrune's "
-                                        "alpha until the recipe removes --reduction of the visual-token FLOPs.")
+                                        "alpha until the recipe removes --reduction of the visual-token FLOPs; "
+                                        "other methods take FitPrune's counts or derive theirs from the budget.")
     p.add_argument("--model", default="tiny", help="'tiny', 'tiny-vqa' (embedded) or a local llava-hf checkpoint folder")
     p.add_argument("--reduction", type=float, required=True, help="fraction of visual-token FLOPs to remove, in (0, 1)")
     p.add_argument("--out", type=Path, required=True, help="recipe path, e.g. runs/demo/recipe.json")
-    p.add_argument("--method", default="fitprune", help="fitprune; or a baseline at the same budget: fastv (one "
-                                                        "layer, K=2) or random (FitPrune's counts, --seed)")
+    p.add_argument("--method", default="fitprune", choices=PRUNING_METHODS, metavar="METHOD",
+                   help=f"one of {', '.join(PRUNING_METHODS)} (README: Methods); all at the same FLOPs budget")
     data = p.add_argument_group("calibration data")
     data.add_argument("--data", type=Path, help="JSONL with one {image, question} per line (default: embedded set)")
     data.add_argument("--images", type=Path, help="folder the JSONL's image paths resolve against")
@@ -311,6 +314,9 @@ def _add_pipeline(commands) -> None:
     p.add_argument("--images", type=Path, help="folder the JSONL's image paths resolve against")
     p.add_argument("--samples", type=int, help="calibrate on a seeded subset of this many samples")
     p.add_argument("--latency-rounds", type=int, default=10)
+    p.add_argument("--accuracy-questions", type=int, default=100,
+                   help="shapes-vqa models (tiny-vqa): held-out test questions both engines answer for the report's "
+                        "pruned vs. unpruned accuracy (default %(default)s; 0: skip); other models have none")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_force(p)
     p.set_defaults(handler=_run_pipeline)
@@ -321,7 +327,7 @@ def _run_pipeline(args) -> int:
 
     config = PipelineConfig(model=args.model, reduction=args.reduction, backend=args.backend, device=args.device,
                             data=args.data, images=args.images, samples=args.samples,
-                            latency_rounds=args.latency_rounds)
+                            latency_rounds=args.latency_rounds, accuracy_questions=args.accuracy_questions)
     print(format_summary(run_pipeline(config, args.out, progress=not args.quiet, force=args.force)))
     return 0
 
@@ -352,13 +358,19 @@ def _run_eval(args) -> int:
 
 
 def _add_tradeoff(commands) -> None:
-    p = commands.add_parser("tradeoff", help="accuracy vs. FLOPs for FitPrune, FastV and random pruning",
-                            description="Calibrate FitPrune at each reduction, build the FastV and random baselines "
-                                        "at the same budget, and score all on held-out shapes-vqa questions.")
+    p = commands.add_parser("tradeoff", help="accuracy (with 95 %% intervals) vs. FLOPs for every pruning method",
+                            description="Calibrate FitPrune at each reduction, build every other method at the same "
+                                        "visual-FLOPs budget, and score all on held-out shapes-vqa questions; "
+                                        "FitPrune's ablations at --ablation-reductions.")
     p.add_argument("--model", default="tiny-vqa")
     p.add_argument("--out", type=Path, default=Path("docs/tradeoff"), help="folder for tradeoff.json/.md/.png")
     p.add_argument("--reductions", type=float, nargs="+", default=[0.4, 0.6, 0.8, 0.9])
-    p.add_argument("--questions", type=int, default=500)
+    p.add_argument("--methods", nargs="+", default=list(MAIN_METHODS), choices=PRUNING_METHODS, metavar="METHOD")
+    p.add_argument("--ablation-reductions", type=float, nargs="*", default=[0.6, 0.8],
+                   help="budgets of FitPrune's ablations (none: skip them)")
+    p.add_argument("--questions", type=int, default=1000)
+    p.add_argument("--latency", action="store_true",
+                   help="also export every recipe, build it for ONNX Runtime and time its prefill vs. unpruned")
     p.add_argument("--quiet", action="store_true")
     _add_force(p)
     p.set_defaults(handler=_run_tradeoff)
@@ -367,8 +379,10 @@ def _add_tradeoff(commands) -> None:
 def _run_tradeoff(args) -> int:
     from runtime.tradeoff import TradeoffConfig, tradeoff
 
-    tradeoff(TradeoffConfig(model=args.model, reductions=tuple(args.reductions), questions=args.questions),
-             args.out, progress=not args.quiet, force=args.force)
+    config = TradeoffConfig(model=args.model, reductions=tuple(args.reductions), methods=tuple(args.methods),
+                            ablation_reductions=tuple(args.ablation_reductions), questions=args.questions,
+                            latency=args.latency)
+    tradeoff(config, args.out, progress=not args.quiet, force=args.force)
     print((args.out / "tradeoff.md").read_text())
     return 0
 

@@ -22,10 +22,18 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from visprune.methods import METHOD_NAMES, method
 from visprune.artifacts import canonical_json, sha256_bytes, sha256_file
 from visprune.errors import ArtifactMismatchError
 from visprune.models.llava import LanguageModelShape, cache_root
-from visprune.tensor_names import GRAPH_NAMES, graph_io_names, input_dim_names, kv_names, past_len_dim
+from visprune.tensor_names import (
+    GRAPH_NAMES,
+    graph_io_names,
+    input_dim_names,
+    kv_names,
+    past_len_dim,
+    pruning_layers,
+)
 
 NonNegInt = Annotated[int, Field(ge=0)]
 PosInt = Annotated[int, Field(ge=1)]
@@ -41,7 +49,7 @@ def _inside_folder(name: str) -> str:
 
 RelativeFile = Annotated[str, AfterValidator(_inside_folder)]
 DTYPES = ("float32", "float16", "bfloat16")
-METHODS = ("fitprune", "fastv", "random", "none")  # how a pruning layer picks survivors (exporter/pruned_lm.py)
+METHODS = METHOD_NAMES  # the registry (visprune/methods.py)
 BACKENDS = ("onnxruntime", "tensorrt", "pytorch")
 ONNX_SET_SCHEMA = ("visprune.onnx_set", 2)
 ENGINE_SET_SCHEMA = ("visprune.engine_set", 2)
@@ -71,10 +79,11 @@ class RecipeSummary(Strict):
     keep: list[NonNegInt]
     num_visual_tokens: PosInt
     seed: int | None = None
+    removed_before_llm: NonNegInt = 0
 
     @model_validator(mode="after")
     def _counts_agree(self) -> "RecipeSummary":
-        keep, left = [], self.num_visual_tokens
+        keep, left = [], self.num_visual_tokens - self.removed_before_llm
         for removed in self.removed:
             left -= removed
             keep.append(left)
@@ -82,11 +91,14 @@ class RecipeSummary(Strict):
             raise ValueError("keep must be num_visual_tokens minus the running sum of removed, and stay >= 1")
         if self.method == "random" and self.seed is None:
             raise ValueError("a random recipe needs a seed")
+        if (self.removed_before_llm > 0) != method(self.method).pre_llm:
+            raise ValueError(f"removed_before_llm is {self.removed_before_llm}, which method {self.method} contradicts")
         return self
 
     @property
     def pruning_layers(self) -> list[int]:
-        return [layer for layer, count in enumerate(self.removed) if count]
+        """Where tokens go: PRE_LLM (-1) for before the first layer, then decoder layer indices."""
+        return pruning_layers(self.removed, self.removed_before_llm)
 
 
 class PromptLayout(Strict):
@@ -166,7 +178,7 @@ class OnnxSetManifest(Strict):
         if self.embeddings.shape[1] != lm.hidden_size or max(prompt.image_token_id, prompt.eos_token_id) >= \
                 self.embeddings.shape[0]:
             raise ValueError("embeddings.shape does not fit the language model's hidden size and token ids")
-        _check_graph_io(self.graphs, recipe.removed)
+        _check_graph_io(self.graphs, recipe)
         _check_input_dims(self.graphs, self.kv_stages)
         return self
 
@@ -178,6 +190,11 @@ class OnnxSetManifest(Strict):
         return self.graphs[graph].spec(name).shape
 
 
+def recipe_io_names(graph: str, recipe: Any) -> tuple[list[str], list[str]]:
+    """`graph_io_names` for a recipe (a Recipe or a RecipeSummary): its counts and its method's vision score."""
+    return graph_io_names(graph, list(recipe.removed), recipe.removed_before_llm, method(recipe.method).vision_score)
+
+
 def kv_stages_of(removed: list[int]) -> list[int]:
     """Stage of each layer's KV cache: how many pruning layers come before it."""
     stages, stage = [], 0
@@ -187,11 +204,11 @@ def kv_stages_of(removed: list[int]) -> list[int]:
     return stages
 
 
-def _check_graph_io(graphs: dict[str, GraphIO], removed: list[int]) -> None:
+def _check_graph_io(graphs: dict[str, GraphIO], recipe: RecipeSummary) -> None:
     for graph in GRAPH_NAMES:
         if graph not in graphs:
             raise ValueError(f"graphs lacks {graph}")
-        inputs, outputs = graph_io_names(graph, removed)
+        inputs, outputs = recipe_io_names(graph, recipe)
         if [v.name for v in graphs[graph].inputs] != inputs or [v.name for v in graphs[graph].outputs] != outputs:
             raise ValueError(f"graphs.{graph} does not have the inputs and outputs the recipe implies")
 

@@ -10,6 +10,7 @@ GRAPH_NAMES = ("vision", "prefill", "decode")
 
 PIXEL_VALUES = "pixel_values"  # [B, 3, H, W]
 IMAGE_FEATURES = "image_features"  # [B, N, D]
+IMAGE_SCORES = "image_scores"  # [B, N] float32: a vision-side score (VisionZip's [CLS] attention), vision -> prefill
 INPUTS_EMBEDS = "inputs_embeds"  # [B, S, D] (prefill), [B, 1, D] (decode)
 POSITION_IDS = "position_ids"  # [B, 1]
 LOGITS = "logits"  # [B, V], last position
@@ -28,15 +29,27 @@ def kv_names(prefix: str, num_layers: int) -> list[str]:
     return [f"{prefix}.{layer}.{kind}" for layer in range(num_layers) for kind in KV_KINDS]
 
 
+PRE_LLM = -1  # the "layer" of a selection before the first decoder layer (pre-LLM methods)
+_PRE_LLM_SUFFIX = "pre_llm"
+
+
 def kept_name(layer: int) -> str:
-    """The prefill output holding the image indices kept at a pruning layer, [B, K]."""
-    return f"{KEPT_PREFIX}{layer}"
+    """The prefill output holding the image indices kept at a pruning layer (or PRE_LLM), [B, K]."""
+    return f"{KEPT_PREFIX}{_PRE_LLM_SUFFIX if layer == PRE_LLM else layer}"
 
 
 def kept_layer(name: str) -> int | None:
-    """The pruning layer of a `kept_indices.{l}` name, or None for any other tensor."""
+    """The pruning layer of a `kept_indices.{l}` name (PRE_LLM for `kept_indices.pre_llm`), or None for any other
+    tensor."""
     suffix = name.removeprefix(KEPT_PREFIX)
-    return int(suffix) if suffix != name and suffix.isdigit() else None
+    if suffix == name:
+        return None
+    return PRE_LLM if suffix == _PRE_LLM_SUFFIX else int(suffix) if suffix.isdigit() else None
+
+
+def pruning_layers(removed: list[int], removed_before_llm: int = 0) -> list[int]:
+    """Where a recipe selects tokens, in order: PRE_LLM if it prunes before the LLM, then the layers that prune."""
+    return [PRE_LLM] * bool(removed_before_llm) + [layer for layer, count in enumerate(removed) if count]
 
 
 def input_dim_names(kv_stages: list[int]) -> set[str]:
@@ -44,12 +57,15 @@ def input_dim_names(kv_stages: list[int]) -> set[str]:
     return {BATCH_DIM, SEQ_DIM, *(past_len_dim(stage) for stage in kv_stages)}
 
 
-def graph_io_names(graph: str, removed: list[int]) -> tuple[list[str], list[str]]:
-    """(inputs, outputs) each graph must have for a recipe's per-layer `removed` counts."""
+def graph_io_names(graph: str, removed: list[int], removed_before_llm: int = 0,
+                   image_scores: bool = False) -> tuple[list[str], list[str]]:
+    """(inputs, outputs) each graph must have for a recipe's per-layer `removed` counts, its pre-LLM count, and
+    whether its selection reads a vision-side score (`image_scores`, from the vision graph to prefill)."""
     num_layers = len(removed)
+    scores = [IMAGE_SCORES] if image_scores else []
     if graph == "vision":
-        return [PIXEL_VALUES], [IMAGE_FEATURES]
+        return [PIXEL_VALUES], [IMAGE_FEATURES, *scores]
     if graph == "prefill":
-        kept = [kept_name(layer) for layer, count in enumerate(removed) if count]
-        return [INPUTS_EMBEDS], [LOGITS, *kv_names("present", num_layers), *kept]
+        kept = [kept_name(layer) for layer in pruning_layers(removed, removed_before_llm)]
+        return [INPUTS_EMBEDS, *scores], [LOGITS, *kv_names("present", num_layers), *kept]
     return [INPUTS_EMBEDS, POSITION_IDS, *kv_names("past", num_layers)], [LOGITS, *kv_names("present", num_layers)]

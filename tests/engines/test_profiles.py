@@ -46,7 +46,7 @@ def test_real_cache_lengths_stay_inside_the_profiles_and_capacities(exported, on
     new_tokens = 5
     ranges = dim_ranges(onnx_set, max_prompt_tokens=input_ids.shape[1], max_new_tokens=new_tokens)
     capacity = kv_capacity(onnx_set, input_ids.shape[1], new_tokens)
-    first = pipe.runner.prefill(pipe.embed(input_ids, pipe.runner.image_features(pixel_values)))
+    first = pipe.runner.prefill(pipe.embed(input_ids, pipe.runner.image_features(pixel_values).features))
     past = first.past
     for step in range(new_tokens - 1):
         for layer in range(8):

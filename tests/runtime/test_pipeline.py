@@ -61,7 +61,7 @@ def no_cache_logits(model, prompt_embeds, kept_by_layer, tokens, image_start):
 def test_decode_with_the_pruned_cache_equals_a_no_cache_rerun(pruned, tiny, cat_image):
     prompt = pruned.chat_prompt("What is in the picture?")
     input_ids, pixel_values = pruned.encode(cat_image, prompt)
-    features = pruned.runner.image_features(pixel_values)
+    features = pruned.runner.image_features(pixel_values).features
     embeds = pruned.embed(input_ids, features)
     engine = pruned.generate(cat_image, prompt, max_new_tokens=17, keep_logits=True)
     assert len(engine.token_ids) == 17 and len(engine.kept_indices) == 6

@@ -1,0 +1,125 @@
+"""In-graph token selections: which visual tokens survive at a pruning point, for every registered method.
+
+Each function takes a `SelectionInputs` view of the pruning point and a fixed `keep` count, and returns the
+positions [B, keep] (into the n visual tokens present, any order) that survive. Only fixed-K TopK, ArgMax,
+Gather and Scatter appear, so the graphs stay static-shape and NonZero-free (exporter/lint.py). The registry
+(visprune/methods.py) names the function each method uses.
+
+Shape legend: B batch, S sequence, P tokens before the image, n visual tokens present, N visual tokens of the
+image, K kept, H heads, Hkv key/value heads, Dh head dim, D hidden.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SelectionInputs:
+    """What a selection may read at a pruning point (None where the point does not have it)."""
+
+    image_start: int  # P
+    visual_ids: torch.Tensor  # [B, n] image indices of the visual tokens present
+    hidden: torch.Tensor  # [B, S, D] the layer's normalized input (pre-LLM: the input embeddings)
+    probs: torch.Tensor | None = None  # [B, H, S, S] float32 attention probabilities
+    key: torch.Tensor | None = None  # [B, Hkv, S, Dh] the layer's keys
+    random_scores: torch.Tensor | None = None  # [N] a fixed seeded score per image index
+    image_scores: torch.Tensor | None = None  # [B, N] the vision graph's score (VisionZip)
+
+    @property
+    def span(self) -> slice:
+        return slice(self.image_start, self.image_start + self.visual_ids.shape[1])
+
+
+def top(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    return torch.topk(scores, keep, dim=1, largest=True, sorted=True).indices
+
+
+def fitprune_product(v: SelectionInputs, keep: int) -> torch.Tensor:
+    """FitPrune (pruning_methods.md §1.5): a_self * a_cross from the head-max probabilities."""
+    a_self, a_cross = _fitprune_terms(v.probs.amax(dim=1), v)
+    return top(a_self * a_cross, keep)
+
+
+def fitprune_self(v: SelectionInputs, keep: int) -> torch.Tensor:
+    return top(_fitprune_terms(v.probs.amax(dim=1), v)[0], keep)
+
+
+def fitprune_cross(v: SelectionInputs, keep: int) -> torch.Tensor:
+    return top(_fitprune_terms(v.probs.amax(dim=1), v)[1], keep)
+
+
+def fitprune_head_mean(v: SelectionInputs, keep: int) -> torch.Tensor:
+    a_self, a_cross = _fitprune_terms(v.probs.mean(dim=1), v)
+    return top(a_self * a_cross, keep)
+
+
+def _fitprune_terms(combined: torch.Tensor, v: SelectionInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a_self, a_cross) [B, n] from heads-combined probabilities [B, S, S]: the attention each visual token gets
+    from the visual rows (mean) and from the rows after the image (sum: 1/T does not change the ranking)."""
+    visual_cols = combined[:, :, v.span]  # [B, S, n]
+    return visual_cols[:, v.span].sum(dim=1) / v.visual_ids.shape[1], visual_cols[:, v.span.stop:].sum(dim=1)
+
+
+def last_token(v: SelectionInputs, keep: int) -> torch.Tensor:
+    """FastV (pruning_methods.md §2.2): the last prompt token's attention, heads averaged."""
+    return top(v.probs.mean(dim=1)[:, -1, v.span], keep)
+
+
+def random(v: SelectionInputs, keep: int) -> torch.Tensor:
+    """A fixed score per image index: nested random subsets from layer to layer."""
+    return top(v.random_scores[v.visual_ids], keep)
+
+
+def visionzip(v: SelectionInputs, keep: int) -> torch.Tensor:
+    """VisionZip's dominant tokens: the vision tower's [CLS] attention (computed in the vision graph)."""
+    return top(torch.gather(v.image_scores, 1, v.visual_ids), keep)
+
+
+def dart(v: SelectionInputs, keep: int, pivots: int = 8) -> torch.Tensor:
+    """DART (arXiv 2502.11494): pivots are the visual tokens with the largest key L1 norm; then, pivot by pivot
+    (largest norm first), each claims its share of the remaining tokens least cosine-similar to it. Pivots count
+    towards `keep`. Attention-free."""
+    keys = v.key[:, :, v.span].transpose(1, 2).flatten(2)  # [B, n, Hkv*Dh]
+    pivots = min(pivots, keep)
+    chosen = top(keys.abs().sum(-1), pivots)  # [B, pivots]
+    unit = torch.nn.functional.normalize(v.hidden[:, v.span].float(), dim=-1)  # [B, n, D]
+    similarity = unit @ torch.gather(unit, 1, chosen.unsqueeze(-1).expand(-1, -1, unit.shape[-1])).transpose(1, 2)
+    taken = torch.zeros_like(similarity[..., 0], dtype=torch.bool).scatter(1, chosen, True)  # [B, n]
+    picks = [chosen]
+    for pivot, share in enumerate(_shares(keep - pivots, pivots)):
+        if share:
+            candidates = (-similarity[:, :, pivot]).masked_fill(taken, float("-inf"))
+            picks.append(top(candidates, share))
+            taken = taken.scatter(1, picks[-1], True)
+    return torch.cat(picks, dim=1)
+
+
+def _shares(total: int, parts: int) -> list[int]:
+    """`total` split over `parts` as evenly as possible, the first ones larger."""
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
+def divprune(v: SelectionInputs, keep: int) -> torch.Tensor:
+    """DivPrune (arXiv 2503.02175): greedy max-min diversity under cosine distance. The first token is the one
+    farthest from its nearest neighbour; each next one is the farthest from everything chosen so far. Chosen
+    tokens are masked out explicitly (the reference relies on their self-distance being exactly 0)."""
+    unit = torch.nn.functional.normalize(v.hidden[:, v.span].float(), dim=-1)  # [B, n, D]
+    distance = 1.0 - unit @ unit.transpose(1, 2)  # [B, n, n]
+    nearest = torch.topk(distance, 2, dim=1, largest=False, sorted=True).values[:, 1]  # [B, n] beyond itself
+    pick = nearest.argmax(dim=1, keepdim=True)  # [B, 1]
+    picks, taken = [pick], torch.zeros_like(nearest, dtype=torch.bool).scatter(1, pick, True)
+    closest = _distance_row(distance, pick)
+    for _ in range(keep - 1):
+        pick = closest.masked_fill(taken, float("-inf")).argmax(dim=1, keepdim=True)
+        picks.append(pick)
+        taken = taken.scatter(1, pick, True)
+        closest = torch.minimum(closest, _distance_row(distance, pick))
+    return torch.cat(picks, dim=1)
+
+
+def _distance_row(distance: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
+    """distance [B, n, n] row `pick` [B, 1] -> [B, n]."""
+    return torch.gather(distance, 1, pick.unsqueeze(-1).expand(-1, -1, distance.shape[-1])).squeeze(1)
