@@ -89,8 +89,8 @@ class RecipeSummary(Strict):
             keep.append(left)
         if self.keep != keep or (keep and keep[-1] < 1):
             raise ValueError("keep must be num_visual_tokens minus the running sum of removed, and stay >= 1")
-        if self.method == "random" and self.seed is None:
-            raise ValueError("a random recipe needs a seed")
+        if method(self.method).needs_seed and self.seed is None:
+            raise ValueError(f"a {self.method} recipe needs a seed")
         if (self.removed_before_llm > 0) != method(self.method).pre_llm:
             raise ValueError(f"removed_before_llm is {self.removed_before_llm}, which method {self.method} contradicts")
         return self
