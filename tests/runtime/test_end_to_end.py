@@ -5,6 +5,7 @@ import json
 import pytest
 
 from calibrate.recipe import load_recipe
+from runtime.end_to_end import SAMPLE_QUESTION
 from visprune.cli import main
 
 
@@ -56,6 +57,8 @@ def test_pipeline_figures_are_sane(pipeline_run):
     baseline = json.loads((out / "engine-unpruned" / "engine.json").read_text())
     assert sum(pruned["onnx_set"]["recipe"]["removed"]) > 0 and sum(baseline["onnx_set"]["recipe"]["removed"]) == 0
     assert pruned["onnx_set"]["recipe"]["sha256"] == load_recipe(out / "recipe.json").content_hash()
+    assert "accuracy" not in figures  # tiny is no shapes-vqa model: no accuracy sample, a photograph as the request
+    assert run["sample"]["question"] == SAMPLE_QUESTION and run["sample"]["expected"] is None
 
 
 @pytest.mark.slow
@@ -64,3 +67,87 @@ def test_pipeline_with_an_unreachable_budget_fails_cleanly(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 6 and "Hint:" in err
     assert list(tmp_path.iterdir()) == []  # the run folder, the background export's staging: all gone
+
+
+# --- the demo's model: tiny-vqa, whose answers can be checked ------------------------------------------------
+
+ACCURACY_QUESTIONS = 10
+
+
+def answer_words(question_type: str) -> set[str]:
+    from visprune.tasks import shapes_vqa as task
+
+    return {"colour": set(task.COLORS), "shape": set(task.SHAPES), "count": set(task.COUNT_WORDS),
+            "exists": {"yes", "no"}, "side": {"left", "right"}}[question_type]
+
+
+@pytest.fixture(scope="module")
+def vqa_run(tmp_path_factory):
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("pipeline-vqa") / "demo"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(["pipeline", "--model", "tiny-vqa", "--reduction", "0.6", "--out", str(out), "--samples", "8",
+                     "--latency-rounds", "2", "--accuracy-questions", str(ACCURACY_QUESTIONS), "--quiet"])
+    return code, out, printed.getvalue()
+
+
+@pytest.mark.slow
+def test_vqa_pipeline_answers_a_held_out_question(vqa_run):
+    """The sample request is a shapes-vqa test question; both engines answer it with a word of its type."""
+    from runtime.end_to_end import SAMPLE_TEST_INDEX
+    from visprune.tasks.shapes_vqa import make_sample, normalize_answer
+
+    code, out, printed = vqa_run
+    assert code == 0
+    sample = make_sample("test", SAMPLE_TEST_INDEX)
+    run = json.loads((out / "pipeline.json").read_text())
+    assert run["sample"]["question"] == sample.question and run["sample"]["expected"] == sample.answer
+    for key in ("pruned_answer", "unpruned_answer"):
+        assert normalize_answer(run["sample"][key]) in answer_words(sample.question_type), run["sample"]
+    assert run["answer"] == run["sample"]["pruned_answer"]
+    report = (out / "report.md").read_text()
+    for text in (sample.question, f'"{sample.answer}"', f'"{run["sample"]["pruned_answer"]}"', "](sample.png)"):
+        assert text in report, text
+    assert "expected answer" in printed and repr(sample.answer) in printed and sample.question in printed
+    assert (out / "sample.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_vqa_pipeline_reports_pruned_and_unpruned_accuracy(vqa_run):
+    """Both accuracies, on the requested number of held-out questions, each inside its own 95 % interval, and the
+    pruned one is what `visprune eval --engine` computes for the same questions."""
+    from runtime.evaluate import EvalConfig, answers_from_engine
+    from visprune.tasks.shapes_vqa import accuracy_by_type, make_split
+
+    _, out, printed = vqa_run
+    run = json.loads((out / "pipeline.json").read_text())
+    accuracy = run["figures"]["accuracy"]
+    assert accuracy["questions"] == ACCURACY_QUESTIONS and accuracy["split"] == "test"
+    for engine in ("pruned", "unpruned"):
+        a = accuracy[engine]
+        low, high = a["ci95"]
+        assert a["n"] == ACCURACY_QUESTIONS and 0.0 <= low <= a["overall"] <= high <= 1.0
+        assert sum(v["n"] for v in a["per_type"].values()) == ACCURACY_QUESTIONS
+        assert all(v["ci95"][0] <= v["accuracy"] <= v["ci95"][1] for v in a["per_type"].values())
+        assert f"{a['overall']:.1%} [{low:.1%}, {high:.1%}]" in (out / "report.md").read_text()
+        assert f"{a['overall']:.1%} right of {ACCURACY_QUESTIONS}" in printed
+    samples = make_split("test", ACCURACY_QUESTIONS, start=accuracy["start"])
+    answers = answers_from_engine(out / "engine", samples, EvalConfig().max_new_tokens)
+    assert accuracy["pruned"] == accuracy_by_type(samples, answers)
+    assert run["config"]["accuracy_questions"] == ACCURACY_QUESTIONS
+
+
+def test_pipeline_rejects_a_negative_accuracy_sample(tmp_path, capsys):
+    from runtime.end_to_end import PipelineConfig
+    from visprune.errors import ConfigError
+
+    code = main(["pipeline", "--model", "tiny-vqa", "--accuracy-questions", "-1", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--accuracy-questions must be 0 or more, got -1" in err and "Hint:" in err
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ConfigError):
+        PipelineConfig(model="tiny-vqa", accuracy_questions=-1)
+    assert PipelineConfig(model="tiny-vqa", accuracy_questions=0).accuracy_questions == 0
