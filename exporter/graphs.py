@@ -58,8 +58,10 @@ class VisionFeatures(nn.Module):
     def _cls_attention(self, entering: torch.Tensor) -> torch.Tensor:
         """[B, N]: the feature layer's [CLS] attention row (patches only), from the states entering it; only the
         one query row is computed, so the tower keeps whatever attention kernel it has."""
-        layers = self.tower.vision_model.encoder.layers
-        layer = layers[self.layer % (len(layers) + 1)]  # hidden_states[i + 1] is layers[i]'s output
+        tower = getattr(self.tower, "vision_model", self.tower)  # transformers 5's CLIPVisionModel has no wrapper
+        layers = tower.encoder.layers
+        # hidden_states[i + 1] is layers[i]'s output, so the feature layer's states come from layers[i - 1]
+        layer = layers[self.layer % (len(layers) + 1) - 1]
         attn, x = layer.self_attn, layer.layer_norm1(entering)
         heads, batch = attn.num_heads, x.shape[0]
         q = attn.q_proj(x[:, :1]).view(batch, 1, heads, -1).transpose(1, 2)  # [B, H, 1, Dh]
