@@ -84,7 +84,7 @@ def dart(v: SelectionInputs, keep: int, pivots: int = 8) -> torch.Tensor:
     towards `keep`. Attention-free."""
     keys = v.key[:, :, v.span].transpose(1, 2).flatten(2)  # [B, n, Hkv*Dh]
     pivots = min(pivots, keep)
-    chosen = top(keys.abs().sum(-1), pivots)  # [B, pivots]
+    chosen = top(keys.float().abs().sum(-1), pivots)  # [B, pivots]; float32 like every score (fp16 overflows)
     unit = torch.nn.functional.normalize(v.hidden[:, v.span].float(), dim=-1)  # [B, n, D]
     similarity = unit @ torch.gather(unit, 1, chosen.unsqueeze(-1).expand(-1, -1, unit.shape[-1])).transpose(1, 2)
     taken = torch.zeros_like(similarity[..., 0], dtype=torch.bool).scatter(1, chosen, True)  # [B, n]
