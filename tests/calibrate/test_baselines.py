@@ -21,10 +21,17 @@ def test_fastv_prunes_once_before_layer_two_with_the_smallest_count_meeting_the_
     assert visual_flops_reduction(tiny.shape, fewer) < 0.6
 
 
-def test_fastv_beyond_its_reach_is_an_error_with_the_highest_reachable_budget(tiny):
-    with pytest.raises(BudgetUnreachableError, match="at most 78.8%") as info:
-        fastv_recipe(tiny.shape, 0.8)
-    assert "Hint: Ask for at most 0.78" in str(info.value)
+def test_fastv_beyond_layer_twos_reach_cuts_before_layer_one_and_records_it(tiny):
+    recipe = fastv_recipe(tiny.shape, 0.8)  # a cut before layer 2 reaches at most 78.8 % on 8 layers
+    assert [i for i, r in enumerate(recipe.removed) if r] == [0]
+    assert recipe.search["cut_before_layer"] == 1 and recipe.search["asked_cut_before_layer"] == 2
+    assert visual_flops_reduction(tiny.shape, recipe.removed) >= 0.8
+
+
+def test_a_budget_no_single_cut_reaches_is_an_error_with_the_highest_reachable_one(tiny):
+    with pytest.raises(BudgetUnreachableError, match=r"at most 9\d\.\d%") as info:
+        fastv_recipe(tiny.shape, 0.95)
+    assert "Hint: Ask for at most 0.9" in str(info.value)
 
 
 def test_random_keeps_the_counts_and_needs_a_seed():

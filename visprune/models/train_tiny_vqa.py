@@ -143,7 +143,7 @@ def thinned_answer_loss(model, ids, mask, labels, pixel_values, keep: torch.Tens
 
 def train(out: Path, steps: int, batch_size: int, lr: float, eval_samples: int, eval_every: int = 0,
           vision_steps: int = 0, probe_weight: float = 0.5, turns: int = 16, full_steps: int = 0,
-          keep_visual: int = NUM_VISUAL) -> dict:
+          keep_visual: int = NUM_VISUAL, init: Path | None = None, step_offset: int = 0) -> dict:
     from transformers import LlavaForConditionalGeneration
 
     from visprune.models.tiny import _build_config, _build_processor
@@ -154,6 +154,10 @@ def train(out: Path, steps: int, batch_size: int, lr: float, eval_samples: int, 
     # result with eager attention like every checkpoint.
     model = LlavaForConditionalGeneration._from_config(_build_config(processor.tokenizer), attn_implementation="sdpa")
     training_init_(model, SEED)
+    if init is not None:  # continue from a trained checkpoint (its weights; the probes start afresh)
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(Path(init) / "model.safetensors"))
     probe = PatchProbe(model.config.vision_config.hidden_size)
     start, log = time.perf_counter(), []
     model.train()
@@ -165,7 +169,7 @@ def train(out: Path, steps: int, batch_size: int, lr: float, eval_samples: int, 
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     schedule = _warmup_cosine(optimizer, steps)
     for step in range(steps):
-        samples = [make_sample("train", step * batch_size + i) for i in range(batch_size)]
+        samples = [make_sample("train", (step_offset + step) * batch_size + i) for i in range(batch_size)]
         ids, mask, labels = text_batch(samples, processor, turns)
         pixels, shown = pixel_batch([s.image() for s in samples], processor), [patch_labels(s) for s in samples]
         if step < steps - full_steps and keep_visual < NUM_VISUAL:
@@ -191,7 +195,7 @@ def train(out: Path, steps: int, batch_size: int, lr: float, eval_samples: int, 
     accuracy = evaluate(model, processor, make_split("test", eval_samples))
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    record = {"seed": SEED, "steps": steps, "vision_steps": vision_steps, "probe_weight": probe_weight, "turns": turns,
+    record = {"seed": SEED, "init": str(init) if init else None, "step_offset": step_offset, "steps": steps, "vision_steps": vision_steps, "probe_weight": probe_weight, "turns": turns,
               "keep_visual": keep_visual, "full_steps": full_steps,
               "vision_stage_patch_accuracy": vision_probe, "cpu_count": os.cpu_count(),
               "batch_size": batch_size, "lr": lr, "train_seconds": round(seconds, 1),
@@ -291,10 +295,13 @@ def main() -> None:
                              "(v1 used 192: objects first, then random background, which favours random pruning)")
     parser.add_argument("--full-steps", type=int, default=0, help="final steps with all 576 visual tokens")
     parser.add_argument("--eval-every", type=int, default=0, help="validation accuracy every N steps (0: never)")
+    parser.add_argument("--init", type=Path, help="continue from this checkpoint folder's weights (no vision stage)")
+    parser.add_argument("--step-offset", type=int, default=0,
+                        help="skip this many steps' worth of training samples (fresh ones for a continuation)")
     args = parser.parse_args()
     print(json.dumps(train(args.out, args.steps, args.batch_size, args.lr, args.eval_samples, args.eval_every,
                                  args.vision_steps, args.probe_weight, args.turns,
-                                 args.full_steps, args.keep_visual), indent=2))
+                                 args.full_steps, args.keep_visual, args.init, args.step_offset), indent=2))
     print(reproduction_verdict(args.out / "model.safetensors"))
 
 
