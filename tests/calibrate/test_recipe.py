@@ -24,7 +24,9 @@ def test_hand_written_minimal_recipe_loads_and_derives_keep():
 
 @pytest.mark.parametrize("data, fragment", [
     ({"removed": [1]}, "method: Field required; num_visual_tokens: Field required"),
-    (minimal(method="fastv-ish"), "method: Input should be 'fitprune', 'fastv', 'random' or 'none'"),
+    (minimal(method="fastv-ish"), "method: Input should be 'none', 'fitprune', 'fastv', 'random', 'dart', 'divprune'"),
+    (minimal(method="divprune"), r"divprune removes tokens before the LLM only \('removed_before_llm'\)"),
+    (minimal(removed_before_llm=3), r"fitprune removes tokens inside the LLM only \('removed'\)"),
     (minimal(removed=[2, -1, 0, 0]), "removed.1: Input should be greater than or equal to 0"),
     (minimal(removed=[5, 5, 0, 0]), "deletes 10 of 10"),
     (minimal(keep=[8, 5, 5, 3]), "'keep' does not match"),
