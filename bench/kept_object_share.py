@@ -3,8 +3,8 @@ layer, next to the share of all visual tokens, on tiny-vqa and held-out shapes-v
 
 Object patches are those `patch_labels` marks (an object covers at least 15 % of the patch). A method that
 keeps what the answers need keeps object patches well above the all-token share; random selection keeps them at
-the same share. Read next to docs/tradeoff: on tiny-vqa FitPrune keeps far more object patches than random at
-every budget yet answers worse between 40 and 80 %, so what it drops there (background) matters to this model.
+the same share. Read next to docs/tradeoff: it shows whether a method's accuracy follows from keeping the patches the answers
+need. A pre-LLM method's selection is listed as "before layer 0".
 
     VISPRUNE_CACHE=/tmp/vpcache .venv/bin/python bench/kept_object_share.py [--questions 100]
 
@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = ["fitprune-0.60", "random-0.60", "fastv-0.60", "fitprune-0.80", "random-0.80", "fitprune-0.90",
-           "random-0.90"]
+RECIPES = [f"{method}-{budget}" for budget in ("0.60", "0.80")
+           for method in ("fitprune", "random", "fastv", "dart", "divprune", "visionzip", "fitprune-self",
+                          "fitprune-cross", "fitprune-headmean", "fitprune-lasttoken", "fitprune-onelayer")]
 
 
 def kept_object_shares(pipeline, recipe, samples) -> dict[int, dict[str, float]]:
@@ -64,9 +65,10 @@ def main() -> None:
     (out / "kept_object_share.json").write_text(json.dumps({"questions": args.questions, "recipes": results}, indent=2) + "\n")
     lines = [f"# Object patches kept per pruning layer (tiny-vqa, {args.questions} test questions)", "",
              "objects / all: mean share of object patches / of all 576 visual tokens present after the layer.", "",
-             "| recipe | " + " | ".join(f"after layer {k}" for k in range(8)) + " |", "|---|" + "---:|" * 8]
+             "| recipe | before layer 0 | " + " | ".join(f"after layer {k}" for k in range(8)) + " |",
+             "|---|" + "---:|" * 9]
     for name, layers in results.items():
-        cells = [f"{layers[k]['objects']:.2f} / {layers[k]['all']:.2f}" if k in layers else "" for k in range(8)]
+        cells = [f"{layers[k]['objects']:.2f} / {layers[k]['all']:.2f}" if k in layers else "" for k in range(-1, 8)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     (out / "kept_object_share.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -235,7 +235,8 @@ def tradeoff_markdown(report: dict[str, Any]) -> str:
     lines += _grid(config["methods"], config["reductions"], find)
     lines += ["", "n/a: the method cannot remove that share of the visual-token FLOPs on this model.", "",
               "## FitPrune ablations (same budgets; what costs accuracy: the schedule or the score?)", ""]
-    lines += _grid(("fitprune", "random", *ABLATIONS), config["ablation_reductions"], find)
+    lines += _grid(("fitprune", "random", "fastv", *ABLATIONS), config["ablation_reductions"], find)
+    lines += ["", *ablation_findings(find, config["ablation_reductions"])]
     lines += ["", "## Per question type", "",
               "| method | target | achieved visual-FLOPs reduction | " + " | ".join(QUESTION_TYPES) +
               " | prefill latency ratio (ORT, CPU) | export s |", "|---|---:|---:|" + "---:|" * (len(QUESTION_TYPES) + 2)]
@@ -249,6 +250,37 @@ def tradeoff_markdown(report: dict[str, Any]) -> str:
                      f" | {'' if latency is None else f'{latency:.3f}'} | {row.get('export_s', '') or ''} |")
     lines += ["", f"Evaluated through the {report['evaluated_through']}; recipes in `recipes/`."]
     return "\n".join(lines) + "\n"
+
+
+# (question, the row that changes one part, the row it is compared with)
+_CONTRASTS = (
+    ("score, at FitPrune's counts: FastV's last-token score instead of FitPrune's", "fitprune-lasttoken", "fitprune"),
+    ("score, at FitPrune's counts: random tokens instead of FitPrune's", "random", "fitprune"),
+    ("score, at FitPrune's counts: the self term alone", "fitprune-self", "fitprune"),
+    ("score, at FitPrune's counts: the cross term alone", "fitprune-cross", "fitprune"),
+    ("score, at FitPrune's counts: heads averaged instead of max", "fitprune-headmean", "fitprune"),
+    ("schedule, with FitPrune's score: one cut after layer 1 instead of FitPrune's counts", "fitprune-onelayer",
+     "fitprune"),
+    ("schedule, with FastV's score: one cut (FastV) instead of FitPrune's counts", "fastv", "fitprune-lasttoken"),
+)
+
+
+def ablation_findings(find: dict, reductions) -> list[str]:
+    """Each contrast as a difference in points, marked where the two 95 % intervals do not overlap."""
+    lines = ["What changing one part does (points of accuracy; * where the two 95 % intervals do not overlap):", "",
+             "| change | " + " | ".join(f"{r:.0%}" for r in reductions) + " |", "|---|" + "---:|" * len(reductions)]
+    for text, changed, base in _CONTRASTS:
+        cells = [_difference(find.get((changed, r)), find.get((base, r))) for r in reductions]
+        lines.append(f"| {text} (`{changed}` - `{base}`) | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _difference(changed: dict | None, base: dict | None) -> str:
+    if not changed or not base or not changed["accuracy"] or not base["accuracy"]:
+        return "n/a"
+    a, b = changed["accuracy"], base["accuracy"]
+    apart = a["ci95"][0] > b["ci95"][1] or b["ci95"][0] > a["ci95"][1]
+    return f"{100 * (a['overall'] - b['overall']):+.1f}{' *' if apart else ''}"
 
 
 def _grid(methods, reductions, find) -> list[str]:

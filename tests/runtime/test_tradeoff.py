@@ -8,7 +8,7 @@ from calibrate import CalibrationConfig, calibrate
 from calibrate.stage import budget_recipe
 from conftest import REPO
 from runtime.evaluate import EvalConfig, answers_from_recipe, eval_report
-from runtime.tradeoff import ABLATIONS, TradeoffConfig, accuracy_table, tradeoff
+from runtime.tradeoff import ABLATIONS, TradeoffConfig, accuracy_table, tradeoff, tradeoff_markdown
 from visprune.errors import ConfigError
 from visprune.methods import MAIN_METHODS
 from visprune.models.llava import LanguageModelShape, load_llava_config
@@ -30,6 +30,12 @@ def test_the_committed_table_covers_every_method_budget_and_ablation():
     assert set(accuracy_table(TABLE, ablation=True)) == set(ABLATIONS)
     assert set(config["reductions"]) == {0.4, 0.6, 0.8, 0.9} and set(config["ablation_reductions"]) == {0.6, 0.8}
     assert (REPO / "docs" / "tradeoff" / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_committed_markdown_is_what_the_code_renders_with_the_ablation_contrasts():
+    markdown = (REPO / "docs" / "tradeoff" / "tradeoff.md").read_text()
+    assert markdown == tradeoff_markdown(TABLE)
+    assert "`fitprune-onelayer` - `fitprune`" in markdown and "`fastv` - `fitprune-lasttoken`" in markdown
 
 
 def test_every_committed_cell_carries_its_wilson_interval_and_meets_its_budget():
