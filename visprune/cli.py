@@ -111,7 +111,7 @@ def _add_calibrate(commands) -> None:
     p.add_argument("--model", default="tiny", help="'tiny', 'tiny-vqa' (embedded) or a local llava-hf checkpoint folder")
     p.add_argument("--reduction", type=float, required=True, help="fraction of visual-token FLOPs to remove, in (0, 1)")
     p.add_argument("--out", type=Path, required=True, help="recipe path, e.g. runs/demo/recipe.json")
-    p.add_argument("--method", default="fitprune", choices=PRUNING_METHODS, metavar="METHOD",
+    p.add_argument("--method", default="fitprune", metavar="METHOD",
                    help=f"one of {', '.join(PRUNING_METHODS)} (README: Methods); all at the same FLOPs budget")
     data = p.add_argument_group("calibration data")
     data.add_argument("--data", type=Path, help="JSONL with one {image, question} per line (default: embedded set)")
@@ -365,7 +365,8 @@ def _add_tradeoff(commands) -> None:
     p.add_argument("--model", default="tiny-vqa")
     p.add_argument("--out", type=Path, default=Path("docs/tradeoff"), help="folder for tradeoff.json/.md/.png")
     p.add_argument("--reductions", type=float, nargs="+", default=[0.4, 0.6, 0.8, 0.9])
-    p.add_argument("--methods", nargs="+", default=list(MAIN_METHODS), choices=PRUNING_METHODS, metavar="METHOD")
+    p.add_argument("--methods", nargs="+", default=list(MAIN_METHODS), metavar="METHOD",
+                   help=f"any of {', '.join(PRUNING_METHODS)} (default: the non-ablation ones)")
     p.add_argument("--ablation-reductions", type=float, nargs="*", default=[0.6, 0.8],
                    help="budgets of FitPrune's ablations (none: skip them)")
     p.add_argument("--questions", type=int, default=1000)

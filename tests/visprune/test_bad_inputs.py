@@ -149,7 +149,7 @@ CASES = [
          "Calibration file not found", user_folder),
     Case("calibrate-fastv-unreachable",
          "calibrate --reduction 0.95 --method fastv --samples 1 --no-plot --out {ws}/r.json", 6,
-         "removes at most 78.8%"),
+         "One cut before layer 1 removes at most 9"),
     Case("calibrate-out-is-a-user-file", "calibrate --reduction 0.5 --out {ws}/notes.json", 2,
          "is a file, not a visprune recipe", user_file("notes.json")),
     Case("calibrate-out-is-a-folder", "calibrate --reduction 0.5 --out {ws}/mine", 2,
