@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)
-	$(BIN)/visprune pipeline --model tiny-vqa --reduction 0.6 --out runs/demo
+	$(BIN)/visprune pipeline --model tiny-vqa --method divprune --reduction 0.6 --out runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

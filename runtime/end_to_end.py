@@ -46,6 +46,7 @@ class PipelineConfig:
 
     model: str = "tiny"
     reduction: float = 0.6
+    method: str = "fitprune"  # any pruning method of visprune/methods.py
     backend: str = "auto"  # auto | onnxruntime | tensorrt | pytorch
     device: str = "auto"  # calibration device
     data: Path | None = None
@@ -59,7 +60,8 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         if self.backend not in ("auto", "onnxruntime", "tensorrt", "pytorch"):
             raise ConfigError(f"Unknown backend {self.backend!r}.", "Use auto, onnxruntime, tensorrt or pytorch.")
-        CalibrationConfig(model=self.model, reduction=self.reduction, device=self.device, samples=self.samples)
+        CalibrationConfig(model=self.model, method=self.method, reduction=self.reduction, device=self.device,
+                          samples=self.samples)
         for name in ("max_new_tokens", "latency_rounds", "parity_prompts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.",
@@ -114,7 +116,8 @@ def _run_stages(config: PipelineConfig, out: Path, progress: bool) -> PipelineRe
     with InBackground(_export_and_build, export, backend if overlap_build else None, out / "onnx-unpruned",
                       out / "engine-unpruned", cleanup=lambda: _remove_staging(out)) as baseline:
         with _stage(result, "calibrate"):
-            calibrate(CalibrationConfig(model=config.model, reduction=config.reduction, device=config.device,
+            calibrate(CalibrationConfig(model=config.model, method=config.method, reduction=config.reduction,
+                                        device=config.device,
                                         data=config.data, images=config.images, samples=config.samples),
                       out / "recipe.json", progress=progress)
         with _stage(result, "export + build (pruned)"):

@@ -263,9 +263,13 @@ def _ratios(report: dict[str, Any], pipes: dict[str, Pipeline]) -> dict[str, Any
 
     shape = pipes["pruned"].manifest.onnx_set.language_model
     text = report["request"]["prompt_tokens"] - shape.num_visual_tokens
-    removed = {name: pipe.manifest.onnx_set.recipe.removed for name, pipe in pipes.items()}
-    lm = visual_flops(shape, removed["pruned"], text) / visual_flops(shape, removed["baseline"], text)
-    visual = visual_flops(shape, removed["pruned"]) / visual_flops(shape, removed["baseline"])
+    recipes = {name: pipe.manifest.onnx_set.recipe for name, pipe in pipes.items()}
+
+    def flops(name: str, extra: float = 0.0) -> float:
+        return visual_flops(shape, recipes[name].removed, extra, recipes[name].removed_before_llm)
+
+    lm = flops("pruned", text) / flops("baseline", text)
+    visual = flops("pruned") / flops("baseline")
     e = report["engines"]
     prefill = e["pruned"]["prefill"]["p50_ms"] / e["baseline"]["prefill"]["p50_ms"]
     decode = (e["pruned"]["decode_per_token"]["p50_ms"] / e["baseline"]["decode_per_token"]["p50_ms"]

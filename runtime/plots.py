@@ -35,7 +35,7 @@ def plot_kept_tokens(image: np.ndarray, kept_indices: dict[int, list[int]], num_
         mask[kept_indices[layer]] = True
         patch = np.kron(mask.reshape(side, side), np.ones((image.shape[0] // side, image.shape[1] // side)))
         ax.imshow(image * (0.15 + 0.85 * patch[..., None]))
-        ax.set_title(f"after layer {layer}: {mask.sum()} kept")
+        ax.set_title(f"{'before the LLM' if layer < 0 else f'after layer {layer}'}: {mask.sum()} kept")
     for ax in axes[0]:
         ax.axis("off")
     fig.suptitle("Visual tokens kept (bright) by the pruned engine on the sample image")

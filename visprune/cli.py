@@ -302,10 +302,13 @@ def _run_report(args) -> int:
 
 def _add_pipeline(commands) -> None:
     p = commands.add_parser("pipeline", help="calibrate, export, build, run and report in one command",
-                            description="The whole product on one model: a FitPrune recipe for --reduction, pruned "
-                                        "and unpruned engines, one answer, parity and latency reports, report.md.")
+                            description="The whole product on one model: a recipe for --reduction (--method), "
+                                        "pruned and unpruned engines, one answer, parity and latency reports, "
+                                        "report.md.")
     p.add_argument("--model", default="tiny", help="'tiny', 'tiny-vqa' or a local llava-hf checkpoint folder")
     p.add_argument("--reduction", type=float, default=0.6, help="fraction of visual-token FLOPs to remove")
+    p.add_argument("--method", default="fitprune", metavar="METHOD",
+                   help=f"one of {', '.join(PRUNING_METHODS)} (README: Methods)")
     p.add_argument("--out", type=Path, required=True, help="run folder, e.g. runs/demo")
     p.add_argument("--backend", default="auto", help="auto (TensorRT where available, else onnxruntime), "
                                                      "onnxruntime, tensorrt or pytorch")
@@ -325,7 +328,8 @@ def _add_pipeline(commands) -> None:
 def _run_pipeline(args) -> int:
     from runtime.end_to_end import PipelineConfig, format_summary, run_pipeline
 
-    config = PipelineConfig(model=args.model, reduction=args.reduction, backend=args.backend, device=args.device,
+    config = PipelineConfig(model=args.model, reduction=args.reduction, method=args.method, backend=args.backend,
+                            device=args.device,
                             data=args.data, images=args.images, samples=args.samples,
                             latency_rounds=args.latency_rounds, accuracy_questions=args.accuracy_questions)
     print(format_summary(run_pipeline(config, args.out, progress=not args.quiet, force=args.force)))

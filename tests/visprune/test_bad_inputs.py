@@ -301,6 +301,7 @@ CASES = [
                                      True))),
     # --- pipeline ------------------------------------------------------------------------------------------
     Case("pipeline-reduction-two", "pipeline --reduction 2 --out {ws}/run", 2, "strictly between"),
+    Case("pipeline-unknown-method", "pipeline --method nosuch --out {ws}/run", 2, "Unknown method 'nosuch'"),
     Case("pipeline-cuda-without-cuda", "pipeline --device cuda --out {ws}/run", 10, "sees no CUDA GPU"),
     Case("pipeline-zero-latency-rounds", "pipeline --latency-rounds 0 --out {ws}/run", 2, "--latency-rounds must be"),
     Case("pipeline-unknown-backend", "pipeline --backend openvino --out {ws}/run", 2, "Unknown backend"),
