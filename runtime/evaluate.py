@@ -66,20 +66,25 @@ class PreparedQuestions:
 
 def prepare_questions(model: str, samples: list[ShapesSample], config: EvalConfig,
                       progress: bool = False) -> PreparedQuestions:
+    from runtime.torch_runner import TorchRunner
+
+    return _prepare(TorchRunner.from_model(model, device=config.device), samples, config.batch_size, progress)
+
+
+def _prepare(runner, samples: list[ShapesSample], batch_size: int, progress: bool = False) -> PreparedQuestions:
+    """The vision tower of `runner`'s model (its own, unpruned) over `samples`, once, in batches."""
     import torch
     from tqdm.auto import tqdm
 
     from exporter.graphs import VisionFeatures
-    from runtime.torch_runner import TorchRunner
     from visprune.models.inputs import chat_prompt, expanded_prompt_ids, normalized_pixels
 
-    runner = TorchRunner.from_model(model, device=config.device)
     processor, vision = runner.bundle.processor, VisionFeatures(runner.bundle.model, cls_scores=True).eval()
     ids = [expanded_prompt_ids(processor, chat_prompt(processor, s.question), runner.num_visual) for s in samples]
     features, scores = [], []
     with torch.no_grad():
-        for start in tqdm(range(0, len(samples), config.batch_size), desc="vision (once)", disable=not progress):
-            chunk = samples[start:start + config.batch_size]
+        for start in tqdm(range(0, len(samples), batch_size), desc="vision (once)", disable=not progress):
+            chunk = samples[start:start + batch_size]
             pixels = torch.from_numpy(normalized_pixels([s.image() for s in chunk], processor.image_processor))
             f, c = vision(pixels.to(runner.device, runner.dtype))
             features.append(f)
@@ -96,7 +101,7 @@ def answers_from_recipe(model: str, recipe: Any, samples: list[ShapesSample], co
     from runtime.torch_runner import TorchRunner
 
     runner = TorchRunner.from_model(model, recipe, device=config.device)
-    prepared = prepared or prepare_questions(model, samples, config)
+    prepared = prepared or _prepare(runner, samples, config.batch_size)  # the same model: no second load
     answers: dict[int, str] = {}
     for indices in tqdm(_batches_by_length(prepared.input_ids, config.batch_size), desc="answering (PyTorch)",
                         disable=not progress):
