@@ -321,6 +321,10 @@ CASES = [
          copy_of("engine")),
     # --- tradeoff and the command line itself --------------------------------------------------------------
     Case("tradeoff-reduction-above-one", "tradeoff --reductions 1.5 --out {ws}/t", 2, "must lie in (0, 1)"),
+    Case("tradeoff-unknown-method", "tradeoff --methods fastv nosuch --out {ws}/t", 2, "Unknown methods: nosuch"),
+    Case("tradeoff-ablation-budget-above-one", "tradeoff --ablation-reductions 0.6 1.2 --out {ws}/t", 2,
+         "must lie in (0, 1)"),
+    Case("tradeoff-zero-questions", "tradeoff --questions 0 --out {ws}/t", 2, "--questions and --latency-rounds"),
     Case("tradeoff-out-is-a-user-folder", "tradeoff --out {ws}/mine --questions 2", 2, "a folder with other files",
          user_folder),
     Case("unknown-command", "serve --port 80", 2, "invalid choice"),
