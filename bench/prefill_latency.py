@@ -134,7 +134,8 @@ def fixed_count_twin_class():
     pruned / twin latency is therefore the cost of FitPrune's in-graph selection (scoring, TopK, gathers)."""
     import torch
 
-    from exporter.pruned_lm import PrunedLlamaPrefill, _attention, _finish_layer
+    from exporter.pruned_lm import PrunedLlamaPrefill
+    from visprune.models.decoder import attend, finish_layer
 
     class FixedCountPrefill(PrunedLlamaPrefill):
         def forward(self, inputs_embeds: torch.Tensor):
@@ -143,7 +144,7 @@ def fixed_count_twin_class():
             positions = torch.arange(seq, device=hidden.device).unsqueeze(0).expand(batch, seq)
             presents, kept = [], []
             for layer, removed in zip(self.layers, self.removed):
-                context, _, key, value = _attention(layer, self.rotary, hidden, positions, causal=True)
+                context, _, key, value = attend(layer, self.rotary, hidden, positions, causal=True)
                 presents += [key, value]
                 if removed:
                     keep = n - removed
@@ -151,7 +152,7 @@ def fixed_count_twin_class():
                                                   for t in (hidden, context, positions))
                     kept.append(torch.arange(keep, device=hidden.device).unsqueeze(0).expand(batch, keep))
                     n = keep
-                hidden = _finish_layer(layer, hidden, context)
+                hidden = finish_layer(layer, hidden, context)
             return self.lm_head(self.norm(hidden[:, -1])), presents, kept
 
     return FixedCountPrefill

@@ -24,6 +24,7 @@ from visprune.errors import ArtifactMismatchError, BackendUnavailableError, Conf
 from visprune.manifests import (
     ENGINE_SET_SCHEMA,
     ONNX_SET_SCHEMA,
+    TARGET_BACKENDS,
     EngineManifest,
     OnnxSetManifest,
     check_files,
@@ -66,6 +67,10 @@ class BuildConfig:
     workspace_gib: float | None = None  # TensorRT workspace limit (None: TensorRT's default, the GPU's memory)
     builder_optimization_level: int = 3  # TensorRT 0-5
     timing_cache: Path | None = None  # a TensorRT timing cache file to start from (shared between builds)
+    intra_op_threads: int = 0  # ONNX Runtime: threads per session; 0: one per core the loading process may use
+    # ONNX Runtime: intra-op threads spin after a run. Off by default: each graph has its own session and pool, and
+    # one session's spinning threads slowed the next one's run by ~25 ms on 2 cores (bench/results/engine_speed.md)
+    spinning: bool = False
     torch_compile: bool = False  # PyTorch backend: torch.compile the prefill and decode modules
     allow_tf32: bool = False  # CUDA: let float32 matmuls and convolutions round their inputs to TF32
 
@@ -77,6 +82,9 @@ class BuildConfig:
         if self.optimization_level not in OPT_LEVELS:
             raise ConfigError(f"Unknown optimization level {self.optimization_level!r}.",
                               f"Use one of: {', '.join(OPT_LEVELS)}.")
+        if self.intra_op_threads < 0:
+            raise ConfigError(f"--intra-op-threads {self.intra_op_threads} is negative.",
+                              "Use 0 (one per available core) or a positive count.")
         if not 0 <= self.builder_optimization_level <= 5:
             raise ConfigError(f"TensorRT builder optimization level {self.builder_optimization_level} is not in 0-5.",
                               "Use 3 (TensorRT's default) or 5 for the longest search.")
@@ -98,8 +106,12 @@ def build_engine(config: BuildConfig, onnx_dir: Path, out_dir: Path, force: bool
     onnx_set = read_onnx_set(onnx_dir, verify=True)
     if config.backend == "auto":
         config = replace(config, backend=auto_backend())
-    if config.backend == "tensorrt":
-        prompt_length_range(onnx_set, config.max_prompt_tokens, config.max_new_tokens)  # fail before building
+    if config.backend == "tensorrt":  # bad limits, then a missing TensorRT: re-exporting would not help either
+        from engines.tensorrt import import_tensorrt
+
+        prompt_length_range(onnx_set, config.max_prompt_tokens, config.max_new_tokens)
+        import_tensorrt()
+    check_target(onnx_set, config.backend, onnx_dir)
     build_graphs = {"onnxruntime": _build_onnxruntime, "tensorrt": _build_tensorrt, "pytorch": _build_pytorch}
     with replacing(out_dir) as staging:
         backend_facts = build_graphs[config.backend](config, onnx_dir, onnx_set, staging)
@@ -115,6 +127,15 @@ def build_engine(config: BuildConfig, onnx_dir: Path, out_dir: Path, force: bool
         })
         atomic_write_json(staging / ENGINE_FILE, manifest)
     return EngineManifest.model_validate(manifest)
+
+
+def check_target(onnx_set: OnnxSetManifest, backend: str, onnx_dir: Path) -> None:
+    """ArtifactMismatchError unless `backend` runs the ops of the set's export target (manifests.TARGET_BACKENDS)."""
+    if backend not in TARGET_BACKENDS[onnx_set.target]:
+        raise ArtifactMismatchError(
+            f"{onnx_dir} was exported for {onnx_set.target} (opset-23 Attention, RMSNormalization and "
+            f"RotaryEmbedding ops), which the {backend} backend does not build.",
+            f"Export again with `visprune export ... --target {backend}`.")
 
 
 def auto_backend() -> str:
@@ -161,7 +182,8 @@ def _build_onnxruntime(config: BuildConfig, onnx_dir: Path, onnx_set: OnnxSetMan
                             ort_providers(providers, tf32))
         check_session_providers(session, providers)
     return {"device": config.device, "providers": providers, "tf32": tf32, "onnxruntime_version": ort.__version__,
-            "optimization_level": config.optimization_level, "tools": tool_versions("onnxruntime", "onnxruntime-gpu")}
+            "optimization_level": config.optimization_level,
+            "session_options": {"intra_op_threads": config.intra_op_threads, "spinning": config.spinning}, "tools": tool_versions("onnxruntime", "onnxruntime-gpu")}
 
 
 def _build_tensorrt(config: BuildConfig, onnx_dir: Path, onnx_set: OnnxSetManifest, staging: Path) -> dict[str, Any]:
@@ -194,6 +216,21 @@ def _optimize(source: Path, target: Path, config: BuildConfig, providers: list[s
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     return open_ort_session(source, providers, options,
                             hint="The file is corrupt or truncated; export the set again with `visprune export`.")
+
+
+def runtime_session_options(session_options: dict[str, Any] | None):
+    """ORT SessionOptions for serving, from an engine's recorded choices (None: an engine from before they were
+    recorded, which gets the same defaults): intra-op threads set explicitly (ORT's own default counts physical
+    cores of the machine, not the cores this process may use, e.g. in a container) and spinning as recorded."""
+    import os
+
+    import onnxruntime as ort
+
+    chosen = session_options or {"intra_op_threads": 0, "spinning": False}
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = chosen["intra_op_threads"] or len(os.sched_getaffinity(0))
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if chosen["spinning"] else "0")
+    return options
 
 
 def graph_bytes(path: Path) -> int:

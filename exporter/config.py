@@ -7,25 +7,31 @@ from pathlib import Path
 from typing import Any
 
 from visprune.errors import ConfigError
-
-DTYPES = ("float32", "float16", "bfloat16")
+from visprune.manifests import DTYPES
+from visprune.manifests import EXPORT_TARGETS as TARGETS
 
 
 @dataclass(frozen=True)
 class ExportConfig:
-    VERSION = 1
+    VERSION = 2  # 2: target, and opset by target
 
     model: str = "tiny"  # "tiny" or a local llava-hf checkpoint folder
     recipe: Path | None = None  # None: the unpruned model
     dtype: str = "float32"  # graph dtype; float16/bfloat16 keep norms, softmax and scores in float32
-    opset: int = 18
+    target: str = "onnxruntime"  # the backend family the graphs are written for (visprune/manifests.py)
+    opset: int | None = None  # None: the target's (TARGETS)
     max_seq: int = 2048  # longest prompt (text + image tokens) + generated tokens the graphs accept
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError(f"Unknown --dtype {self.dtype!r}.", f"Use one of: {', '.join(DTYPES)}.")
-        if self.opset < 18:
-            raise ConfigError(f"--opset {self.opset} is too old.", "Use opset 18 or newer.")
+        if self.target not in TARGETS:
+            raise ConfigError(f"Unknown --target {self.target!r}.", f"Use one of: {', '.join(TARGETS)}.")
+        if self.opset is None:
+            object.__setattr__(self, "opset", TARGETS[self.target])
+        if self.opset < TARGETS[self.target]:
+            raise ConfigError(f"--opset {self.opset} is too old for --target {self.target}.",
+                              f"Use opset {TARGETS[self.target]} or newer, or leave --opset out.")
         if self.max_seq < 2:
             raise ConfigError(f"--max-seq must be at least 2, got {self.max_seq}.", "Try --max-seq 2048.")
 

@@ -19,10 +19,11 @@ import torch
 
 from calibrate.recipe import Recipe, check_recipe_fits, load_recipe, unpruned_recipe
 from exporter.config import ExportConfig
-from exporter.graphs import export_decode, export_prefill, export_vision
+from exporter.graphs import KERNELS, export_decode, export_prefill, export_vision
 from exporter.lint import lint_onnx
 from visprune.artifacts import atomic_write_json, tool_versions
 from visprune.errors import ConfigError, ExportError
+from visprune.methods import METHODS
 from visprune.manifests import ONNX_SET_SCHEMA, OnnxSetManifest, digest_files, kv_stages_of, seal
 from visprune.models import LlavaBundle, chat_prompt, encode_image_prompt, load_llava
 from visprune.models.llava import model_folder
@@ -90,11 +91,21 @@ def lint_exported_set(folder: Path, recipe: Recipe) -> None:
     """Run the TensorRT-readiness lint on every graph; one error lists every violation."""
     stages = kv_stages_of(recipe.removed)
     violations = [v for graph in GRAPH_NAMES
-                  for v in lint_onnx(folder / f"{graph}.onnx", stages if graph != "vision" else None)]
+                  for v in lint_onnx(folder / f"{graph}.onnx", stages if graph != "vision" else None,
+                                     _unfused_attention_allowed(graph, recipe))]
     if violations:
         listing = "\n".join(f"  - {v}" for v in violations)
         raise ExportError(f"The exported graphs are not TensorRT-ready ({len(violations)} problems):\n{listing}",
                           "This is a visprune bug unless you changed the export code; please report it with the list.")
+
+
+def _unfused_attention_allowed(graph: str, recipe: Recipe) -> int | None:
+    """Attentions that may compute explicit probabilities: prefill's pruning layers whose score reads every row
+    (the vision tower keeps the checkpoint's own attention and is not checked)."""
+    if graph == "vision":
+        return None
+    every_row = METHODS[recipe.method].attention_rows == "all"
+    return sum(1 for removed in recipe.removed if removed) if graph == "prefill" and every_row else 0
 
 
 def _export_graph(graph: str, bundle: LlavaBundle, recipe: Recipe, image_start: int, config: ExportConfig,
@@ -102,9 +113,9 @@ def _export_graph(graph: str, bundle: LlavaBundle, recipe: Recipe, image_start: 
     if graph == "vision":
         export_vision(bundle.model, recipe, out, config.opset)
     elif graph == "prefill":
-        export_prefill(bundle.model, recipe, image_start, config.max_seq, out, config.opset)
+        export_prefill(bundle.model, recipe, image_start, config.max_seq, out, config.opset, KERNELS[config.target])
     else:
-        export_decode(bundle.model, recipe, image_start, config.max_seq, out, config.opset)
+        export_decode(bundle.model, recipe, image_start, config.max_seq, out, config.opset, KERNELS[config.target])
 
 
 def _manifest(config: ExportConfig, bundle: LlavaBundle, recipe: Recipe, image_start: int, folder: Path,
@@ -121,6 +132,7 @@ def _manifest(config: ExportConfig, bundle: LlavaBundle, recipe: Recipe, image_s
                    "max_seq": config.max_seq, "image_token_id": bundle.image_token_id,
                    "eos_token_id": tokenizer.eos_token_id},
         "dtype": config.dtype,
+        "target": config.target,
         "language_model": asdict(bundle.shape),  # what FLOPs figures downstream need
         "kv_stages": kv_stages_of(recipe.removed),
         "graphs": {graph: {"file": f"{graph}.onnx", **describe_io(folder / f"{graph}.onnx")} for graph in GRAPH_NAMES},

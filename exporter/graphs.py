@@ -20,6 +20,7 @@ from calibrate.recipe import Recipe
 from exporter.pruned_lm import LlamaDecodeStep, PrunedLlamaPrefill
 from visprune.manifests import kv_stages_of, recipe_io_names
 from visprune.methods import METHODS
+from visprune.models.decoder import EAGER, ONNX_OPS, SDPA, Kernels
 from visprune.tensor_names import (
     BATCH_DIM,
     IMAGE_SCORES,
@@ -30,6 +31,7 @@ from visprune.tensor_names import (
     past_len_dim,
 )
 
+KERNELS = {"onnxruntime": ONNX_OPS, "tensorrt": SDPA}  # by export target (exporter/config.py TARGETS)
 EXAMPLE_BATCH = 2
 EXAMPLE_TEXT = 12  # text tokens after the image in the example prompt, fewer if --max-seq leaves less room
 
@@ -78,7 +80,8 @@ def export_vision(llava: nn.Module, recipe: Recipe, out: Path, opset: int) -> No
             outputs, {PIXEL_VALUES: {0: Dim(BATCH_DIM)}})
 
 
-def export_prefill(llava: nn.Module, recipe: Recipe, image_start: int, max_seq: int, out: Path, opset: int) -> None:
+def export_prefill(llava: nn.Module, recipe: Recipe, image_start: int, max_seq: int, out: Path, opset: int,
+                   kernels: Kernels = EAGER) -> None:
     hidden = llava.config.text_config.hidden_size
     min_seq = image_start + recipe.num_visual_tokens + 1
     example_len = image_start + recipe.num_visual_tokens + example_text(image_start, recipe, max_seq)
@@ -90,10 +93,11 @@ def export_prefill(llava: nn.Module, recipe: Recipe, image_start: int, max_seq: 
     if METHODS[recipe.method].vision_score:
         args += (torch.zeros(EXAMPLE_BATCH, recipe.num_visual_tokens),)
         shapes[IMAGE_SCORES] = {0: batch}
-    _export(PrunedLlamaPrefill(llava, recipe, image_start), args, out, opset, inputs, outputs, shapes)
+    _export(PrunedLlamaPrefill(llava, recipe, image_start, kernels), args, out, opset, inputs, outputs, shapes)
 
 
-def export_decode(llava: nn.Module, recipe: Recipe, image_start: int, max_seq: int, out: Path, opset: int) -> None:
+def export_decode(llava: nn.Module, recipe: Recipe, image_start: int, max_seq: int, out: Path, opset: int,
+                  kernels: Kernels = EAGER) -> None:
     text = llava.config.text_config
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
@@ -108,7 +112,7 @@ def export_decode(llava: nn.Module, recipe: Recipe, image_start: int, max_seq: i
     batch = Dim(BATCH_DIM)
     past_shapes = [{0: batch, 2: dims[stage_of[layer]]} for layer in range(recipe.num_layers) for _ in range(2)]
     inputs, outputs = recipe_io_names("decode", recipe)
-    _export(LlamaDecodeStep(llava), (embeds, positions, past), out, opset, inputs, outputs,
+    _export(LlamaDecodeStep(llava, kernels), (embeds, positions, past), out, opset, inputs, outputs,
             {INPUTS_EMBEDS: {0: batch}, POSITION_IDS: {0: batch}, "past": past_shapes})
 
 

@@ -2,7 +2,15 @@
 
 Rules: the ONNX full check passes; only standard domains; every TopK has a constant K <= 3840 and sorted=1;
 no op with a data-dependent output shape (NonZero and friends); KV stages have distinct dim names; a graph
-over 2 GB keeps its weights as external data. All violations are collected, then reported together.
+over 2 GB keeps its weights as external data; attention is fused (below). All violations are collected, then
+reported together.
+
+Fused attention: TensorRT fuses MatMul -> [mask] -> Softmax -> MatMul into one attention kernel only when Q or
+K (or both, by sqrt(scale)) are scaled *before* the first MatMul ("Fused Attention", TensorRT developer guide);
+ONNX Runtime runs the opset-23 `Attention` op fused. So a Softmax that feeds a MatMul (an attention whose
+context is computed from explicit probabilities) counts as unfused unless its first MatMul takes a Q or K
+scaled by a constant; only the layers that must expose probabilities (a pruning layer whose score reads all
+rows) may have one.
 """
 
 from __future__ import annotations
@@ -29,8 +37,10 @@ class Violation:
         return f"{self.graph}: [{self.rule}] {self.detail}"
 
 
-def lint_onnx(path: Path, kv_stage_of_layer: list[int] | None = None) -> list[Violation]:
-    """Every TensorRT-readiness violation in the graph at `path` (empty when it is clean)."""
+def lint_onnx(path: Path, kv_stage_of_layer: list[int] | None = None,
+              unfused_attention_allowed: int | None = None) -> list[Violation]:
+    """Every TensorRT-readiness violation in the graph at `path` (empty when it is clean). With
+    `unfused_attention_allowed`, also the fused-attention rule (module docstring)."""
     path = Path(path)
     name = path.name
     violations = _full_check(path)
@@ -40,6 +50,8 @@ def lint_onnx(path: Path, kv_stage_of_layer: list[int] | None = None) -> list[Vi
         violations += _node_violations(name, node, constants)
     if kv_stage_of_layer is not None:
         violations += _kv_dim_violations(name, model.graph, kv_stage_of_layer)
+    if unfused_attention_allowed is not None:
+        violations += _attention_violations(name, model.graph, constants, unfused_attention_allowed)
     if path.stat().st_size > PROTOBUF_LIMIT:
         violations.append(Violation(name, "external-data", f"{path.stat().st_size} bytes inline; over 2 GB must "
                                                             "keep weights as external data"))
@@ -106,3 +118,34 @@ def _kv_dim_violations(graph: str, g: onnx.GraphProto, stage_of_layer: list[int]
             if shared:
                 found.append(Violation(graph, "kv-dim-names", f"stages {a} and {b} share KV length dim {shared}"))
     return found
+
+
+def _attention_violations(graph: str, g: onnx.GraphProto, constants: dict, allowed: int) -> list[Violation]:
+    producer = {out: node for node in g.node for out in node.output}
+    feeds_matmul = {i for node in g.node if node.op_type == "MatMul" for i in node.input}
+    unfused = [node.name for node in g.node if node.op_type == "Softmax" and node.output[0] in feeds_matmul
+               and not _prescaled(_first_matmul(node, producer), producer, constants)]
+    if len(unfused) <= allowed:
+        return []
+    return [Violation(graph, "fused-attention", f"{len(unfused)} attentions compute explicit probabilities without "
+                                                f"a pre-scaled Q or K (allowed: {allowed}): {', '.join(unfused)}")]
+
+
+def _first_matmul(softmax: onnx.NodeProto, producer: dict) -> onnx.NodeProto | None:
+    """The MatMul that feeds `softmax` through mask ops only (Add, Where, Cast), or None."""
+    frontier = [producer.get(softmax.input[0])]
+    while frontier:
+        node = frontier.pop(0)
+        if node is not None and node.op_type == "MatMul":
+            return node
+        if node is not None and node.op_type in ("Add", "Where", "Cast"):
+            frontier += [producer.get(i) for i in node.input]
+    return None
+
+
+def _prescaled(matmul: onnx.NodeProto | None, producer: dict, constants: dict) -> bool:
+    """Whether an input of `matmul` is a Mul by a constant (the scale applied before Q K^T)."""
+    if matmul is None:
+        return False
+    scaled = [producer.get(i) for i in matmul.input]
+    return any(n is not None and n.op_type == "Mul" and any(i in constants for i in n.input) for n in scaled)

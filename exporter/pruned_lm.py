@@ -27,7 +27,7 @@ from torch import nn
 from calibrate.recipe import Recipe
 from exporter import selection
 from visprune.methods import METHODS
-from visprune.models.decoder import attend, causal_blocked, finish_layer
+from visprune.models.decoder import EAGER, Kernels, attend, finish_layer, rms_norm
 
 
 class PrunedLlamaPrefill(nn.Module):
@@ -35,8 +35,9 @@ class PrunedLlamaPrefill(nn.Module):
     (last position), present K/V per layer, kept indices per pruning point ([B, K], 0-based within the image,
     ascending; a pre-LLM method's selection comes first)."""
 
-    def __init__(self, llava: nn.Module, recipe: Recipe, image_start: int):
+    def __init__(self, llava: nn.Module, recipe: Recipe, image_start: int, kernels: Kernels = EAGER):
         super().__init__()
+        self.kernels = kernels
         lm = llava.model.language_model
         self.layers, self.norm, self.rotary = lm.layers, lm.norm, lm.rotary_emb
         self.lm_head = llava.lm_head
@@ -46,7 +47,7 @@ class PrunedLlamaPrefill(nn.Module):
         self.image_start = image_start
         spec = METHODS[recipe.method]
         self.select = partial(getattr(selection, spec.selection), **spec.params) if spec.selection else None
-        self.needs_attention = spec.needs_attention
+        self.attention_rows = spec.attention_rows or None
         if spec.needs_seed:  # one fixed score per image index; nested random subsets layer by layer
             scores = torch.rand(recipe.num_visual_tokens, generator=torch.Generator().manual_seed(recipe.seed))
             self.register_buffer("random_scores", scores.to(self.lm_head.weight.device), persistent=False)
@@ -65,16 +66,16 @@ class PrunedLlamaPrefill(nn.Module):
             kept.append(visual_ids)
             hidden, positions = _take_rows(hidden, rows), _take_rows(positions, rows)
         for layer, removed in zip(self.layers, self.removed):
-            context, probs, key, value = attend(layer, self.rotary, hidden, positions,
-                                                blocked=causal_blocked(hidden.shape[1], hidden.device))
+            context, probs, key, value = attend(layer, self.rotary, hidden, positions, causal=True,
+                                                kernels=self.kernels, probs=self.attention_rows if removed else None)
             presents += [key, value]
             if removed:
-                view = self._view(visual_ids, layer.input_layernorm(hidden), probs, key)
+                view = self._view(visual_ids, rms_norm(layer.input_layernorm, hidden, self.kernels), probs, key)
                 rows, visual_ids = self._surviving_rows(view, hidden.shape[1], visual_ids.shape[1] - removed)
                 kept.append(visual_ids)
                 hidden, context, positions = (_take_rows(t, rows) for t in (hidden, context, positions))
-            hidden = finish_layer(layer, hidden, context)
-        logits = self.lm_head(self.norm(hidden[:, -1]))
+            hidden = finish_layer(layer, hidden, context, self.kernels)
+        logits = self.lm_head(rms_norm(self.norm, hidden[:, -1], self.kernels))
         return logits, presents, kept
 
     def _view(self, visual_ids, hidden, probs=None, key=None, image_scores=None) -> selection.SelectionInputs:
@@ -96,8 +97,9 @@ class PrunedLlamaPrefill(nn.Module):
 class LlamaDecodeStep(nn.Module):
     """One token: inputs_embeds [B, 1, D], position_ids [B, 1], past K/V per layer -> logits [B, V], presents."""
 
-    def __init__(self, llava: nn.Module):
+    def __init__(self, llava: nn.Module, kernels: Kernels = EAGER):
         super().__init__()
+        self.kernels = kernels
         lm = llava.model.language_model
         self.layers, self.norm, self.rotary = lm.layers, lm.norm, lm.rotary_emb
         self.lm_head = llava.lm_head
@@ -105,11 +107,11 @@ class LlamaDecodeStep(nn.Module):
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, past: list[torch.Tensor]):
         hidden, presents = inputs_embeds, []
         for i, layer in enumerate(self.layers):
-            context, _, key, value = attend(layer, self.rotary, hidden, position_ids,
-                                            past=(past[2 * i], past[2 * i + 1]))  # one new token: sees all
+            context, _, key, value = attend(layer, self.rotary, hidden, position_ids, kernels=self.kernels,
+                                            past=(past[2 * i], past[2 * i + 1]), probs=None)  # one new token: sees all
             presents += [key, value]
-            hidden = finish_layer(layer, hidden, context)
-        return self.lm_head(self.norm(hidden[:, -1])), presents
+            hidden = finish_layer(layer, hidden, context, self.kernels)
+        return self.lm_head(rms_norm(self.norm, hidden[:, -1], self.kernels)), presents
 
 
 def _take_rows(tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

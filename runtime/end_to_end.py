@@ -111,7 +111,8 @@ def _run_stages(config: PipelineConfig, out: Path, progress: bool) -> PipelineRe
     backend = auto_backend() if config.backend == "auto" else config.backend
     dtype = "float16" if backend == "tensorrt" else "float32"
     resolve_model_path(config.model)  # builds `tiny` once here, before two processes could race to build it
-    export = ExportConfig(model=config.model, dtype=dtype)
+    target = "tensorrt" if backend == "tensorrt" else "onnxruntime"
+    export = ExportConfig(model=config.model, dtype=dtype, target=target)
     overlap_build = backend != "tensorrt"  # TensorRT times kernels on the GPU: two builds at once skew both
     with InBackground(_export_and_build, export, backend if overlap_build else None, out / "onnx-unpruned",
                       out / "engine-unpruned", cleanup=lambda: _remove_staging(out)) as baseline:
@@ -121,8 +122,8 @@ def _run_stages(config: PipelineConfig, out: Path, progress: bool) -> PipelineRe
                                         data=config.data, images=config.images, samples=config.samples),
                       out / "recipe.json", progress=progress)
         with _stage(result, "export + build (pruned)"):
-            _export_and_build(ExportConfig(model=config.model, recipe=out / "recipe.json", dtype=dtype), backend,
-                              out / "onnx", out / "engine", progress)
+            _export_and_build(ExportConfig(model=config.model, recipe=out / "recipe.json", dtype=dtype,
+                                           target=target), backend, out / "onnx", out / "engine", progress)
         with _stage(result, "export + build (unpruned, overlapped)"):
             baseline.result()
     if not overlap_build:

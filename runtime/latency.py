@@ -255,7 +255,8 @@ def _engine_facts(pipe: Pipeline) -> dict[str, Any]:
     m = pipe.manifest
     return {"backend": m.backend, "device": pipe.runner.device, "dtype": m.onnx_set.dtype,
             "recipe_method": m.onnx_set.recipe.method, "removed": list(m.onnx_set.recipe.removed),
-            "kept_after_last_layer": m.onnx_set.recipe.keep[-1]}
+            "kept_after_last_layer": m.onnx_set.recipe.keep[-1], "target": m.onnx_set.target,
+            "session": getattr(pipe.runner, "session_facts", None)}
 
 
 def _ratios(report: dict[str, Any], pipes: dict[str, Pipeline]) -> dict[str, Any]:
@@ -347,6 +348,8 @@ def latency_markdown(report: dict[str, Any]) -> str:
               f"- TTFT: {m['ttft']}. Synchronization: {m['synchronization']}.",
               f"- Statistic: {m['statistic']}. Clock: `{m['clock']}`.",
               f"- Memory: {e['pruned']['memory']['method']}.",
+              f"- Engines: export target {e['pruned'].get('target')} / {e['baseline'].get('target')}; session "
+              f"options {e['pruned'].get('session')} / {e['baseline'].get('session')} (pruned / baseline).",
               f"- Device: {m['device']}; 1-min load average before timing: {m['load_average_1min_before']}.",
               f"- Versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items() if v != 'not installed')}; "
               f"Python {m['python']}.", ""]

@@ -21,6 +21,7 @@ from visprune.errors import ArtifactMismatchError, BackendUnavailableError
 from visprune.manifests import EngineManifest, OnnxSetManifest
 from visprune.models import LlavaBundle, load_llava
 from visprune.methods import METHODS
+from visprune.models.decoder import EAGER, SDPA, Kernels
 from visprune.models.llava import EMBEDDED_MODELS
 from visprune.tensor_names import pruning_layers
 
@@ -38,7 +39,9 @@ class TorchRunner:
     backend = "pytorch"
 
     def __init__(self, bundle: LlavaBundle, recipe: Recipe, image_start: int, device: str = "cpu",
-                 compile: bool = False, tf32: bool = False):
+                 compile: bool = False, tf32: bool = False, kernels: Kernels = EAGER):
+        """`kernels`: EAGER (Hugging Face's eager math: the reference parity and accuracy compare against) or SDPA
+        (fused attention wherever a layer needs no probabilities: flash / memory-efficient on CUDA; engines)."""
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise BackendUnavailableError(f"Device {device} was asked for, but this PyTorch sees no CUDA GPU.",
                                           "Use device cpu, or install PyTorch's CUDA build on a GPU host (README).")
@@ -48,7 +51,9 @@ class TorchRunner:
         model = bundle.model.to(device)
         self.dtype = model.dtype
         self.vision = VisionFeatures(model, cls_scores=METHODS[recipe.method].vision_score).eval()
-        prefill, decode = PrunedLlamaPrefill(model, recipe, image_start).eval(), LlamaDecodeStep(model).eval()
+        prefill = PrunedLlamaPrefill(model, recipe, image_start, kernels).eval()
+        decode = LlamaDecodeStep(model, kernels).eval()
+        self.session_facts = {"kernels": kernels.name, "torch_threads": torch.get_num_threads()}
         # dynamic=True: one graph for every prompt length and KV length instead of a recompile per shape
         self.prefill_module = torch.compile(prefill, dynamic=True) if compile else prefill
         self.decode_module = torch.compile(decode, dynamic=True) if compile else decode
@@ -76,7 +81,7 @@ class TorchRunner:
             raise ArtifactMismatchError(f"The checkpoint at {model} no longer matches the one {engine_dir} was built "
                                         "from.", "Export and build again from the checkpoint you have now.")
         return cls(bundle, engine_recipe(onnx_set), onnx_set.prompt.image_start, manifest.device,
-                   bool(manifest.torch_compile), manifest.tf32)
+                   bool(manifest.torch_compile), manifest.tf32, SDPA)
 
     @torch.no_grad()
     def image_features(self, pixel_values: np.ndarray) -> VisionOutput:

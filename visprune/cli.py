@@ -173,7 +173,10 @@ def _add_export(commands) -> None:
     p.add_argument("--out", type=Path, required=True, help="ONNX set folder, e.g. runs/demo/onnx")
     p.add_argument("--dtype", default="float32", help="float32 (CPU), float16 or bfloat16 (GPU)")
     p.add_argument("--max-seq", type=int, default=2048, help="longest prompt plus generated tokens")
-    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--target", default="onnxruntime",
+                   help="onnxruntime (fused opset-23 Attention, RMSNorm, RoPE ops; ONNX Runtime and PyTorch engines) or "
+                        "tensorrt (standard opset-18 ops in the forms TensorRT fuses; every backend)")
+    p.add_argument("--opset", type=int, help="default: the target's (23 for onnxruntime, 18 for tensorrt)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_force(p)
     p.set_defaults(handler=_run_export)
@@ -182,8 +185,8 @@ def _add_export(commands) -> None:
 def _run_export(args) -> int:
     from exporter import ExportConfig, export_onnx
 
-    config = ExportConfig(model=args.model, recipe=args.recipe, dtype=args.dtype, opset=args.opset,
-                          max_seq=args.max_seq)
+    config = ExportConfig(model=args.model, recipe=args.recipe, dtype=args.dtype, target=args.target,
+                          opset=args.opset, max_seq=args.max_seq)
     result = export_onnx(config, args.out, progress=not args.quiet, force=args.force)
     recipe = result.manifest.recipe
     print(f"exported {args.out} in {result.manifest.export_seconds:.1f} s "
@@ -202,6 +205,11 @@ def _add_build(commands) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (onnxruntime, pytorch; TensorRT is always cuda)")
     ort = p.add_argument_group("onnxruntime")
     ort.add_argument("--optimization-level", default="extended", help="disabled, basic, extended or all")
+    ort.add_argument("--intra-op-threads", type=int, default=0,
+                     help="threads per session (default 0: one per core the serving process may use)")
+    ort.add_argument("--spinning", action="store_true",
+                     help="intra-op threads spin after a run (one session at a time only: a spinning pool slows the "
+                          "next graph's session)")
     trt = p.add_argument_group("tensorrt")
     trt.add_argument("--max-prompt-tokens", type=int, default=1024, help="longest prompt, image tokens included")
     trt.add_argument("--max-new-tokens", type=int, default=256, help="most tokens generated per request")
@@ -222,6 +230,7 @@ def _run_build(args) -> int:
     config = BuildConfig(backend=args.backend, device=args.device, optimization_level=args.optimization_level, max_prompt_tokens=args.max_prompt_tokens,
                          max_new_tokens=args.max_new_tokens, workspace_gib=args.workspace_gib,
                          builder_optimization_level=args.builder_optimization_level, timing_cache=args.timing_cache,
+                         intra_op_threads=args.intra_op_threads, spinning=args.spinning,
                          torch_compile=args.compile, allow_tf32=args.allow_tf32)
     manifest = build_engine(config, args.onnx, args.out, force=args.force)
     version = manifest.onnxruntime_version or manifest.tensorrt_version or ""

@@ -49,6 +49,12 @@ def _inside_folder(name: str) -> str:
 
 RelativeFile = Annotated[str, AfterValidator(_inside_folder)]
 DTYPES = ("float32", "float16", "bfloat16")
+# Export targets (flavours) -> their default opset. "tensorrt": standard opset-18 ops only, attention in the
+# pre-scaled MatMul -> Softmax -> MatMul form TensorRT fuses; every backend runs it. "onnxruntime": opset 23's
+# Attention, RMSNormalization and RotaryEmbedding, which ONNX Runtime runs as fused kernels and TensorRT's parser
+# does not promise. exporter/graphs.py maps each to its decoder kernels.
+EXPORT_TARGETS = {"onnxruntime": 23, "tensorrt": 18}
+TARGET_BACKENDS = {"onnxruntime": ("onnxruntime", "pytorch"), "tensorrt": ("tensorrt", "onnxruntime", "pytorch")}
 METHODS = METHOD_NAMES  # the registry (visprune/methods.py)
 BACKENDS = ("onnxruntime", "tensorrt", "pytorch")
 ONNX_SET_SCHEMA = ("visprune.onnx_set", 2)
@@ -141,6 +147,7 @@ class OnnxSetManifest(Strict):
     recipe: RecipeSummary
     prompt: PromptLayout
     dtype: Literal[DTYPES]
+    target: Literal[tuple(EXPORT_TARGETS)] = "tensorrt"  # sets from before targets were standard opset 18
     language_model: LanguageModelShape
     kv_stages: list[NonNegInt]
     graphs: dict[Literal[GRAPH_NAMES], GraphIO]
@@ -256,6 +263,7 @@ class EngineManifest(Strict):
     providers: list[str] | None = None
     onnxruntime_version: str | None = None
     optimization_level: str | None = None
+    session_options: dict[str, Any] | None = None  # intra_op_threads (0: one per core the process may use), spinning
     # tensorrt
     tensorrt_version: str | None = None
     gpu: GpuIdentity | None = None

@@ -13,7 +13,8 @@ A method is a *schedule* (how many visual tokens go where) and a *selection* (wh
 Every budget is the same visual-only FLOPs reduction (calibrate/flops.py), so every row of a table compares
 like with like. Selections are functions of `exporter/selection.py` (named here, imported lazily: the registry
 sits below every stage). `needs_attention` says whether the selection reads attention probabilities: the
-others work with fused attention kernels.
+others work with fused attention kernels. `attention_rows` says which rows: "all" (FitPrune's terms read every
+row from the image on, so that layer stays eager) or "last" (FastV: one row, computed next to fused attention).
 """
 
 from __future__ import annotations
@@ -33,11 +34,15 @@ class Method:
     schedule: Schedule
     selection: str  # a function of exporter/selection.py ("" for none)
     summary: str
-    needs_attention: bool = False
+    attention_rows: Literal["", "all", "last"] = ""  # probability rows the selection reads at its layer
     needs_seed: bool = False
     ablation: bool = False  # a FitPrune variant that isolates one of its parts (docs/tradeoff/)
     vision_score: bool = False  # the selection reads a score the vision graph computes (`image_scores`)
     params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def needs_attention(self) -> bool:
+        return bool(self.attention_rows)
 
     @property
     def needs_calibration(self) -> bool:
@@ -52,9 +57,9 @@ _ALL = (
     Method("none", "unpruned", "none", "", "no pruning: the baseline every row is compared with"),
     Method("fitprune", "FitPrune", "searched", "fitprune_product",
            "per-layer counts searched for the budget; score = self-attention x cross-attention, heads max",
-           needs_attention=True),
+           attention_rows="all"),
     Method("fastv", "FastV", "one_layer", "last_token",
-           "one cut after layer 1; score = the last prompt token's attention, heads averaged", needs_attention=True),
+           "one cut after layer 1; score = the last prompt token's attention, heads averaged", attention_rows="last"),
     Method("random", "FitPrune(Random)", "fitprune_counts", "random",
            "FitPrune's counts; a fixed seeded random score per image position", needs_seed=True),
     Method("dart", "DART", "one_layer", "dart",
@@ -66,15 +71,15 @@ _ALL = (
            "before the LLM; the vision tower's [CLS] attention at the feature layer, heads summed (no merge)",
            vision_score=True),
     Method("fitprune-self", "FitPrune, self term only", "fitprune_counts", "fitprune_self",
-           "FitPrune's counts; score = self-attention term alone", needs_attention=True, ablation=True),
+           "FitPrune's counts; score = self-attention term alone", attention_rows="all", ablation=True),
     Method("fitprune-cross", "FitPrune, cross term only", "fitprune_counts", "fitprune_cross",
-           "FitPrune's counts; score = cross-attention term alone", needs_attention=True, ablation=True),
+           "FitPrune's counts; score = cross-attention term alone", attention_rows="all", ablation=True),
     Method("fitprune-headmean", "FitPrune, heads averaged", "fitprune_counts", "fitprune_head_mean",
-           "FitPrune's counts; product score with heads averaged instead of max", needs_attention=True, ablation=True),
+           "FitPrune's counts; product score with heads averaged instead of max", attention_rows="all", ablation=True),
     Method("fitprune-lasttoken", "FitPrune counts, FastV score", "fitprune_counts", "last_token",
-           "FitPrune's counts; FastV's last-token score", needs_attention=True, ablation=True),
+           "FitPrune's counts; FastV's last-token score", attention_rows="last", ablation=True),
     Method("fitprune-onelayer", "FitPrune score, one cut", "one_layer", "fitprune_product",
-           "FastV's schedule (one cut after layer 1); FitPrune's product score", needs_attention=True, ablation=True),
+           "FastV's schedule (one cut after layer 1); FitPrune's product score", attention_rows="all", ablation=True),
 )
 METHODS: dict[str, Method] = {m.name: m for m in _ALL}
 METHOD_NAMES = tuple(METHODS)

@@ -23,10 +23,37 @@ def test_engine_manifest_records_backend_and_upstream(exported):
     ({"builder_optimization_level": 7}, "not in 0-5"),
     ({"backend": "openvino"}, "Unknown backend"),
     ({"optimization_level": "max"}, "Unknown optimization level"),
+    ({"intra_op_threads": -1}, "negative"),
 ])
 def test_bad_build_configs_are_rejected(kwargs, fragment):
     with pytest.raises(ConfigError, match=fragment):
         BuildConfig(**kwargs)
+
+
+def test_session_options_are_recorded_and_used(exported):
+    """Serving threads and spinning are chosen at build time, written down, and what the runner opens with."""
+    import os
+
+    from runtime.pipeline import Pipeline
+
+    manifest = json.loads((exported["pruned"] / "engine.json").read_text())
+    assert manifest["session_options"] == {"intra_op_threads": 0, "spinning": False}
+    runner = Pipeline.from_engine_dir(exported["pruned"]).runner
+    assert runner.session_facts == {"intra_op_threads": len(os.sched_getaffinity(0)), "spinning": False}
+
+
+def test_tensorrt_refuses_a_set_exported_for_onnxruntime(exported, tmp_path):
+    """The default export target uses opset-23 ops TensorRT's parser does not promise: build_engine refuses it
+    (after checking that TensorRT is installed at all) with the export command that fixes it."""
+    from engines.build import check_target, read_onnx_set
+    from visprune.errors import ArtifactMismatchError
+
+    onnx_set = read_onnx_set(exported["pruned-onnx"])
+    assert onnx_set.target == "onnxruntime"
+    with pytest.raises(ArtifactMismatchError, match="--target tensorrt"):
+        check_target(onnx_set, "tensorrt", exported["pruned-onnx"])
+    for backend in ("onnxruntime", "pytorch"):
+        check_target(onnx_set, backend, exported["pruned-onnx"])
 
 
 def test_tf32_is_off_unless_asked_for_and_recorded(exported):

@@ -31,6 +31,7 @@ def test_manifest_describes_the_set(exported):
     decode_inputs = {i["name"]: i["shape"] for i in manifest["graphs"]["decode"]["inputs"]}
     assert decode_inputs["past.0.key"][2] == "past_len_s0" and decode_inputs["past.7.key"][2] == "past_len_s6"
     assert manifest["model"]["fingerprint"].startswith("sha256:")
+    assert manifest["target"] == "onnxruntime" and manifest["config"]["opset"] == 23
     for name in ("vision.onnx", "prefill.onnx", "decode.onnx", "embed_tokens.npy", "processor/tokenizer.json"):
         assert (exported["pruned-onnx"] / name).exists(), name
 
@@ -71,6 +72,23 @@ def test_a_recipe_for_another_model_is_rejected_before_anything_is_written(tmp_p
     with pytest.raises(RecipeError, match="32 layers"):
         export_onnx(ExportConfig(model="tiny", recipe=bad), tmp_path / "onnx", progress=False)
     assert not (tmp_path / "onnx").exists()
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"target": "openvino"}, "Unknown --target"),
+    ({"target": "onnxruntime", "opset": 18}, "too old for --target onnxruntime"),
+    ({"target": "tensorrt", "opset": 17}, "too old for --target tensorrt"),
+])
+def test_bad_targets_are_rejected(kwargs, fragment):
+    from visprune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=fragment):
+        ExportConfig(**kwargs)
+
+
+def test_opset_follows_the_target():
+    assert ExportConfig().opset == 23 and ExportConfig(target="tensorrt").opset == 18
+    assert ExportConfig(target="tensorrt", opset=23).to_dict()["opset"] == 23
 
 
 def test_recipe_hash_in_the_manifest_is_the_recipes(exported):

@@ -1,0 +1,119 @@
+"""Fused attention in both export targets: the prefill and decode graphs of each flavour against the PyTorch
+reference (Hugging Face's eager math), the ops each flavour is made of, and the lint rule that checks the form.
+
+Methods cover the three attention needs: FitPrune (every probability row at its pruning layers: those stay
+eager), FastV (the last row only, next to fused attention) and DART (no probabilities). Every other method is
+exported with the default (onnxruntime) target by tests/exporter/test_new_methods_export.py and the pipeline.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from calibrate.recipe import Recipe, unpruned_recipe
+from calibrate.stage import budget_recipe
+from exporter.export import lint_exported_set
+from exporter.graphs import KERNELS, export_decode, export_prefill
+from exporter.lint import lint_onnx
+from exporter.pruned_lm import LlamaDecodeStep, PrunedLlamaPrefill
+from visprune.manifests import EXPORT_TARGETS
+from visprune.methods import METHODS
+from visprune.models.decoder import EAGER
+
+from tests.conftest import TINY_RECIPE_60
+
+IMAGE_START, TEXT = 4, 9
+
+
+def recipe_for(name: str, shape) -> Recipe:
+    return Recipe("fitprune", 576, TINY_RECIPE_60) if name == "fitprune" else budget_recipe(shape, 0.6, name)
+
+
+@pytest.fixture(scope="module")
+def embeds(tiny):
+    torch.manual_seed(0)
+    return torch.randn(2, IMAGE_START + 576 + TEXT, tiny.shape.hidden_size)
+
+
+def ops_of(path) -> collections.Counter:
+    model = onnx.load(str(path), load_external_data=False)
+    return collections.Counter(node.op_type for node in model.graph.node)
+
+
+@pytest.mark.parametrize("target", list(EXPORT_TARGETS))
+@pytest.mark.parametrize("name", ["fitprune", "fastv", "dart"])
+def test_fused_prefill_matches_the_eager_reference(tmp_path, tiny, embeds, name, target):
+    """fp32: logits and caches within 1e-4 of the eager PyTorch reference, kept indices equal."""
+    recipe = recipe_for(name, tiny.shape)
+    path = tmp_path / "prefill.onnx"
+    export_prefill(tiny.model, recipe, IMAGE_START, 2048, path, EXPORT_TARGETS[target], KERNELS[target])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"inputs_embeds": embeds.numpy()})))
+    with torch.no_grad():
+        logits, presents, kept = PrunedLlamaPrefill(tiny.model, recipe, IMAGE_START, EAGER)(embeds)
+    assert np.abs(got["logits"] - logits.numpy()).max() <= 1e-4
+    kept_names = sorted((k for k in got if k.startswith("kept_indices.")), key=lambda k: int(k.split(".")[1]))
+    assert [got[k].tolist() for k in kept_names] == [k.tolist() for k in kept]
+    for layer in range(8):  # caches reach |5|: relative and absolute 1e-4
+        np.testing.assert_allclose(got[f"present.{layer}.key"], presents[2 * layer].numpy(), rtol=1e-4, atol=1e-4)
+    pruning = sum(1 for r in recipe.removed if r)
+    eager_layers = pruning if METHODS[name].attention_rows == "all" else 0
+    ops = ops_of(path)
+    if target == "onnxruntime":  # one fused op per attention that exposes no probabilities
+        assert ops["Attention"] == 8 - eager_layers and ops["RMSNormalization"] == 17 and ops["RotaryEmbedding"] == 16
+    else:
+        assert ops["Attention"] == ops["RMSNormalization"] == ops["RotaryEmbedding"] == 0
+    assert lint_onnx(path, None, eager_layers) == []
+    if eager_layers:  # the rule counts: one eager layer fewer than the recipe needs is a violation
+        assert [v.rule for v in lint_onnx(path, None, eager_layers - 1)] == ["fused-attention"]
+
+
+@pytest.mark.parametrize("target", list(EXPORT_TARGETS))
+def test_fused_decode_matches_the_eager_reference(tmp_path, tiny, embeds, target):
+    """One decode step over a pruned prefill's caches (per-layer lengths differ), fused vs eager."""
+    recipe = recipe_for("fitprune", tiny.shape)
+    with torch.no_grad():
+        _, past, _ = PrunedLlamaPrefill(tiny.model, recipe, IMAGE_START, EAGER)(embeds)
+        token = embeds[:, -1:]
+        position = torch.full((2, 1), embeds.shape[1], dtype=torch.long)
+        logits, presents = LlamaDecodeStep(tiny.model, EAGER)(token, position, past)
+    path = tmp_path / "decode.onnx"
+    export_decode(tiny.model, recipe, IMAGE_START, 2048, path, EXPORT_TARGETS[target], KERNELS[target])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {"inputs_embeds": token.numpy(), "position_ids": position.numpy(),
+             **{f"past.{i // 2}.{'key' if i % 2 == 0 else 'value'}": p.numpy() for i, p in enumerate(past)}}
+    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+    assert np.abs(got["logits"] - logits.numpy()).max() <= 1e-4
+    np.testing.assert_allclose(got["present.7.value"], presents[15].numpy(), rtol=1e-4, atol=1e-4)
+    assert lint_onnx(path, None, 0) == []
+    assert ops_of(path)["Softmax"] == (0 if target == "onnxruntime" else 8)
+
+
+def test_lint_flags_eager_attention_where_none_is_needed(tmp_path, tiny):
+    """An unpruned prefill traced with the eager kernels computes probabilities nobody reads: not fused."""
+    export_prefill(tiny.model, unpruned_recipe(tiny.shape), IMAGE_START, 2048, tmp_path / "prefill.onnx", 18, EAGER)
+    (violation,) = lint_onnx(tmp_path / "prefill.onnx", None, 0)
+    assert violation.rule == "fused-attention" and "8 attentions" in violation.detail
+    with pytest.raises(Exception, match="fused-attention"):
+        (tmp_path / "vision.onnx").write_bytes((tmp_path / "prefill.onnx").read_bytes())
+        (tmp_path / "decode.onnx").write_bytes((tmp_path / "prefill.onnx").read_bytes())
+        lint_exported_set(tmp_path, unpruned_recipe(tiny.shape))
+
+
+def test_pytorch_sdpa_kernels_match_eager(tiny, embeds):
+    """The PyTorch engine's kernels (SDPA wherever no probabilities are read) against the reference."""
+    from visprune.models.decoder import SDPA
+
+    for name in ("fitprune", "fastv"):
+        recipe = recipe_for(name, tiny.shape)
+        with torch.no_grad():
+            ref = PrunedLlamaPrefill(tiny.model, recipe, IMAGE_START, EAGER)(embeds)
+            got = PrunedLlamaPrefill(tiny.model, recipe, IMAGE_START, SDPA)(embeds)
+        assert (got[0] - ref[0]).abs().max() <= 1e-4
+        assert all(torch.equal(a, b) for a, b in zip(got[2], ref[2]))
