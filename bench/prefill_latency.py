@@ -14,8 +14,8 @@ What one run does, on CPU:
     (`_seeded_init_`), written with `save_pretrained`, and loaded back through `load_llava(path)`.
 2.  Calibrates real FitPrune recipes for it (`calibrate.calibrate`, library call) at visual-FLOPs reductions
     0.4 / 0.6 / 0.8 on a seeded subset of the embedded calibration set (default 8 samples, seed 0, CPU), timed.
-3.  Exports only the prefill graph (`exporter.graphs.export_prefill`, opset 18, max_seq 2048, image_start from
-    the chat template) for each recipe and for the unpruned recipe (`unpruned_recipe`, same export code), timed.
+3.  Exports only the prefill graph (`exporter.graphs.export_prefill`, the onnxruntime target's opset 23 and
+    kernels, max_seq 2048, image_start from the chat template) for each recipe and for the unpruned recipe (`unpruned_recipe`, same export code), timed.
     Also, per recipe, a *fixed-count twin*: the same per-layer token counts, but the dropped tokens are the last
     visual ones, cut with Slices + Concat (no head-max scoring, no TopK, no Gather). pruned / twin isolates the
     cost of FitPrune's in-graph selection from the effect of the token counts themselves.
@@ -144,7 +144,8 @@ def fixed_count_twin_class():
             positions = torch.arange(seq, device=hidden.device).unsqueeze(0).expand(batch, seq)
             presents, kept = [], []
             for layer, removed in zip(self.layers, self.removed):
-                context, _, key, value = attend(layer, self.rotary, hidden, positions, causal=True)
+                context, _, key, value = attend(layer, self.rotary, hidden, positions, causal=True,
+                                                kernels=self.kernels, probs=None)
                 presents += [key, value]
                 if removed:
                     keep = n - removed
@@ -152,7 +153,7 @@ def fixed_count_twin_class():
                                                   for t in (hidden, context, positions))
                     kept.append(torch.arange(keep, device=hidden.device).unsqueeze(0).expand(batch, keep))
                     n = keep
-                hidden = finish_layer(layer, hidden, context)
+                hidden = finish_layer(layer, hidden, context, self.kernels)
             return self.lm_head(self.norm(hidden[:, -1])), presents, kept
 
     return FixedCountPrefill
@@ -175,7 +176,8 @@ def export_prefills(bundle, recipes: dict[str, Any], image_start: int, work: Pat
         start = time.perf_counter()
         patch = mock.patch.object(graphs, "PrunedLlamaPrefill", fixed_count_twin_class()) if twin else _nothing()
         with patch:
-            graphs.export_prefill(bundle.model, recipe, image_start=image_start, max_seq=2048, out=path, opset=18)
+            graphs.export_prefill(bundle.model, recipe, image_start=image_start, max_seq=2048, out=path, opset=23,
+                                  kernels=graphs.KERNELS["onnxruntime"])
         wall = time.perf_counter() - start
         print(f"    {wall:.1f} s", flush=True)
         out[name] = {"path": path, "export_s": wall, "recipe": recipe, "twin": twin}

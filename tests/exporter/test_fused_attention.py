@@ -25,6 +25,7 @@ from exporter.pruned_lm import LlamaDecodeStep, PrunedLlamaPrefill
 from visprune.manifests import EXPORT_TARGETS
 from visprune.methods import METHODS
 from visprune.models.decoder import EAGER
+from visprune.tensor_names import kept_layer
 
 from tests.conftest import TINY_RECIPE_60
 
@@ -47,18 +48,21 @@ def ops_of(path) -> collections.Counter:
 
 
 @pytest.mark.parametrize("target", list(EXPORT_TARGETS))
-@pytest.mark.parametrize("name", ["fitprune", "fastv", "dart"])
+@pytest.mark.parametrize("name", ["fitprune", "fastv", "dart", "visionzip"])
 def test_fused_prefill_matches_the_eager_reference(tmp_path, tiny, embeds, name, target):
-    """fp32: logits and caches within 1e-4 of the eager PyTorch reference, kept indices equal."""
+    """fp32: logits and caches within 1e-4 of the eager PyTorch reference, kept indices equal. One method per
+    attention need: every row (FitPrune), the last row (FastV), none (DART), none and pre-LLM (VisionZip)."""
     recipe = recipe_for(name, tiny.shape)
     path = tmp_path / "prefill.onnx"
     export_prefill(tiny.model, recipe, IMAGE_START, 2048, path, EXPORT_TARGETS[target], KERNELS[target])
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"inputs_embeds": embeds.numpy()})))
+    scores = torch.rand(2, 576, generator=torch.Generator().manual_seed(0)) if METHODS[name].vision_score else None
+    feeds = {"inputs_embeds": embeds.numpy(), **({} if scores is None else {"image_scores": scores.numpy()})}
+    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
     with torch.no_grad():
-        logits, presents, kept = PrunedLlamaPrefill(tiny.model, recipe, IMAGE_START, EAGER)(embeds)
+        logits, presents, kept = PrunedLlamaPrefill(tiny.model, recipe, IMAGE_START, EAGER)(embeds, scores)
     assert np.abs(got["logits"] - logits.numpy()).max() <= 1e-4
-    kept_names = sorted((k for k in got if k.startswith("kept_indices.")), key=lambda k: int(k.split(".")[1]))
+    kept_names = sorted((k for k in got if kept_layer(k) is not None), key=kept_layer)
     assert [got[k].tolist() for k in kept_names] == [k.tolist() for k in kept]
     for layer in range(8):  # caches reach |5|: relative and absolute 1e-4
         np.testing.assert_allclose(got[f"present.{layer}.key"], presents[2 * layer].numpy(), rtol=1e-4, atol=1e-4)
