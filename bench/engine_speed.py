@@ -217,6 +217,30 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(results: list[dict[str, Any]], out: Path) -> None:
+    """TTFT per engine and reduction, one panel per result (e.g. before / after), transformers as a line."""
+    from visprune.figures import pyplot, save_figure
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), sharey=True, squeeze=False)
+    for ax, result in zip(axes[0], results):
+        for backend, method, marker, color in (("onnxruntime", "fitprune", "o-", "C0"),
+                                               ("onnxruntime", "random", "s--", "C1"), ("pytorch", "fitprune", "^-", "C2")):
+            rows = [r for r in result["engines"] if r["backend"] == backend
+                    and r.get("method", "fitprune") in (method, "none")]
+            if rows:
+                ax.plot([float(r["reduction"]) for r in rows], [r["measured"]["ttft"]["p50_ms"] for r in rows],
+                        marker, color=color, label=f"{backend} {method}")
+        for attention, style in (("sdpa", "k-"), ("eager", "k:")):
+            ax.axhline(result["peer"][attention]["ttft"]["p50_ms"], color="k", linestyle=style[1:],
+                       label=f"transformers {attention} (unpruned)")
+        ax.set(title=f"{result['label']} (export target: {result['target']})", xlabel="visual FLOPs reduction",
+               ylabel="TTFT ms (median)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    save_figure(fig, out)
+
+
 # --- main ----------------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,7 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse", action="store_true", help="reuse recipes, ONNX sets and engines in --work")
     parser.add_argument("--label", default="after")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--plot", type=Path, nargs="+", help="only plot these result JSONs side by side (to --out)")
     args = parser.parse_args(argv)
+    if args.plot:
+        plot([json.loads(p.read_text()) for p in args.plot], args.out / "engine_speed.png")
+        return 0
     if args.measure:
         kind, where, *rest = args.measure
         timing = (args.warmup, args.runs, args.new_tokens)
@@ -292,6 +320,7 @@ def run_benchmark(args) -> int:
     stem = args.out / f"engine_speed-{args.label}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str))
     stem.with_suffix(".md").write_text(markdown(result))
+    plot([result], stem.with_suffix(".png"))
     print(markdown(result))
     return 0
 
