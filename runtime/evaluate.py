@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from runtime.generation import run_tokens
 from visprune.artifacts import atomic_write_bytes, atomic_write_json
 from visprune.errors import ConfigError
 from visprune.manifests import EvalReport
@@ -119,6 +122,7 @@ def _batches_by_length(input_ids: list[list[int]], batch_size: int) -> list[list
 
 
 def _greedy_batch(runner, prepared: PreparedQuestions, indices: list[int], max_new_tokens: int) -> list[str]:
+    """Greedy answers of one batch of same-length questions through the pruned PyTorch modules."""
     import torch
 
     tokenizer = runner.bundle.processor.tokenizer
@@ -128,21 +132,26 @@ def _greedy_batch(runner, prepared: PreparedQuestions, indices: list[int], max_n
         embeds = embed(ids)
         embeds[:, runner.image_start:runner.image_start + runner.num_visual] = prepared.features[indices]
         logits, past, _ = runner.prefill_module(embeds, prepared.scores[indices])
-        tokens, done = [], torch.zeros(len(indices), dtype=torch.bool)
-        for step in range(max_new_tokens):
-            token = logits.argmax(-1).cpu()  # [B]
-            tokens.append(token)
-            done |= token == tokenizer.eos_token_id
-            if done.all() or step == max_new_tokens - 1:
-                break
-            positions = torch.full((len(indices), 1), ids.shape[1] + step, device=runner.device)
-            logits, past = runner.decode_module(embed(token[:, None].to(runner.device)), positions, past)
-    generated = torch.stack(tokens, dim=1).tolist()
-    return [tokenizer.decode(_until_eos(row, tokenizer.eos_token_id), skip_special_tokens=True) for row in generated]
+        step = ModuleStep(runner, embed, past, ids.shape[1])
+        loop = run_tokens(logits.float().cpu().numpy(), step, max_new_tokens, eos=tokenizer.eos_token_id)
+    return [tokenizer.decode(loop.row_tokens(row, tokenizer.eos_token_id), skip_special_tokens=True)
+            for row in range(len(indices))]
 
 
-def _until_eos(row: list[int], eos: int) -> list[int]:
-    return row[:row.index(eos)] if eos in row else row
+class ModuleStep:
+    """runtime/generation.py's `Step` over the PyTorch decode module for a batch: tokens [B] at prompt_len + step."""
+
+    def __init__(self, runner, embed, past, prompt_len: int):
+        self.runner, self.embed, self.past, self.prompt_len = runner, embed, past, prompt_len
+
+    def __call__(self, tokens: np.ndarray, index: int) -> np.ndarray:
+        import torch
+
+        device = self.runner.device
+        positions = torch.full((len(tokens), 1), self.prompt_len + index, device=device)
+        token_embeds = self.embed(torch.from_numpy(tokens)[:, None].to(device))
+        logits, self.past = self.runner.decode_module(token_embeds, positions, self.past)
+        return logits.float().cpu().numpy()
 
 
 def eval_report(out_dir: Path, config: EvalConfig, engine_dir: Path | None = None, recipe: Path | None = None,

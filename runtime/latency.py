@@ -27,7 +27,8 @@ from typing import Any, Callable
 import numpy as np
 
 from engines.build import read_engine_set
-from runtime.pipeline import Pipeline
+from runtime.generation import run_tokens
+from runtime.pipeline import EngineStep, Pipeline
 from visprune.artifacts import atomic_write_bytes, atomic_write_json, tool_versions
 from visprune.errors import ArtifactMismatchError, ConfigError
 from visprune.manifests import LatencyReport
@@ -84,17 +85,13 @@ def time_request(pipe: Pipeline, request: Request, clock: Clock = time.perf_coun
     embeds = pipe.embed(request.input_ids, vision.features)
     stamps.append(clock())
     first = runner.prefill(embeds, vision.scores)
-    token = int(np.argmax(first.logits[0]))
+    np.argmax(first.logits[0])  # choosing the first token ends TTFT
     stamps.append(clock())
-    past, position, steps = first.past, request.input_ids.shape[1], []
-    kv_prefill = runner.kv_bytes(past)
-    for step in range(request.new_tokens - 1):
-        begin = clock()
-        logits, past = runner.decode(pipe.embeddings[[[token]]].astype(pipe.host_dtype), position + step, past)
-        token = int(np.argmax(logits[0]))
-        steps.append(clock() - begin)
+    step = EngineStep(pipe, first.past, request.input_ids.shape[1])
+    steps = run_tokens(first.logits, step, request.new_tokens, eos=None, clock=clock).step_seconds  # fixed length
     return {"vision_s": stamps[1] - stamps[0], "prefill_s": stamps[3] - stamps[2], "ttft_s": stamps[3] - stamps[0],
-            "decode_step_s": steps, "kv_bytes_prefill": kv_prefill, "kv_bytes_final": runner.kv_bytes(past)}
+            "decode_step_s": steps, "kv_bytes_prefill": runner.kv_bytes(first.past),
+            "kv_bytes_final": runner.kv_bytes(step.past)}
 
 
 def measure_side_by_side(pipes: dict[str, Pipeline], request: Request, warmup: int, rounds: int,

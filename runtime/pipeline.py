@@ -14,12 +14,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
 from engines.build import read_engine_set
 from engines.profiles import check_request_fits
+from runtime.generation import GREEDY, Sampling, iterate_tokens
 from runtime.runners import Runner, open_runner
 from visprune.errors import ConfigError, PromptError
 from visprune.manifests import EngineManifest
@@ -107,12 +108,49 @@ class Pipeline:
             check_request_fits(self.manifest.limits, prompt_tokens, max_new_tokens, self.engine_dir)
 
     def generate(self, image: Any, prompt: str, max_new_tokens: int = 32, keep_logits: bool = False,
-                 forced_tokens: list[int] | None = None) -> Generation:
-        """Greedy decoding from `prompt` (a full prompt with one `<image>`) about `image` (a path or PIL image).
+                 forced_tokens: list[int] | None = None, sampling: Sampling = GREEDY,
+                 stop: tuple[str, ...] = ()) -> Generation:
+        """Decode from `prompt` (a full prompt with one `<image>`) about `image` (a path or PIL image): greedy by
+        default, else as `sampling` says; the text ends before the first of the `stop` strings.
 
-        `forced_tokens` teacher-forces: each step feeds the given token instead of its own argmax (parity checks
+        `forced_tokens` teacher-forces: each step feeds the given token instead of its own choice (parity checks
         compare the logits of two models fed the same tokens), and generation runs exactly that many steps."""
-        max_new_tokens = len(forced_tokens) if forced_tokens else max_new_tokens
+        input_ids, first, timings = self._prefill(image, prompt, len(forced_tokens or []) or max_new_tokens)
+        tokens, step_logits, seconds = [], [], []
+        for token, logits, spent in self._tokens(first, input_ids.shape[1], max_new_tokens, sampling, forced_tokens):
+            tokens.append(int(token[0]))
+            step_logits.append(logits[0])
+            seconds += [] if spent is None else [spent]
+            if stop and stop_index(self._text(tokens), stop) is not None:
+                break
+        timings["decode_s_per_token"] = float(np.mean(seconds)) if seconds else 0.0
+        timings["decode_tokens"] = len(seconds)
+        text = self._text(tokens)
+        return Generation(text=text[:stop_index(text, stop)], token_ids=tokens, timings=timings,
+                          kept_indices=first.kept, step_logits=step_logits if keep_logits else [])
+
+    def stream(self, image: Any, prompt: str, max_new_tokens: int = 32, sampling: Sampling = GREEDY,
+               stop: tuple[str, ...] = ()) -> Iterator[str]:
+        """`generate`'s text in pieces as tokens are decoded; text that could begin a stop string is held back
+        until it cannot."""
+        input_ids, first, _ = self._prefill(image, prompt, max_new_tokens)
+        tokens, sent = [], 0
+        for token, _, _ in self._tokens(first, input_ids.shape[1], max_new_tokens, sampling):
+            tokens.append(int(token[0]))
+            text = self._text(tokens)
+            end = stop_index(text, stop)
+            ready = end if end is not None else len(text) - held_back(text, stop)
+            if ready > sent:
+                yield text[sent:ready]
+                sent = ready
+            if end is not None:
+                return
+        text = self._text(tokens)
+        if len(text) > sent:
+            yield text[sent:]
+
+    def _prefill(self, image: Any, prompt: str, max_new_tokens: int):
+        """(input_ids [1, S], the prefill's output, timings so far): encode, vision, embed, prefill."""
         check_max_new_tokens(max_new_tokens)  # before the image is read and encoded
         input_ids, pixel_values = self.encode(image, prompt)
         self.check_request(input_ids.shape[1], max_new_tokens)
@@ -125,11 +163,16 @@ class Pipeline:
         timings["prefill_s"] = time.perf_counter() - prefill_start
         timings["ttft_s"] = time.perf_counter() - start
         timings["kv_bytes"] = self.runner.kv_bytes(first.past)
-        tokens, step_logits = self._decode_greedy(first.logits, first.past, input_ids.shape[1], max_new_tokens, timings,
-                                                  forced_tokens)
-        text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True)
-        return Generation(text=text, token_ids=tokens, timings=timings, kept_indices=first.kept,
-                          step_logits=step_logits if keep_logits else [])
+        return input_ids, first, timings
+
+    def _tokens(self, first, prompt_len: int, max_new_tokens: int, sampling: Sampling = GREEDY,
+                forced: list[int] | None = None, eos: bool = True):
+        """runtime/generation.py's loop over this engine's decode graph, from a prefill's output."""
+        return iterate_tokens(first.logits, EngineStep(self, first.past, prompt_len), max_new_tokens,
+                              self.eos_token_id if eos and not forced else None, sampling, forced)
+
+    def _text(self, tokens: list[int]) -> str:
+        return self.processor.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def embed(self, input_ids: np.ndarray, image_features: np.ndarray) -> np.ndarray:
         """inputs_embeds [1, S, D]: token embeddings with the image features at the image's position."""
@@ -137,18 +180,26 @@ class Pipeline:
         embeds[:, self.image_start:self.image_start + self.num_visual] = image_features
         return embeds
 
-    def _decode_greedy(self, logits, past, prompt_len, max_new_tokens, timings, forced=None):
-        tokens, step_logits, step_times = [], [], []
-        for step in range(max_new_tokens):
-            step_logits.append(logits[0])
-            token = forced[step] if forced else int(np.argmax(logits[0]))
-            tokens.append(token)
-            if (token == self.eos_token_id and not forced) or step == max_new_tokens - 1:
-                break
-            start = time.perf_counter()
-            embeds = self.embeddings[[[token]]].astype(self.host_dtype)
-            logits, past = self.runner.decode(embeds, prompt_len + step, past)
-            step_times.append(time.perf_counter() - start)
-        timings["decode_s_per_token"] = float(np.mean(step_times)) if step_times else 0.0
-        timings["decode_tokens"] = len(step_times)
-        return tokens, step_logits
+
+class EngineStep:
+    """runtime/generation.py's `Step` over an engine's decode graph: tokens [B] go in at positions
+    prompt_len + step; `past` is the cache after the latest step."""
+
+    def __init__(self, pipe: Pipeline, past: Any, prompt_len: int):
+        self.pipe, self.past, self.prompt_len = pipe, past, prompt_len
+
+    def __call__(self, tokens: np.ndarray, index: int) -> np.ndarray:
+        embeds = self.pipe.embeddings[tokens[:, None]].astype(self.pipe.host_dtype)
+        logits, self.past = self.pipe.runner.decode(embeds, self.prompt_len + index, self.past)
+        return logits
+
+
+def stop_index(text: str, stop: tuple[str, ...]) -> int | None:
+    """Where the first stop string begins in `text` (None: none occurs)."""
+    found = [text.find(s) for s in stop if s and s in text]
+    return min(found) if found else None
+
+
+def held_back(text: str, stop: tuple[str, ...]) -> int:
+    """How many trailing characters of `text` could still grow into a stop string."""
+    return max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)

@@ -244,6 +244,13 @@ def _add_run(commands) -> None:
     p.add_argument("--image", type=Path, required=True)
     p.add_argument("--prompt", required=True, help="a question, or a full prompt with one <image>")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    sampling = p.add_argument_group("sampling (default: greedy)")
+    sampling.add_argument("--temperature", type=float, default=0.0, help="0: greedy; e.g. 0.7")
+    sampling.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0: all)")
+    sampling.add_argument("--top-p", type=float, default=1.0, help="sample within this probability mass")
+    sampling.add_argument("--seed", type=int, help="makes a sampled answer repeatable")
+    p.add_argument("--stop", action="append", default=[], help="end the answer before this text (repeatable)")
+    p.add_argument("--stream", action="store_true", help="print the answer as it is decoded")
     _add_verify(p)
     p.set_defaults(handler=_run_run)
 
@@ -252,10 +259,19 @@ def _run_run(args) -> int:
     from runtime import Pipeline
     from runtime.pipeline import check_max_new_tokens
 
-    check_max_new_tokens(args.max_new_tokens)  # a bad option fails before the engine is loaded
+    from runtime.generation import Sampling
+
+    check_max_new_tokens(args.max_new_tokens)  # bad options fail before the engine is loaded
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     pipe = Pipeline.from_engine_dir(args.engine, verify=args.verify)
     prompt = args.prompt if "<image>" in args.prompt else pipe.chat_prompt(args.prompt)
-    generation = pipe.generate(args.image, prompt, max_new_tokens=args.max_new_tokens)
+    if args.stream:
+        for piece in pipe.stream(args.image, prompt, args.max_new_tokens, sampling, tuple(args.stop)):
+            print(piece, end="", flush=True)
+        print()
+        return 0
+    generation = pipe.generate(args.image, prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                               stop=tuple(args.stop))
     print(generation.text)
     t = generation.timings
     print(f"[vision {1e3 * t['vision_s']:.1f} ms, prefill {1e3 * t['prefill_s']:.1f} ms, "

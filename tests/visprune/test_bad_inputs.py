@@ -267,6 +267,10 @@ CASES = [
          "at least 1"),
     Case("run-negative-new-tokens", "run --engine {engine} --image {image} --prompt hi --max-new-tokens -1", 2,
          "at least 1"),
+    Case("run-negative-temperature", "run --engine {engine} --image {image} --prompt hi --temperature -1", 2,
+         "temperature must be >= 0"),
+    Case("run-top-p-zero", "run --engine {engine} --image {image} --prompt hi --temperature 1 --top-p 0", 2,
+         "top_p must be in"),
     Case("run-edited-engine-manifest", "run --engine {ws}/engine2 --image {image} --prompt hi", 8, "was edited",
          copy_of("engine", edit_json("engine.json", lambda m: m["onnx_set"]["prompt"].update(image_start=3)))),
     Case("run-engine-file-missing", "run --engine {ws}/engine2 --image {image} --prompt hi", 8, "lacks embed_tokens",
@@ -328,8 +332,8 @@ CASES = [
     Case("tradeoff-out-is-a-user-folder", "tradeoff --out {ws}/mine --questions 2", 2, "a folder with other files",
          user_folder),
     Case("unknown-command", "serve --port 80", 2, "invalid choice"),
-    Case("unknown-flag", "run --engine {engine} --image {image} --prompt hi --temperature 0.7", 2,
-         "unrecognized arguments: --temperature"),
+    Case("unknown-flag", "run --engine {engine} --image {image} --prompt hi --beam-size 4", 2,
+         "unrecognized arguments: --beam-size"),
 ]
 
 

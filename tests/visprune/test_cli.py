@@ -152,6 +152,17 @@ def test_run_and_report_commands(exported, capsys, tmp_path, default_set):
     assert code == 0 and "PASSED" in out and (tmp_path / "r" / "parity.json").exists()
 
 
+def test_run_streams_and_samples(exported, capsys, default_set):
+    """--stream prints the same answer as a plain run; a seeded sampled run repeats itself."""
+    base = ["run", "--engine", str(exported["pruned"]), "--image", str(default_set.samples[0].image),
+            "--prompt", "What is shown?", "--max-new-tokens", "6"]
+    plain = run_cli(capsys, *base)[1]
+    code, streamed, _ = run_cli(capsys, *base, "--stream")
+    assert code == 0 and streamed == plain
+    sampled = [run_cli(capsys, *base, "--temperature", "1.2", "--top-k", "20", "--seed", "5")[1] for _ in range(2)]
+    assert sampled[0] == sampled[1] and sampled[0].strip()
+
+
 def test_run_rejects_a_missing_engine_and_a_bad_image(exported, capsys, tmp_path):
     code, _, err = run_cli(capsys, "run", "--engine", str(tmp_path), "--image", "x.png", "--prompt", "hi")
     assert code == 8 and "No engine manifest" in err and "Hint:" in err
