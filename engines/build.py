@@ -36,7 +36,8 @@ from visprune.manifests import (
 from visprune.outputs import ENGINE_SET, check_output, replacing
 from visprune.tensor_names import GRAPH_NAMES
 
-BACKENDS = ("onnxruntime", "tensorrt", "pytorch", "auto")  # auto: TensorRT where available, else onnxruntime
+BACKENDS = ("onnxruntime", "tensorrt", "pytorch", "auto")  # auto: TensorRT where available (and the set is
+# exported for it), else onnxruntime
 DEVICES = ("cpu", "cuda")
 # "extended" optimizations are portable across machines; "all" adds layout changes for this CPU only.
 OPT_LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
@@ -104,8 +105,9 @@ def build_engine(config: BuildConfig, onnx_dir: Path, out_dir: Path, force: bool
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
     check_output(out_dir, ENGINE_SET, inputs=[onnx_dir, config.timing_cache], force=force)
     onnx_set = read_onnx_set(onnx_dir, verify=True)
-    if config.backend == "auto":
-        config = replace(config, backend=auto_backend())
+    if config.backend == "auto":  # TensorRT only for a set written for it
+        backend = auto_backend()
+        config = replace(config, backend=backend if backend in TARGET_BACKENDS[onnx_set.target] else "onnxruntime")
     if config.backend == "tensorrt":  # bad limits, then a missing TensorRT: re-exporting would not help either
         from engines.tensorrt import import_tensorrt
 
