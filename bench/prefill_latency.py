@@ -318,7 +318,7 @@ def classify(op: str, trace: str, out_rank: int) -> str:
         return CATEGORIES[3]
     if op in ("MatMul", "FusedMatMul", "Gemm"):
         return CATEGORIES[1] if out_rank == 4 else CATEGORIES[0]
-    if op in ("Softmax", "Where", "Trilu"):
+    if op in ("Softmax", "Where", "Trilu", "Attention"):  # Attention: the fused op of the onnxruntime target
         return CATEGORIES[1]
     return CATEGORIES[4]
 
