@@ -201,7 +201,8 @@ def _add_build(commands) -> None:
     p.add_argument("--onnx", type=Path, required=True, help="ONNX set folder from `visprune export`")
     p.add_argument("--out", type=Path, required=True, help="engine folder")
     p.add_argument("--backend", default="onnxruntime", help="onnxruntime, tensorrt, pytorch, or auto (TensorRT "
-                                                            "where installed with a GPU, else onnxruntime)")
+                                                            "where installed with a GPU and the set was exported "
+                                                            "--target tensorrt, else onnxruntime)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (onnxruntime, pytorch; TensorRT is always cuda)")
     ort = p.add_argument_group("onnxruntime")
     ort.add_argument("--optimization-level", default="extended", help="disabled, basic, extended or all")
