@@ -90,6 +90,10 @@ class BuildConfig:
             raise ConfigError(f"TensorRT builder optimization level {self.builder_optimization_level} is not in 0-5.",
                               "Use 3 (TensorRT's default) or 5 for the longest search.")
 
+    def session_options(self) -> dict[str, Any]:
+        """The ONNX Runtime serving choices an engine records (engine.json `session_options`)."""
+        return {"intra_op_threads": self.intra_op_threads, "spinning": self.spinning}
+
     def to_dict(self) -> dict[str, Any]:
         fields = asdict(self)
         fields["timing_cache"] = str(self.timing_cache) if self.timing_cache else None
@@ -184,8 +188,8 @@ def _build_onnxruntime(config: BuildConfig, onnx_dir: Path, onnx_set: OnnxSetMan
                             ort_providers(providers, tf32))
         check_session_providers(session, providers)
     return {"device": config.device, "providers": providers, "tf32": tf32, "onnxruntime_version": ort.__version__,
-            "optimization_level": config.optimization_level,
-            "session_options": {"intra_op_threads": config.intra_op_threads, "spinning": config.spinning}, "tools": tool_versions("onnxruntime", "onnxruntime-gpu")}
+            "optimization_level": config.optimization_level, "session_options": config.session_options(),
+            "tools": tool_versions("onnxruntime", "onnxruntime-gpu")}
 
 
 def _build_tensorrt(config: BuildConfig, onnx_dir: Path, onnx_set: OnnxSetManifest, staging: Path) -> dict[str, Any]:
@@ -220,17 +224,22 @@ def _optimize(source: Path, target: Path, config: BuildConfig, providers: list[s
                             hint="The file is corrupt or truncated; export the set again with `visprune export`.")
 
 
-def runtime_session_options(session_options: dict[str, Any] | None):
-    """ORT SessionOptions for serving, from an engine's recorded choices (None: an engine from before they were
-    recorded, which gets the same defaults): intra-op threads set explicitly (ORT's own default counts physical
-    cores of the machine, not the cores this process may use, e.g. in a container) and spinning as recorded."""
+def serving_session_options(recorded: dict[str, Any] | None) -> dict[str, Any]:
+    """An engine's recorded ONNX Runtime choices resolved for this process (None: an engine from before they were
+    recorded gets today's defaults). 0 threads becomes one per core this process may use: ORT's own default
+    counts the machine's physical cores, not those a container or `taskset` leaves it."""
     import os
 
+    chosen = recorded or BuildConfig().session_options()
+    return {**chosen, "intra_op_threads": chosen["intra_op_threads"] or len(os.sched_getaffinity(0))}
+
+
+def ort_session_options(chosen: dict[str, Any]):
+    """ORT SessionOptions carrying resolved serving choices (`serving_session_options`)."""
     import onnxruntime as ort
 
-    chosen = session_options or {"intra_op_threads": 0, "spinning": False}
     options = ort.SessionOptions()
-    options.intra_op_num_threads = chosen["intra_op_threads"] or len(os.sched_getaffinity(0))
+    options.intra_op_num_threads = chosen["intra_op_threads"]
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if chosen["spinning"] else "0")
     return options
 

@@ -84,8 +84,7 @@ def time_request(pipe: Pipeline, request: Request, clock: Clock = time.perf_coun
     stamps.append(clock())
     embeds = pipe.embed(request.input_ids, vision.features)
     stamps.append(clock())
-    first = runner.prefill(embeds, vision.scores)
-    np.argmax(first.logits[0])  # choosing the first token ends TTFT
+    first = runner.prefill(embeds, vision.scores)  # its logits hold the first token: TTFT ends here
     stamps.append(clock())
     step = EngineStep(pipe, first.past, request.input_ids.shape[1])
     steps = run_tokens(first.logits, step, request.new_tokens, eos=None, clock=clock).step_seconds  # fixed length
@@ -287,7 +286,7 @@ def _method(warmup: int, rounds: int, clock: Clock, load_before, pipe: Pipeline)
         "clock": getattr(clock, "__qualname__", repr(clock)),
         "synchronization": "each phase ends with host arrays (logits / features copied back), so stamps follow "
                            "the device work",
-        "ttft": "preprocessed inputs -> vision -> embed -> prefill -> first token (argmax)",
+        "ttft": "preprocessed inputs -> vision -> embed -> prefill, whose logits give the first token",
         "statistic": "p50 and p90 over timed requests (decode: over every step of every timed request)",
         "device": _device_description(pipe.runner.device), "load_average_1min_before": load_before,
         "versions": tool_versions("torch", "onnxruntime", "onnxruntime-gpu", "tensorrt", "transformers"),

@@ -166,10 +166,10 @@ class Pipeline:
         return input_ids, first, timings
 
     def _tokens(self, first, prompt_len: int, max_new_tokens: int, sampling: Sampling = GREEDY,
-                forced: list[int] | None = None, eos: bool = True):
+                forced: list[int] | None = None):
         """runtime/generation.py's loop over this engine's decode graph, from a prefill's output."""
         return iterate_tokens(first.logits, EngineStep(self, first.past, prompt_len), max_new_tokens,
-                              self.eos_token_id if eos and not forced else None, sampling, forced)
+                              None if forced else self.eos_token_id, sampling, forced)
 
     def _text(self, tokens: list[int]) -> str:
         return self.processor.tokenizer.decode(tokens, skip_special_tokens=True)

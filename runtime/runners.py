@@ -76,30 +76,30 @@ class OrtRunner:
 
     backend = "onnxruntime"
 
-    def __init__(self, sessions: dict[str, Any], device: str, num_layers: int):
+    def __init__(self, sessions: dict[str, Any], device: str, num_layers: int,
+                 session_facts: dict[str, Any] | None = None):
         self.sessions, self.device, self.num_layers = sessions, device, num_layers
-        self.session_facts: dict[str, Any] | None = None  # the serving options the sessions were opened with
+        self.session_facts = session_facts  # the serving options the sessions were opened with
         self._outputs = {graph: [o.name for o in s.get_outputs()] for graph, s in sessions.items()}
 
     @classmethod
     def open(cls, engine_dir: Path, manifest: EngineManifest) -> "OrtRunner":
-        from engines.build import check_session_providers, open_ort_session, ort_providers, runtime_session_options
+        from engines.build import (check_session_providers, open_ort_session, ort_providers, ort_session_options,
+                                   serving_session_options)
 
         if manifest.onnx_set.dtype == "bfloat16":
             raise ConfigError("ONNX Runtime engines take float32 or float16 sets; this one is bfloat16.",
                               "Export with --dtype float16 (or float32), or build a TensorRT engine.")
         providers = manifest.providers
-        options = runtime_session_options(manifest.session_options)
+        session_facts = serving_session_options(manifest.session_options)
+        options = ort_session_options(session_facts)
         sessions = {}
         for graph in GRAPH_NAMES:
             sessions[graph] = open_ort_session(Path(engine_dir) / f"{graph}.onnx",
                                                ort_providers(providers, manifest.tf32), options,
                                                hint="The engine folder is damaged; rebuild it with `visprune build`.")
             check_session_providers(sessions[graph], providers)
-        runner = cls(sessions, manifest.device, manifest.onnx_set.num_layers)
-        runner.session_facts = {"intra_op_threads": options.intra_op_num_threads,
-                                "spinning": options.get_session_config_entry("session.intra_op.allow_spinning") == "1"}
-        return runner
+        return cls(sessions, manifest.device, manifest.onnx_set.num_layers, session_facts)
 
     def image_features(self, pixel_values: np.ndarray) -> VisionOutput:
         return VisionOutput(*self.sessions["vision"].run(None, {PIXEL_VALUES: pixel_values}))
