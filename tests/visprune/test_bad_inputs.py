@@ -197,6 +197,9 @@ CASES = [
     # --- export --------------------------------------------------------------------------------------------
     Case("export-unknown-dtype", "export --dtype float8 --out {ws}/onnx", 2, "Unknown --dtype"),
     Case("export-old-opset", "export --opset 11 --out {ws}/onnx", 2, "too old"),
+    Case("export-unknown-target", "export --target openvino --out {ws}/onnx", 2, "Unknown --target"),
+    Case("export-opset-below-the-targets", "export --target onnxruntime --opset 18 --out {ws}/onnx", 2,
+         "too old for --target onnxruntime"),
     Case("export-max-seq-one", "export --max-seq 1 --out {ws}/onnx", 2, "--max-seq must be at least 2"),
     Case("export-max-seq-below-layout", "export --max-seq 300 --out {ws}/onnx", 2, "Pass --max-seq 582 or more"),
     Case("export-missing-recipe", "export --recipe {ws}/none.json --out {ws}/onnx", 5, "No recipe at"),
@@ -256,6 +259,7 @@ CASES = [
     Case("build-unknown-optimization", "build --onnx {onnx} --out {ws}/e --optimization-level max", 2,
          "Unknown optimization level"),
     Case("build-builder-level", "build --onnx {onnx} --out {ws}/e --builder-optimization-level 9", 2, "not in 0-5"),
+    Case("build-negative-threads", "build --onnx {onnx} --out {ws}/e --intra-op-threads -1", 2, "is negative"),
     # --- run -----------------------------------------------------------------------------------------------
     Case("run-missing-engine", "run --engine {ws}/none --image {image} --prompt hi", 8, "is not a folder"),
     Case("run-onnx-set-as-engine", "run --engine {onnx} --image {image} --prompt hi", 8, "No engine manifest"),
@@ -269,6 +273,8 @@ CASES = [
          "at least 1"),
     Case("run-negative-temperature", "run --engine {engine} --image {image} --prompt hi --temperature -1", 2,
          "temperature must be >= 0"),
+    Case("run-negative-top-k", "run --engine {engine} --image {image} --prompt hi --temperature 1 --top-k -1", 2,
+         "top_k must be >= 0"),
     Case("run-top-p-zero", "run --engine {engine} --image {image} --prompt hi --temperature 1 --top-p 0", 2,
          "top_p must be in"),
     Case("run-edited-engine-manifest", "run --engine {ws}/engine2 --image {image} --prompt hi", 8, "was edited",
