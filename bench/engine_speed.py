@@ -157,9 +157,8 @@ def profile_prefill(onnx_dir: Path, seq: int, runs: int, work: Path) -> dict[str
     options.enable_profiling = True
     options.profile_file_prefix = str(work / f"profile-{onnx_dir.name}")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    feeds = {i.name: np.random.default_rng(0).standard_normal(
-        [1 if d == "batch" else seq if isinstance(d, str) else d for d in i.shape], dtype=np.float32)
-        for i in session.get_inputs()}
+    hidden = session.get_inputs()[0].shape[2]
+    feeds = pl.feeds_of(np.random.default_rng(0).standard_normal((1, seq, hidden), dtype=np.float32))
     for _ in range(2 + runs):
         session.run(None, feeds)
     trace = json.loads(Path(session.end_profiling()).read_text())

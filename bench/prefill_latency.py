@@ -128,6 +128,13 @@ def calibrate_recipes(model_path: Path, reductions: list[float], samples: int, w
     return out
 
 
+def feeds_of(x):
+    """The prefill graph's inputs for inputs_embeds x [1, S, D] (image at P = 4, as main() builds x)."""
+    from runtime.runners import RowLayout, prefill_feeds
+
+    return prefill_feeds(x, RowLayout.unpadded(len(x), 4))  # P = 4: the tiny chat template
+
+
 def fixed_count_twin_class():
     """`PrunedLlamaPrefill` with the same per-layer token counts but no scoring: at a pruning layer it drops the
     *last* `removed` visual tokens by two Slices and a Concat instead of head-max scores, TopK and Gathers.
@@ -138,7 +145,7 @@ def fixed_count_twin_class():
     from visprune.models.decoder import attend, finish_layer
 
     class FixedCountPrefill(PrunedLlamaPrefill):
-        def forward(self, inputs_embeds: torch.Tensor):
+        def forward(self, inputs_embeds: torch.Tensor, image_starts=None, pad_lengths=None):  # one unpadded layout
             batch, seq, _ = inputs_embeds.shape
             hidden, p, n = inputs_embeds, self.image_start, self.num_visual
             positions = torch.arange(seq, device=hidden.device).unsqueeze(0).expand(batch, seq)
@@ -249,7 +256,7 @@ def measure_latency(paths: dict[str, Path], x: np.ndarray, warmup: int, runs: in
     sessions = {name: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
                 for name, path in paths.items()}
     names = list(paths)
-    feeds = {"inputs_embeds": x}
+    feeds = feeds_of(x)
     outputs: dict[str, list] = {}
     for name in names:  # warm-up, one graph after the other
         for _ in range(warmup):
@@ -347,11 +354,11 @@ def profile_graphs(paths: dict[str, Path], x: np.ndarray, runs: int, work: Path)
         opts.profile_file_prefix = str(work / f"profile-{name}")
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         for _ in range(2):  # warm-up runs are in the trace too; only the last `runs` are counted
-            sess.run(None, {"inputs_embeds": x})
+            sess.run(None, feeds_of(x))
         walls = []
         for _ in range(runs):
             start = time.perf_counter()
-            sess.run(None, {"inputs_embeds": x})
+            sess.run(None, feeds_of(x))
             walls.append(time.perf_counter() - start)
         trace = json.loads(Path(sess.end_profiling()).read_text())
         del sess

@@ -58,13 +58,14 @@ ORT_CUDA_HINT = ("For CUDA install onnxruntime-gpu instead of onnxruntime on a G
 class BuildConfig:
     """How to build an engine folder. TensorRT always runs on CUDA; `device` applies to the other backends."""
 
-    VERSION = 3
+    VERSION = 4
 
     backend: str = "onnxruntime"
     device: str = "cpu"
     optimization_level: str = "extended"  # ONNX Runtime graph optimizations
     max_prompt_tokens: int = 1024  # TensorRT profiles: whole prompt, image tokens included
     max_new_tokens: int = 256
+    max_batch: int = 8  # TensorRT profiles: requests per batch (ONNX Runtime and PyTorch take any batch)
     workspace_gib: float | None = None  # TensorRT workspace limit (None: TensorRT's default, the GPU's memory)
     builder_optimization_level: int = 3  # TensorRT 0-5
     timing_cache: Path | None = None  # a TensorRT timing cache file to start from (shared between builds)
@@ -83,6 +84,8 @@ class BuildConfig:
         if self.optimization_level not in OPT_LEVELS:
             raise ConfigError(f"Unknown optimization level {self.optimization_level!r}.",
                               f"Use one of: {', '.join(OPT_LEVELS)}.")
+        if self.max_batch < 1:
+            raise ConfigError(f"--max-batch must be at least 1, not {self.max_batch}.", "Pass e.g. 8.")
         if self.intra_op_threads < 0:
             raise ConfigError(f"--intra-op-threads {self.intra_op_threads} is negative.",
                               "Use 0 (one per available core) or a positive count.")

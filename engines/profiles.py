@@ -1,9 +1,12 @@
 """Shape ranges of an engine: TensorRT optimization profiles derived from two user limits.
 
 The ONNX set names each dynamic dim (`batch`, `seq`, and one `past_len_s{k}` per KV stage, see exporter/graphs.py).
-From `max_prompt_tokens` (the whole prompt, image tokens included) and `max_new_tokens` every range follows:
+From `max_prompt_tokens` (the whole prompt, image tokens included), `max_new_tokens` and `max_batch` every range
+follows:
 
-- `seq` (prefill): from the shortest possible prompt (prefix + N visual + 1 text token) to `max_prompt_tokens`;
+- `batch`: 1 .. max_batch, tuned for max_batch (a server's full batch);
+- `seq` (prefill): from the shortest possible prompt (N visual + 1 text token; the text before the image is each
+  request's own) to `max_prompt_tokens` (a batch's padded length);
 - `past_len_s{k}` (decode): the prompt length minus the tokens pruned before stage k, plus 0 .. max_new - 2
   generated tokens (the first new token comes from prefill, so decode runs at most max_new - 1 times).
 
@@ -21,13 +24,13 @@ from visprune.errors import ConfigError, PromptError
 from visprune.manifests import Limits, OnnxSetManifest
 from visprune.tensor_names import BATCH_DIM, SEQ_DIM, past_len_dim
 
-BATCH = 1  # the runtime serves one request at a time
 OPT_TEXT_TOKENS = 64  # typical question + answer-prefix length the kernels are tuned for
 
 
-def derive_profiles(onnx_set: OnnxSetManifest, max_prompt_tokens: int, max_new_tokens: int) -> dict[str, Any]:
+def derive_profiles(onnx_set: OnnxSetManifest, max_prompt_tokens: int, max_new_tokens: int,
+                    max_batch: int = 1) -> dict[str, Any]:
     """{graph: {input: {"min": shape, "opt": shape, "max": shape}}} for every input of the set's graphs."""
-    ranges = dim_ranges(onnx_set, max_prompt_tokens, max_new_tokens)
+    ranges = dim_ranges(onnx_set, max_prompt_tokens, max_new_tokens, max_batch)
     profiles = {}
     for graph, io in onnx_set.graphs.items():
         profiles[graph] = {
@@ -37,11 +40,12 @@ def derive_profiles(onnx_set: OnnxSetManifest, max_prompt_tokens: int, max_new_t
     return profiles
 
 
-def dim_ranges(onnx_set: OnnxSetManifest, max_prompt_tokens: int, max_new_tokens: int) -> dict[str, tuple[int, int, int]]:
+def dim_ranges(onnx_set: OnnxSetManifest, max_prompt_tokens: int, max_new_tokens: int,
+               max_batch: int = 1) -> dict[str, tuple[int, int, int]]:
     """(min, opt, max) of each named dim."""
     shortest, longest = prompt_length_range(onnx_set, max_prompt_tokens, max_new_tokens)
     opt = min(longest, shortest - 1 + OPT_TEXT_TOKENS)
-    ranges = {BATCH_DIM: (BATCH, BATCH, BATCH), SEQ_DIM: (shortest, opt, longest)}
+    ranges = {BATCH_DIM: (1, max_batch, max_batch), SEQ_DIM: (shortest, opt, longest)}
     for stage, pruned in enumerate(pruned_before_stage(onnx_set)):
         most = longest - pruned + max(max_new_tokens - 2, 0)
         ranges[past_len_dim(stage)] = (shortest - pruned, min(opt - pruned + max_new_tokens // 2, most), most)
@@ -51,12 +55,12 @@ def dim_ranges(onnx_set: OnnxSetManifest, max_prompt_tokens: int, max_new_tokens
 def prompt_length_range(onnx_set: OnnxSetManifest, max_prompt_tokens: int, max_new_tokens: int) -> tuple[int, int]:
     """Shortest possible and longest allowed prompt; ConfigError if the limits do not fit the export."""
     prompt = onnx_set.prompt
-    shortest = prompt.image_start + prompt.num_visual_tokens + 1
+    shortest = prompt.num_visual_tokens + 1
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, not {max_new_tokens}.", "Pass e.g. 64.")
     if max_prompt_tokens < shortest:
         raise ConfigError(f"--max-prompt-tokens {max_prompt_tokens} is shorter than the shortest prompt this model "
-                          f"can take ({shortest}: {prompt.num_visual_tokens} image tokens plus the template).",
+                          f"can take ({shortest}: {prompt.num_visual_tokens} image tokens and one text token).",
                           f"Pass --max-prompt-tokens of at least {shortest}, e.g. {shortest + 127}.")
     if max_prompt_tokens + max_new_tokens > prompt.max_seq:
         raise ConfigError(f"--max-prompt-tokens {max_prompt_tokens} plus --max-new-tokens {max_new_tokens} exceeds "
@@ -84,7 +88,8 @@ def kv_capacity(onnx_set: OnnxSetManifest, max_prompt_tokens: int, max_new_token
 
 
 def check_request_fits(limits: Limits, prompt_tokens: int, max_new_tokens: int, engine_dir: Any) -> None:
-    """PromptError when a request falls outside the shape ranges the engine was built for."""
+    """PromptError when a request (or a batch: its padded prompt length and largest budget) falls outside the
+    shape ranges the engine was built for."""
     if prompt_tokens > limits.max_prompt_tokens or max_new_tokens > limits.max_new_tokens:
         raise PromptError(
             f"The request ({prompt_tokens} prompt tokens, {max_new_tokens} new tokens) is outside the shapes the "

@@ -81,7 +81,7 @@ def build_tensorrt_plans(config, onnx_dir: Path, onnx_set: OnnxSetManifest, stag
     """Write vision/prefill/decode.plan and timing.cache into `staging`; returns the manifest facts."""
     trt = import_tensorrt()
     gpu = gpu_identity()
-    profiles = derive_profiles(onnx_set, config.max_prompt_tokens, config.max_new_tokens)
+    profiles = derive_profiles(onnx_set, config.max_prompt_tokens, config.max_new_tokens, config.max_batch)
     cache = staging / "timing.cache"
     if config.timing_cache and Path(config.timing_cache).exists():
         shutil.copy(config.timing_cache, cache)
@@ -92,7 +92,8 @@ def build_tensorrt_plans(config, onnx_dir: Path, onnx_set: OnnxSetManifest, stag
         atomic_write_bytes(Path(config.timing_cache), cache.read_bytes())
     return {
         "tensorrt_version": trt.__version__, "gpu": gpu, "precision": onnx_set.dtype, "strongly_typed": True,
-        "limits": {"max_prompt_tokens": config.max_prompt_tokens, "max_new_tokens": config.max_new_tokens},
+        "limits": {"max_prompt_tokens": config.max_prompt_tokens, "max_new_tokens": config.max_new_tokens,
+                   "max_batch": config.max_batch},
         "profiles": profiles, "kv_capacity": kv_capacity(onnx_set, config.max_prompt_tokens, config.max_new_tokens),
         "tools": tool_versions("tensorrt", "polygraphy"),
     }

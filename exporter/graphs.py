@@ -24,7 +24,9 @@ from visprune.models.decoder import EAGER, ONNX_OPS, SDPA, Kernels
 from visprune.tensor_names import (
     BATCH_DIM,
     IMAGE_SCORES,
+    IMAGE_STARTS,
     INPUTS_EMBEDS,
+    PAD_LENGTHS,
     PIXEL_VALUES,
     POSITION_IDS,
     SEQ_DIM,
@@ -83,13 +85,14 @@ def export_vision(llava: nn.Module, recipe: Recipe, out: Path, opset: int) -> No
 def export_prefill(llava: nn.Module, recipe: Recipe, image_start: int, max_seq: int, out: Path, opset: int,
                    kernels: Kernels = EAGER) -> None:
     hidden = llava.config.text_config.hidden_size
-    min_seq = image_start + recipe.num_visual_tokens + 1
+    min_seq = recipe.num_visual_tokens + 1  # any text before the image (image_starts), at least one token after
     example_len = image_start + recipe.num_visual_tokens + example_text(image_start, recipe, max_seq)
     example = torch.zeros(EXAMPLE_BATCH, example_len, hidden, dtype=llava.dtype)
     inputs, outputs = recipe_io_names("prefill", recipe)
     batch = Dim(BATCH_DIM)
-    shapes = {INPUTS_EMBEDS: {0: batch, 1: Dim(SEQ_DIM, min=min_seq, max=max_seq)}}
-    args = (example,)
+    shapes = {INPUTS_EMBEDS: {0: batch, 1: Dim(SEQ_DIM, min=min_seq, max=max_seq)}, IMAGE_STARTS: {0: batch},
+              PAD_LENGTHS: {0: batch}}
+    args = (example, torch.full((EXAMPLE_BATCH,), image_start), torch.zeros(EXAMPLE_BATCH, dtype=torch.long))
     if METHODS[recipe.method].vision_score:
         args += (torch.zeros(EXAMPLE_BATCH, recipe.num_visual_tokens),)
         shapes[IMAGE_SCORES] = {0: batch}
@@ -112,8 +115,9 @@ def export_decode(llava: nn.Module, recipe: Recipe, image_start: int, max_seq: i
     batch = Dim(BATCH_DIM)
     past_shapes = [{0: batch, 2: dims[stage_of[layer]]} for layer in range(recipe.num_layers) for _ in range(2)]
     inputs, outputs = recipe_io_names("decode", recipe)
-    _export(LlamaDecodeStep(llava, kernels), (embeds, positions, past), out, opset, inputs, outputs,
-            {INPUTS_EMBEDS: {0: batch}, POSITION_IDS: {0: batch}, "past": past_shapes})
+    pads = torch.zeros(EXAMPLE_BATCH, dtype=torch.long)
+    _export(LlamaDecodeStep(llava, kernels), (embeds, positions, pads, past), out, opset, inputs, outputs,
+            {INPUTS_EMBEDS: {0: batch}, POSITION_IDS: {0: batch}, PAD_LENGTHS: {0: batch}, "past": past_shapes})
 
 
 def example_text(image_start: int, recipe: Recipe, max_seq: int) -> int:

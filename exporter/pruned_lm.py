@@ -11,7 +11,9 @@ shrink layer by layer; kept tokens keep their original RoPE positions, and decod
 unpruned length.
 
 Only fixed shapes depend on the recipe (TopK with constant K, Gather), so the graphs stay static-shape apart
-from the text length. Batch rows share one layout: prefix (P tokens) | image (N) | text (T, dynamic).
+from the batch and the text length. A batch row is pads | prefix (P tokens, per row) | image (N) | text (T, per
+row): rows are left-padded to one length, so every row's last token is the last position and pruning (which
+removes image rows only) never moves a pad. Pads are masked as keys; each pad query sees only itself.
 
 Shape legend: B batch, S sequence, P tokens before the image, N visual tokens, n visual tokens present,
 K kept, T text tokens after the image, H heads, Hkv key/value heads, Dh head dim, D hidden, V vocabulary.
@@ -27,7 +29,7 @@ from torch import nn
 from calibrate.recipe import Recipe
 from exporter import selection
 from visprune.methods import METHODS
-from visprune.models.decoder import EAGER, Kernels, attend, finish_layer, rms_norm
+from visprune.models.decoder import EAGER, Kernels, attend, finish_layer, pad_blocked, padded_causal_blocked, rms_norm
 
 
 class PrunedLlamaPrefill(nn.Module):
@@ -54,48 +56,60 @@ class PrunedLlamaPrefill(nn.Module):
         else:
             self.random_scores = None
 
-    def forward(self, inputs_embeds: torch.Tensor, image_scores: torch.Tensor | None = None):
+    def forward(self, inputs_embeds: torch.Tensor, image_starts: torch.Tensor | None = None,
+                pad_lengths: torch.Tensor | None = None, image_scores: torch.Tensor | None = None):
+        """`image_starts` [B]: each row's image offset (default: the template's); `pad_lengths` [B]: each row's
+        left padding (default: none, plain causal attention)."""
         batch, seq, _ = inputs_embeds.shape
-        hidden = inputs_embeds
-        positions = torch.arange(seq, device=hidden.device).unsqueeze(0).expand(batch, seq)  # [B, S]
-        visual_ids = torch.arange(self.num_visual, device=hidden.device).unsqueeze(0).expand(batch, -1)  # [B, N]
+        device, hidden = inputs_embeds.device, inputs_embeds
+        if image_starts is None:
+            image_starts = torch.full((batch,), self.image_start, dtype=torch.long, device=device)
+        positions = torch.arange(seq, device=device).unsqueeze(0).expand(batch, seq)  # [B, S]
+        if pad_lengths is not None:  # real tokens count from 0 after the pads; pads sit at 0
+            positions = (positions - pad_lengths[:, None]).clamp(min=0)
+        visual_ids = torch.arange(self.num_visual, device=device).unsqueeze(0).expand(batch, -1)  # [B, N]
         presents, kept = [], []
         if self.removed_before_llm:  # pre-LLM: the image span shrinks before any layer sees it
-            view = self._view(visual_ids, hidden, image_scores=image_scores)
+            view = self._view(image_starts, visual_ids, hidden, image_scores=image_scores)
             rows, visual_ids = self._surviving_rows(view, seq, self.num_visual - self.removed_before_llm)
             kept.append(visual_ids)
             hidden, positions = _take_rows(hidden, rows), _take_rows(positions, rows)
         for layer, removed in zip(self.layers, self.removed):
-            context, probs, key, value = attend(layer, self.rotary, hidden, positions, causal=True,
+            blocked = None if pad_lengths is None else padded_causal_blocked(hidden.shape[1], pad_lengths)
+            context, probs, key, value = attend(layer, self.rotary, hidden, positions, blocked, causal=True,
                                                 kernels=self.kernels, probs=self.attention_rows if removed else None)
             presents += [key, value]
             if removed:
-                view = self._view(visual_ids, rms_norm(layer.input_layernorm, hidden, self.kernels), probs, key)
+                normed = rms_norm(layer.input_layernorm, hidden, self.kernels)
+                view = self._view(image_starts, visual_ids, normed, probs, key)
                 rows, visual_ids = self._surviving_rows(view, hidden.shape[1], visual_ids.shape[1] - removed)
                 kept.append(visual_ids)
                 hidden, context, positions = (_take_rows(t, rows) for t in (hidden, context, positions))
             hidden = finish_layer(layer, hidden, context, self.kernels)
-        logits = self.lm_head(rms_norm(self.norm, hidden[:, -1], self.kernels))
+        logits = self.lm_head(rms_norm(self.norm, hidden[:, -1], self.kernels))  # left padding: -1 is every row's last
         return logits, presents, kept
 
-    def _view(self, visual_ids, hidden, probs=None, key=None, image_scores=None) -> selection.SelectionInputs:
-        return selection.SelectionInputs(self.image_start, visual_ids, hidden, probs, key, self.random_scores,
+    def _view(self, image_starts, visual_ids, hidden, probs=None, key=None, image_scores=None):
+        return selection.SelectionInputs(image_starts, visual_ids, hidden, probs, key, self.random_scores,
                                          image_scores)
 
     def _surviving_rows(self, view: selection.SelectionInputs, seq: int, keep: int):
-        """Rows [B, S'] that survive keeping `keep` of the visual tokens present, and their image indices."""
-        p, n = self.image_start, view.visual_ids.shape[1]
+        """Rows [B, S - n + keep] that survive keeping `keep` of the n visual tokens present, and their image
+        indices [B, keep]. Output slot j of a row whose image starts at p: j before the image, then the kept
+        image rows in their original order, then the text shifted by the n - keep removed."""
+        n = view.visual_ids.shape[1]
         best = self.select(view, keep)
         ascending = torch.topk(best, keep, dim=1, largest=False, sorted=True).values  # original order, no Sort op
-        batch, device = best.shape[0], best.device
-        prefix = torch.arange(p, device=device).unsqueeze(0).expand(batch, p)
-        text = torch.arange(p + n, seq, device=device).unsqueeze(0).expand(batch, -1)
-        rows = torch.cat([prefix, ascending + p, text], dim=1)
+        slots = torch.arange(seq - n + keep, device=best.device).unsqueeze(0)  # [1, S']
+        p = view.image_starts[:, None]  # [B, 1]
+        image_rows = p + torch.gather(ascending, 1, (slots - p).clamp(0, keep - 1).expand(best.shape[0], -1))
+        rows = torch.where(slots < p, slots, torch.where(slots < p + keep, image_rows, slots + (n - keep)))
         return rows, torch.gather(view.visual_ids, 1, ascending)
 
 
 class LlamaDecodeStep(nn.Module):
-    """One token: inputs_embeds [B, 1, D], position_ids [B, 1], past K/V per layer -> logits [B, V], presents."""
+    """One token: inputs_embeds [B, 1, D], position_ids [B, 1], pad_lengths [B] (or None), past K/V per layer ->
+    logits [B, V], presents."""
 
     def __init__(self, llava: nn.Module, kernels: Kernels = EAGER):
         super().__init__()
@@ -104,11 +118,15 @@ class LlamaDecodeStep(nn.Module):
         self.layers, self.norm, self.rotary = lm.layers, lm.norm, lm.rotary_emb
         self.lm_head = llava.lm_head
 
-    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, past: list[torch.Tensor]):
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, pad_lengths: torch.Tensor | None,
+                past: list[torch.Tensor]):
+        """`pad_lengths` [B]: each row's left padding, whose cache entries the token must not see."""
         hidden, presents = inputs_embeds, []
         for i, layer in enumerate(self.layers):
-            context, _, key, value = attend(layer, self.rotary, hidden, position_ids, kernels=self.kernels,
-                                            past=(past[2 * i], past[2 * i + 1]), probs=None)  # one new token: sees all
+            past_kv = (past[2 * i], past[2 * i + 1])
+            blocked = None if pad_lengths is None else pad_blocked(past_kv[0].shape[2] + 1, pad_lengths)
+            context, _, key, value = attend(layer, self.rotary, hidden, position_ids, blocked, past_kv,
+                                            kernels=self.kernels, probs=None)
             presents += [key, value]
             hidden = finish_layer(layer, hidden, context, self.kernels)
         return self.lm_head(rms_norm(self.norm, hidden[:, -1], self.kernels)), presents

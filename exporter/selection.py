@@ -5,7 +5,7 @@ positions [B, keep] (into the n visual tokens present, any order) that survive. 
 Gather and Scatter appear, so the graphs stay static-shape and NonZero-free (exporter/lint.py). The registry
 (visprune/methods.py) names the function each method uses.
 
-Shape legend: B batch, S sequence, P tokens before the image, n visual tokens present, N visual tokens of the
+Shape legend: B batch, S sequence, P tokens before the image (per row), n visual tokens present, N visual tokens of the
 image, K kept, H heads, Hkv key/value heads, Dh head dim, D hidden.
 """
 
@@ -18,9 +18,10 @@ import torch
 
 @dataclass
 class SelectionInputs:
-    """What a selection may read at a pruning point (None where the point does not have it)."""
+    """What a selection may read at a pruning point (None where the point does not have it). Each row's image
+    starts at its own offset (a system prompt, a chat history, left padding), so the image span is gathered."""
 
-    image_start: int  # P
+    image_starts: torch.Tensor  # [B] int64: P per row
     visual_ids: torch.Tensor  # [B, n] image indices of the visual tokens present
     hidden: torch.Tensor  # [B, S, D] the layer's normalized input (pre-LLM: the input embeddings)
     probs: torch.Tensor | None = None  # [B, H, S, S] float32 attention probabilities
@@ -28,9 +29,24 @@ class SelectionInputs:
     random_scores: torch.Tensor | None = None  # [N] a fixed seeded score per image index
     image_scores: torch.Tensor | None = None  # [B, N] the vision graph's score (VisionZip)
 
-    @property
-    def span(self) -> slice:
-        return slice(self.image_start, self.image_start + self.visual_ids.shape[1])
+    def visual_rows(self) -> torch.Tensor:
+        """[B, n] the sequence positions of the visual tokens present."""
+        n = self.visual_ids.shape[1]
+        return self.image_starts[:, None] + torch.arange(n, device=self.image_starts.device)
+
+    def after_image(self, seq: int) -> torch.Tensor:
+        """[B, S] True at the positions after each row's image (its text)."""
+        ends = self.image_starts + self.visual_ids.shape[1]
+        return torch.arange(seq, device=ends.device)[None, :] >= ends[:, None]
+
+    def take_visual(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """`tensor` [B, ..., S, ...] restricted to the visual positions along `dim`: [B, ..., n, ...]."""
+        rows = self.visual_rows()
+        view = [rows.shape[0]] + [1] * (tensor.dim() - 1)
+        view[dim] = rows.shape[1]
+        size = list(tensor.shape)
+        size[dim] = rows.shape[1]
+        return torch.gather(tensor, dim, rows.view(view).expand(size))
 
 
 def top(scores: torch.Tensor, keep: int) -> torch.Tensor:
@@ -59,13 +75,15 @@ def fitprune_head_mean(v: SelectionInputs, keep: int) -> torch.Tensor:
 def _fitprune_terms(combined: torch.Tensor, v: SelectionInputs) -> tuple[torch.Tensor, torch.Tensor]:
     """(a_self, a_cross) [B, n] from heads-combined probabilities [B, S, S]: the attention each visual token gets
     from the visual rows (mean) and from the rows after the image (sum: 1/T does not change the ranking)."""
-    visual_cols = combined[:, :, v.span]  # [B, S, n]
-    return visual_cols[:, v.span].sum(dim=1) / v.visual_ids.shape[1], visual_cols[:, v.span.stop:].sum(dim=1)
+    visual_cols = v.take_visual(combined, 2)  # [B, S, n]
+    a_self = v.take_visual(visual_cols, 1).sum(dim=1) / v.visual_ids.shape[1]
+    text_rows = v.after_image(combined.shape[1]).unsqueeze(-1).to(visual_cols.dtype)  # [B, S, 1]
+    return a_self, (visual_cols * text_rows).sum(dim=1)
 
 
 def last_token(v: SelectionInputs, keep: int) -> torch.Tensor:
     """FastV (pruning_methods.md §2.2): the last prompt token's attention, heads averaged."""
-    return top(v.probs.mean(dim=1)[:, -1, v.span], keep)
+    return top(v.take_visual(v.probs.mean(dim=1)[:, -1], 1), keep)  # left padding: -1 is every row's last
 
 
 def random(v: SelectionInputs, keep: int) -> torch.Tensor:
@@ -82,10 +100,10 @@ def dart(v: SelectionInputs, keep: int, pivots: int = 8) -> torch.Tensor:
     """DART (arXiv 2502.11494): pivots are the visual tokens with the largest key L1 norm; then, pivot by pivot
     (largest norm first), each claims its share of the remaining tokens least cosine-similar to it. Pivots count
     towards `keep`. Attention-free."""
-    keys = v.key[:, :, v.span].transpose(1, 2).flatten(2)  # [B, n, Hkv*Dh]
+    keys = v.take_visual(v.key, 2).transpose(1, 2).flatten(2)  # [B, n, Hkv*Dh]
     pivots = min(pivots, keep)
     chosen = top(keys.float().abs().sum(-1), pivots)  # [B, pivots]; float32 like every score (fp16 overflows)
-    unit = torch.nn.functional.normalize(v.hidden[:, v.span].float(), dim=-1)  # [B, n, D]
+    unit = torch.nn.functional.normalize(v.take_visual(v.hidden, 1).float(), dim=-1)  # [B, n, D]
     similarity = unit @ torch.gather(unit, 1, chosen.unsqueeze(-1).expand(-1, -1, unit.shape[-1])).transpose(1, 2)
     taken = torch.zeros_like(similarity[..., 0], dtype=torch.bool).scatter(1, chosen, True)  # [B, n]
     picks = [chosen]
@@ -106,7 +124,7 @@ def divprune(v: SelectionInputs, keep: int) -> torch.Tensor:
     """DivPrune (arXiv 2503.02175): greedy max-min diversity under cosine distance. The first token is the one
     farthest from its nearest neighbour; each next one is the farthest from everything chosen so far. Chosen
     tokens are masked out explicitly (the reference relies on their self-distance being exactly 0)."""
-    unit = torch.nn.functional.normalize(v.hidden[:, v.span].float(), dim=-1)  # [B, n, D]
+    unit = torch.nn.functional.normalize(v.take_visual(v.hidden, 1).float(), dim=-1)  # [B, n, D]
     distance = 1.0 - unit @ unit.transpose(1, 2)  # [B, n, n]
     nearest = torch.topk(distance, 2, dim=1, largest=False, sorted=True).values[:, 1]  # [B, n] beyond itself
     pick = nearest.argmax(dim=1, keepdim=True)  # [B, 1]

@@ -131,7 +131,7 @@ def _greedy_batch(runner, prepared: PreparedQuestions, indices: list[int], max_n
     with torch.no_grad():
         embeds = embed(ids)
         embeds[:, runner.image_start:runner.image_start + runner.num_visual] = prepared.features[indices]
-        logits, past, _ = runner.prefill_module(embeds, prepared.scores[indices])
+        logits, past, _ = runner.prefill_module(embeds, image_scores=prepared.scores[indices])
         step = ModuleStep(runner, embed, past, ids.shape[1])
         loop = run_tokens(logits.float().cpu().numpy(), step, max_new_tokens, eos=tokenizer.eos_token_id)
     return [tokenizer.decode(loop.row_tokens(row, tokenizer.eos_token_id), skip_special_tokens=True)
@@ -150,7 +150,7 @@ class ModuleStep:
         device = self.runner.device
         positions = torch.full((len(tokens), 1), self.prompt_len + index, device=device)
         token_embeds = self.embed(torch.from_numpy(tokens)[:, None].to(device))
-        logits, self.past = self.runner.decode_module(token_embeds, positions, self.past)
+        logits, self.past = self.runner.decode_module(token_embeds, positions, None, self.past)
         return logits.float().cpu().numpy()
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -71,6 +71,17 @@ class Sampling:
 GREEDY = Sampling()
 
 
+def rows_chooser(sampling: "Sampling | Sequence[Sampling]") -> Callable[[np.ndarray], np.ndarray]:
+    """logits [B, V] -> tokens [B] with one Sampling for all rows or one per row (each sampled row keeps its own
+    seeded generator, so a request samples the same tokens alone or in a batch)."""
+    if isinstance(sampling, Sampling):
+        return sampling.chooser()
+    if all(s.greedy for s in sampling):
+        return GREEDY.chooser()
+    choosers = [s.chooser() for s in sampling]
+    return lambda logits: np.array([choose(logits[row:row + 1])[0] for row, choose in enumerate(choosers)])
+
+
 @dataclass
 class TokenLoop:
     """Result of `run_tokens`: chosen tokens [B, n] (rows past their EOS keep choosing; see `row_tokens`), the
@@ -89,27 +100,32 @@ class TokenLoop:
 Chosen = tuple[np.ndarray, np.ndarray, "float | None"]  # tokens [B], their logits [B, V], the step's seconds
 
 
-def iterate_tokens(first_logits: np.ndarray, step: Step, max_new_tokens: int, eos: int | None = None,
-                   sampling: Sampling = GREEDY, forced: list[int] | None = None,
-                   clock: Callable[[], float] = time.perf_counter) -> Iterator[Chosen]:
+def iterate_tokens(first_logits: np.ndarray, step: Step, max_new_tokens: "int | Sequence[int]",
+                   eos: int | None = None, sampling: "Sampling | Sequence[Sampling]" = GREEDY,
+                   forced: list[int] | None = None, clock: Callable[[], float] = time.perf_counter,
+                   ended: Callable[[np.ndarray], np.ndarray] | None = None) -> Iterator[Chosen]:
     """Yield (tokens [B], the logits they came from [B, V], the decode step's seconds or None for the prefill's)
-    for up to `max_new_tokens` steps; stop early once every row has produced `eos` (None: never). `forced`
-    (batch 1) feeds the given tokens instead of choosing and runs exactly that many steps."""
-    choose, logits, done, seconds = sampling.chooser(), first_logits, np.zeros(len(first_logits), bool), None
-    steps = len(forced) if forced else max_new_tokens
-    for index in range(steps):
+    until every row is done: it produced `eos` (None: never), used its `max_new_tokens` (one for all rows, or one
+    per row), or `ended(tokens)` (the caller's per-row verdict, e.g. a stop string; bool [B]) said so. Rows that
+    are done keep being computed with the batch; their tokens are the caller's to ignore. `forced` (batch 1)
+    feeds the given tokens instead of choosing and runs exactly that many steps."""
+    choose, logits, seconds = rows_chooser(sampling), first_logits, None
+    budgets = np.broadcast_to(np.asarray([len(forced)] if forced else max_new_tokens), (len(first_logits),))
+    done = np.zeros(len(first_logits), bool)
+    for index in range(int(budgets.max())):
         tokens = np.array([forced[index]]) if forced else choose(logits)
         yield tokens, logits, seconds
         done |= (tokens == eos) if eos is not None and not forced else False
-        if done.all() or index == steps - 1:
+        done |= (budgets <= index + 1) | (ended(tokens) if ended else False)
+        if done.all():
             return
         start = clock()
         logits = step(tokens, index)
         seconds = clock() - start
 
 
-def run_tokens(first_logits: np.ndarray, step: Step, max_new_tokens: int, eos: int | None = None,
-               sampling: Sampling = GREEDY, forced: list[int] | None = None,
+def run_tokens(first_logits: np.ndarray, step: Step, max_new_tokens: "int | Sequence[int]", eos: int | None = None,
+               sampling: "Sampling | Sequence[Sampling]" = GREEDY, forced: list[int] | None = None,
                clock: Callable[[], float] = time.perf_counter) -> TokenLoop:
     """`iterate_tokens` run to the end."""
     loop = TokenLoop()

@@ -82,11 +82,11 @@ def time_request(pipe: Pipeline, request: Request, clock: Clock = time.perf_coun
     runner, stamps = pipe.runner, [clock()]
     vision = runner.image_features(request.pixel_values)
     stamps.append(clock())
-    embeds = pipe.embed(request.input_ids, vision.features)
+    embeds, layout = pipe.embed(request.input_ids, vision.features)
     stamps.append(clock())
-    first = runner.prefill(embeds, vision.scores)  # its logits hold the first token: TTFT ends here
+    first = runner.prefill(embeds, layout, vision.scores)  # its logits hold the first token: TTFT ends here
     stamps.append(clock())
-    step = EngineStep(pipe, first.past, request.input_ids.shape[1])
+    step = EngineStep(pipe, first.past, np.array([request.input_ids.shape[1]]), layout)
     steps = run_tokens(first.logits, step, request.new_tokens, eos=None, clock=clock).step_seconds  # fixed length
     return {"vision_s": stamps[1] - stamps[0], "prefill_s": stamps[3] - stamps[2], "ttft_s": stamps[3] - stamps[0],
             "decode_step_s": steps, "kv_bytes_prefill": runner.kv_bytes(first.past),

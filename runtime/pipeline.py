@@ -1,16 +1,20 @@
-"""`Pipeline`: image + prompt -> text over an engine folder of any backend (runtime/runners.py).
+"""`Pipeline`: image + prompt -> text over an engine folder of any backend (runtime/runners.py), one request or
+a batch of them.
 
-Flow: the checkpoint's own processor tokenizes the prompt (its `<image>` expanded) and preprocesses the image;
-the vision graph gives image features; token embeddings come from the saved matrix, with the features spliced in
-at the image's position; prefill prunes as the recipe says and returns the first logits and per-layer KV; decode
-then runs one token at a time at logical positions continuing from the unpruned length. Over ONNX Runtime the
-whole path is NumPy and ONNX Runtime: no PyTorch is imported.
+Flow: the checkpoint's own processor tokenizes each prompt (its `<image>` expanded) and preprocesses its image;
+the vision graph gives image features for the whole batch; token embeddings come from the saved matrix, with the
+features spliced in at each row's own image offset, the rows left-padded to one length (`RowLayout`); prefill
+prunes as the recipe says and returns the first logits and per-layer KV; decode then runs one token at a time
+for all rows, each at logical positions continuing from its own unpruned length, until every row has met its
+end (EOS, its token budget, a stop string). Over ONNX Runtime the whole path is NumPy and ONNX Runtime: no
+PyTorch is imported.
 
-Shape legend: B batch (1 here), S prompt length, N visual tokens, D hidden, V vocabulary.
+Shape legend: B batch, S prompt length (padded), N visual tokens, D hidden, V vocabulary.
 """
 
 from __future__ import annotations
 
+import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +25,10 @@ import numpy as np
 from engines.build import read_engine_set
 from engines.profiles import check_request_fits
 from runtime.generation import GREEDY, Sampling, iterate_tokens
-from runtime.runners import Runner, open_runner
-from visprune.errors import ConfigError, PromptError
+from runtime.runners import RowLayout, Runner, open_runner
+from visprune.errors import ConfigError, ImageLoadError, PromptError
 from visprune.manifests import EngineManifest
-from visprune.models.inputs import IMAGE_PLACEHOLDER, check_single_image_placeholder, image_span, load_image
+from visprune.models.inputs import check_single_image_placeholder, image_span, load_image
 
 
 def check_max_new_tokens(max_new_tokens: int) -> None:
@@ -34,17 +38,40 @@ def check_max_new_tokens(max_new_tokens: int) -> None:
                           "Ask for at least one token, e.g. --max-new-tokens 32.")
 
 
+@dataclass(frozen=True)
+class Request:
+    """One generation request. `image`: a path, a PIL image or the bytes of an encoded image (PNG, JPEG, ...);
+    `prompt`: a full prompt with one `<image>` (`Pipeline.chat_prompt` makes one from a question)."""
+
+    image: Any
+    prompt: str
+    max_new_tokens: int = 32
+    sampling: Sampling = GREEDY
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class EncodedRequest:
+    """A checked, tokenized request: input_ids [S], pixel_values [3, H, W], its image at `image_start`."""
+
+    request: Request
+    input_ids: np.ndarray
+    pixel_values: np.ndarray
+    image_start: int
+
+
 @dataclass
 class Generation:
     text: str
     token_ids: list[int]
-    timings: dict[str, float]  # vision_s, prefill_s, ttft_s, decode_s_per_token, decode_tokens, prompt_tokens, kv_bytes
+    timings: dict[str, float]  # vision_s, prefill_s, ttft_s, decode_s_per_token, decode_tokens, prompt_tokens, kv_bytes, batch
     kept_indices: dict[int, list[int]] = field(default_factory=dict)  # layer -> kept image indices
     step_logits: list[np.ndarray] = field(default_factory=list)  # [V] per generated token
 
 
 class Pipeline:
-    """Loads an engine folder once; `generate` runs one image and prompt (batch 1)."""
+    """Loads an engine folder once; `generate` runs one image and prompt, `generate_batch` a list of requests as
+    batches. Not thread-safe: one call at a time (a server serializes them)."""
 
     def __init__(self, engine_dir: Path, manifest: EngineManifest, runner: Runner, embeddings: np.ndarray,
                  processor: Any):
@@ -54,11 +81,12 @@ class Pipeline:
         self.embeddings = embeddings  # [V, D]
         self.processor = processor
         prompt = manifest.onnx_set.prompt
-        self.image_start, self.num_visual = prompt.image_start, prompt.num_visual_tokens
+        self.image_start, self.num_visual = prompt.image_start, prompt.num_visual_tokens  # the template's offset
         self.max_seq, self.eos_token_id = prompt.max_seq, prompt.eos_token_id
         self.image_token_id = prompt.image_token_id
         # numpy has no bfloat16: such sets take float32 on the host and the backend casts
         self.host_dtype = np.float16 if manifest.onnx_set.dtype == "float16" else np.float32
+        self.max_batch = manifest.limits.max_batch if manifest.limits else None  # TensorRT profiles; else any
 
     @classmethod
     def from_engine_dir(cls, engine_dir: Path, verify: bool = False) -> "Pipeline":
@@ -83,18 +111,27 @@ class Pipeline:
 
     def encode(self, image: Any, prompt: str) -> tuple[np.ndarray, np.ndarray]:
         """input_ids [1, S] and pixel_values [1, 3, H, W] for one image and a prompt with one `<image>`."""
+        encoded = self._encode(image, prompt)
+        return encoded.input_ids[None], encoded.pixel_values[None]
+
+    def encode_request(self, request: Request) -> EncodedRequest:
+        """Check and tokenize one request: ConfigError for a bad budget, ImageLoadError for an image that does not
+        decode, PromptError for a prompt without exactly one `<image>` or one that does not fit the engine."""
+        check_max_new_tokens(request.max_new_tokens)  # before the image is read and encoded
+        encoded = self._encode(request.image, request.prompt, request)
+        self.check_request(len(encoded.input_ids), request.max_new_tokens)
+        return encoded
+
+    def _encode(self, image: Any, prompt: str, request: Request | None = None) -> EncodedRequest:
         check_single_image_placeholder(prompt)
-        if isinstance(image, (str, Path)):
-            image = load_image(Path(image))
-        batch = self.processor(images=image, text=prompt, return_tensors="np")
-        input_ids = batch["input_ids"].astype(np.int64)
-        start, count = image_span(input_ids[0], self.image_token_id)
-        if start != self.image_start or count != self.num_visual:
-            raise PromptError(
-                f"The prompt puts the image at token {start} ({count} tokens); this engine was exported for "
-                f"token {self.image_start} ({self.num_visual} tokens).",
-                f"Keep the text before {IMAGE_PLACEHOLDER} as the chat template writes it (use a plain question).")
-        return input_ids, batch["pixel_values"].astype(self.host_dtype)
+        batch = self.processor(images=_as_image(image), text=prompt, return_tensors="np")
+        input_ids = batch["input_ids"][0].astype(np.int64)
+        start, count = image_span(input_ids, self.image_token_id)
+        if count != self.num_visual:
+            raise PromptError(f"The prompt's image became {count} tokens; this engine takes {self.num_visual}.",
+                              "Use the processor saved with the engine (its image size and patch size).")
+        return EncodedRequest(request or Request(image, prompt), input_ids,
+                              batch["pixel_values"][0].astype(self.host_dtype), start)
 
     def check_request(self, prompt_tokens: int, max_new_tokens: int) -> None:
         """ConfigError for fewer than one new token; PromptError if the request does not fit the export's max_seq
@@ -115,83 +152,153 @@ class Pipeline:
 
         `forced_tokens` teacher-forces: each step feeds the given token instead of its own choice (parity checks
         compare the logits of two models fed the same tokens), and generation runs exactly that many steps."""
-        input_ids, first, timings = self._prefill(image, prompt, len(forced_tokens or []) or max_new_tokens)
-        tokens, step_logits, seconds = [], [], []
-        for token, logits, spent in self._tokens(first, input_ids.shape[1], max_new_tokens, sampling, forced_tokens):
-            tokens.append(int(token[0]))
-            step_logits.append(logits[0])
-            seconds += [] if spent is None else [spent]
-            if stop and stop_index(self._text(tokens), stop) is not None:
-                break
-        timings["decode_s_per_token"] = float(np.mean(seconds)) if seconds else 0.0
-        timings["decode_tokens"] = len(seconds)
-        text = self._text(tokens)
-        return Generation(text=text[:stop_index(text, stop)], token_ids=tokens, timings=timings,
-                          kept_indices=first.kept, step_logits=step_logits if keep_logits else [])
+        budget = len(forced_tokens or []) or max_new_tokens
+        encoded = self.encode_request(Request(image, prompt, budget, sampling, stop))
+        return self._generate_rows([encoded], keep_logits, forced_tokens)[0]
+
+    def generate_batch(self, requests: list[Request], keep_logits: bool = False) -> list[Generation]:
+        """Every request's generation, in order; each is checked first, so a bad one fails before any runs."""
+        return self.generate_encoded([self.encode_request(r) for r in requests], keep_logits)
+
+    def generate_encoded(self, encoded: list[EncodedRequest], keep_logits: bool = False) -> list[Generation]:
+        """Checked requests run as batches of at most `max_batch` rows; each row's result equals what it gives
+        alone (greedy: the same tokens; fp32 logits within 1e-4)."""
+        size = self.max_batch or len(encoded) or 1
+        return [g for start in range(0, len(encoded), size)
+                for g in self._generate_rows(encoded[start:start + size], keep_logits)]
 
     def stream(self, image: Any, prompt: str, max_new_tokens: int = 32, sampling: Sampling = GREEDY,
                stop: tuple[str, ...] = ()) -> Iterator[str]:
         """`generate`'s text in pieces as tokens are decoded; text that could begin a stop string is held back
         until it cannot."""
-        input_ids, first, _ = self._prefill(image, prompt, max_new_tokens)
-        tokens, sent = [], 0
-        for token, _, _ in self._tokens(first, input_ids.shape[1], max_new_tokens, sampling):
-            tokens.append(int(token[0]))
-            text = self._text(tokens)
-            end = stop_index(text, stop)
-            ready = end if end is not None else len(text) - held_back(text, stop)
+        encoded = self.encode_request(Request(image, prompt, max_new_tokens, sampling, stop))
+        first, layout, _ = self.prefill_batch([encoded])
+        row, sent = _RowText(self, encoded.request, self.eos_token_id), 0
+        for tokens, _, _ in self._tokens(first, layout, [encoded], ended=lambda t: np.array([row.add(t[0])])):
+            ready = row.ready()
             if ready > sent:
-                yield text[sent:ready]
+                yield row.text[sent:ready]
                 sent = ready
-            if end is not None:
-                return
-        text = self._text(tokens)
-        if len(text) > sent:
-            yield text[sent:]
+        if len(row.final_text()) > sent:
+            yield row.final_text()[sent:]
 
-    def _prefill(self, image: Any, prompt: str, max_new_tokens: int):
-        """(input_ids [1, S], the prefill's output, timings so far): encode, vision, embed, prefill."""
-        check_max_new_tokens(max_new_tokens)  # before the image is read and encoded
-        input_ids, pixel_values = self.encode(image, prompt)
-        self.check_request(input_ids.shape[1], max_new_tokens)
-        timings: dict[str, float] = {"prompt_tokens": input_ids.shape[1]}
+    def _generate_rows(self, encoded: list[EncodedRequest], keep_logits: bool = False,
+                       forced: list[int] | None = None) -> list[Generation]:
+        first, layout, timings = self.prefill_batch(encoded)
+        rows = [_RowText(self, e.request, None if forced else self.eos_token_id) for e in encoded]
+        step_logits, seconds = [], []
+        ended = lambda tokens: np.array([r.add(t) for r, t in zip(rows, tokens)])  # noqa: E731
+        for _, logits, spent in self._tokens(first, layout, encoded, forced, ended):
+            step_logits.append(logits)
+            seconds += [] if spent is None else [spent]
+        timings.update(decode_s_per_token=float(np.mean(seconds)) if seconds else 0.0, decode_tokens=len(seconds))
+        return [Generation(row.final_text(), row.tokens, dict(timings), _row_kept(first.kept, b),
+                           [logits[b] for logits in step_logits[:len(row.tokens)]] if keep_logits else [])
+                for b, row in enumerate(rows)]
+
+    def prefill_batch(self, encoded: list[EncodedRequest]):
+        """(the prefill's output, the batch's RowLayout, timings so far): vision, embed, prefill."""
+        layout = RowLayout.of_rows([len(e.input_ids) for e in encoded], [e.image_start for e in encoded])
+        timings: dict[str, float] = {"prompt_tokens": max(len(e.input_ids) for e in encoded), "batch": len(encoded)}
         start = time.perf_counter()
-        vision = self.runner.image_features(pixel_values)
+        vision = self.runner.image_features(np.stack([e.pixel_values for e in encoded]))
         timings["vision_s"] = time.perf_counter() - start
         prefill_start = time.perf_counter()
-        first = self.runner.prefill(self.embed(input_ids, vision.features), vision.scores)
+        embeds = self.embed_rows([e.input_ids for e in encoded], vision.features, layout)
+        first = self.runner.prefill(embeds, layout, vision.scores)
         timings["prefill_s"] = time.perf_counter() - prefill_start
         timings["ttft_s"] = time.perf_counter() - start
         timings["kv_bytes"] = self.runner.kv_bytes(first.past)
-        return input_ids, first, timings
+        return first, layout, timings
 
-    def _tokens(self, first, prompt_len: int, max_new_tokens: int, sampling: Sampling = GREEDY,
-                forced: list[int] | None = None):
+    def _tokens(self, first, layout: RowLayout, encoded: list[EncodedRequest], forced: list[int] | None = None,
+                ended=None):
         """runtime/generation.py's loop over this engine's decode graph, from a prefill's output."""
-        return iterate_tokens(first.logits, EngineStep(self, first.past, prompt_len), max_new_tokens,
-                              None if forced else self.eos_token_id, sampling, forced)
+        lengths = np.array([len(e.input_ids) for e in encoded])
+        budgets = [e.request.max_new_tokens for e in encoded]
+        return iterate_tokens(first.logits, EngineStep(self, first.past, lengths, layout), budgets,
+                              None if forced else self.eos_token_id, [e.request.sampling for e in encoded], forced,
+                              ended=ended)
 
-    def _text(self, tokens: list[int]) -> str:
+    def text_of(self, tokens: list[int]) -> str:
         return self.processor.tokenizer.decode(tokens, skip_special_tokens=True)
 
-    def embed(self, input_ids: np.ndarray, image_features: np.ndarray) -> np.ndarray:
-        """inputs_embeds [1, S, D]: token embeddings with the image features at the image's position."""
-        embeds = self.embeddings[input_ids].astype(self.host_dtype)
-        embeds[:, self.image_start:self.image_start + self.num_visual] = image_features
+    def embed(self, input_ids: np.ndarray, image_features: np.ndarray) -> tuple[np.ndarray, RowLayout]:
+        """inputs_embeds [1, S, D] and its layout for one prompt (input_ids [1, S]), image features [1, N, D]."""
+        start, _ = image_span(input_ids[0], self.image_token_id)
+        layout = RowLayout.of_rows([input_ids.shape[1]], [start])
+        return self.embed_rows([input_ids[0]], image_features, layout), layout
+
+    def embed_rows(self, rows: list[np.ndarray], image_features: np.ndarray, layout: RowLayout) -> np.ndarray:
+        """inputs_embeds [B, S, D]: each row's token embeddings after its pads (zeros), the image features
+        [B, N, D] at its image offset."""
+        seq = len(rows[0]) + int(layout.pad_lengths[0])
+        embeds = np.zeros((len(rows), seq, self.embeddings.shape[1]), dtype=self.host_dtype)
+        for b, (ids, pad, start) in enumerate(zip(rows, layout.pad_lengths, layout.image_starts)):
+            embeds[b, pad:] = self.embeddings[ids]
+            embeds[b, start:start + self.num_visual] = image_features[b]
         return embeds
+
+
+class _RowText:
+    """One row's tokens as they come, until its end: EOS, its budget, or a stop string in its text (the text
+    then ends before it). `add` returns whether the row has ended."""
+
+    def __init__(self, pipe: Pipeline, request: Request, eos: int | None):
+        self.pipe, self.stop, self.eos, self.budget = pipe, request.stop, eos, request.max_new_tokens
+        self.tokens, self.text, self.done = [], "", False
+
+    def add(self, token: int) -> bool:
+        if self.done:
+            return True
+        self.tokens.append(int(token))
+        self.text = self.pipe.text_of(self.tokens)
+        self.done = (token == self.eos or len(self.tokens) >= self.budget
+                     or stop_index(self.text, self.stop) is not None)
+        return self.done
+
+    def ready(self) -> int:
+        """How much of the text is final (streaming)."""
+        end = stop_index(self.text, self.stop)
+        return end if end is not None else len(self.text) - held_back(self.text, self.stop)
+
+    def final_text(self) -> str:
+        return self.text[:stop_index(self.text, self.stop)]
 
 
 class EngineStep:
     """runtime/generation.py's `Step` over an engine's decode graph: tokens [B] go in at positions
-    prompt_len + step; `past` is the cache after the latest step."""
+    prompt_lengths [B] + step; `past` is the cache after the latest step."""
 
-    def __init__(self, pipe: Pipeline, past: Any, prompt_len: int):
-        self.pipe, self.past, self.prompt_len = pipe, past, prompt_len
+    def __init__(self, pipe: Pipeline, past: Any, prompt_lengths: np.ndarray, layout: RowLayout):
+        self.pipe, self.past, self.prompt_lengths, self.layout = pipe, past, prompt_lengths, layout
 
     def __call__(self, tokens: np.ndarray, index: int) -> np.ndarray:
         embeds = self.pipe.embeddings[tokens[:, None]].astype(self.pipe.host_dtype)
-        logits, self.past = self.pipe.runner.decode(embeds, self.prompt_len + index, self.past)
+        logits, self.past = self.pipe.runner.decode(embeds, self.prompt_lengths + index, self.layout, self.past)
         return logits
+
+
+def _row_kept(kept: dict[int, np.ndarray], row: int) -> dict[int, list[int]]:
+    return {layer: indices[row].tolist() for layer, indices in kept.items()}
+
+
+def _as_image(image: Any) -> Any:
+    """A PIL image from a path, encoded bytes, or a PIL image."""
+    from PIL import Image, UnidentifiedImageError
+
+    from visprune.models.inputs import to_rgb
+
+    if isinstance(image, (str, Path)):
+        return load_image(Path(image))
+    if not isinstance(image, (bytes, bytearray)):
+        return image
+    try:
+        with Image.open(io.BytesIO(image)) as opened:
+            return to_rgb(opened)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ImageLoadError(f"The image ({len(image)} bytes) does not decode ({e}).",
+                             "Send the bytes of a PNG or JPEG file.") from e
 
 
 def stop_index(text: str, stop: tuple[str, ...]) -> int | None:

@@ -5,7 +5,10 @@ features out, input embeddings in and last-position logits out. The KV cache sta
 (OrtValues, CUDA buffers, torch tensors) and is opaque to the pipeline. Because every call ends with host data,
 a call's wall time includes the device work: timings need no extra synchronization.
 
-Shape legend: B batch (1), S prompt length, N visual tokens, D hidden, V vocabulary.
+A batch is left-padded to one length (exporter/pruned_lm.py): `RowLayout` says where each row's pads end and its
+image starts, and is passed to prefill and to every decode step.
+
+Shape legend: B batch, S prompt length (padded), N visual tokens, K kept, D hidden, V vocabulary.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ from visprune.manifests import EngineManifest
 from visprune.tensor_names import (
     GRAPH_NAMES,
     IMAGE_SCORES,
+    IMAGE_STARTS,
     INPUTS_EMBEDS,
     LOGITS,
+    PAD_LENGTHS,
     PIXEL_VALUES,
     POSITION_IDS,
     kept_layer,
@@ -32,26 +37,58 @@ from visprune.tensor_names import (
 
 @dataclass
 class VisionOutput:
-    features: np.ndarray  # [1, N, D]
-    scores: np.ndarray | None = None  # [1, N] float32: the vision-side score of methods that use one (VisionZip)
+    features: np.ndarray  # [B, N, D]
+    scores: np.ndarray | None = None  # [B, N] float32: the vision-side score of methods that use one (VisionZip)
 
 
 @dataclass
 class PrefillOutput:
-    logits: np.ndarray  # [1, V] float32
+    logits: np.ndarray  # [B, V] float32
     past: Any  # the backend's KV cache
-    kept: dict[int, list[int]]  # pruning layer -> kept image indices (ascending)
+    kept: dict[int, np.ndarray]  # pruning layer -> kept image indices [B, K] (ascending per row)
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Where the rows of a left-padded batch keep their parts: image_starts [B] (the row's image offset, pads
+    included) and pad_lengths [B], both int64."""
+
+    image_starts: np.ndarray
+    pad_lengths: np.ndarray
+
+    @classmethod
+    def of_rows(cls, lengths: list[int], image_starts: list[int]) -> "RowLayout":
+        """Rows of these token lengths, each image at its own offset, left-padded to the longest."""
+        pads = max(lengths) - np.asarray(lengths, dtype=np.int64)
+        return cls(pads + np.asarray(image_starts, dtype=np.int64), pads)
+
+    @classmethod
+    def unpadded(cls, batch: int, image_start: int) -> "RowLayout":
+        """`batch` rows of one length, each image at `image_start`."""
+        return cls.of_rows([1] * batch, [image_start] * batch)
+
+    @property
+    def batch(self) -> int:
+        return len(self.pad_lengths)
+
+
+def prefill_feeds(inputs_embeds: np.ndarray, layout: RowLayout, image_scores: np.ndarray | None = None) -> dict:
+    """The prefill graph's inputs by name (host arrays)."""
+    scores = {} if image_scores is None else {IMAGE_SCORES: image_scores}
+    return {INPUTS_EMBEDS: inputs_embeds, IMAGE_STARTS: layout.image_starts, PAD_LENGTHS: layout.pad_lengths, **scores}
 
 
 class Runner(Protocol):
     backend: str
     device: str
 
-    def image_features(self, pixel_values: np.ndarray) -> VisionOutput: ...  # [1, 3, H, W] -> [1, N, D]
+    def image_features(self, pixel_values: np.ndarray) -> VisionOutput: ...  # [B, 3, H, W] -> [B, N, D]
 
-    def prefill(self, inputs_embeds: np.ndarray, image_scores: np.ndarray | None = None) -> PrefillOutput: ...  # [1, S, D]
+    def prefill(self, inputs_embeds: np.ndarray, layout: RowLayout,  # [B, S, D]
+                image_scores: np.ndarray | None = None) -> PrefillOutput: ...
 
-    def decode(self, inputs_embeds: np.ndarray, position: int, past: Any) -> tuple[np.ndarray, Any]: ...  # [1, 1, D]
+    def decode(self, inputs_embeds: np.ndarray, positions: np.ndarray, layout: RowLayout,  # [B, 1, D], [B]
+               past: Any) -> tuple[np.ndarray, Any]: ...
 
     def kv_bytes(self, past: Any) -> int: ...
 
@@ -104,15 +141,16 @@ class OrtRunner:
     def image_features(self, pixel_values: np.ndarray) -> VisionOutput:
         return VisionOutput(*self.sessions["vision"].run(None, {PIXEL_VALUES: pixel_values}))
 
-    def prefill(self, inputs_embeds: np.ndarray, image_scores: np.ndarray | None = None) -> PrefillOutput:
-        host = {INPUTS_EMBEDS: inputs_embeds, **({} if image_scores is None else {IMAGE_SCORES: image_scores})}
-        values = self._run_bound("prefill", host, {})
-        kept = {kept_layer(name): value.numpy()[0].tolist()
-                for name, value in values.items() if kept_layer(name) is not None}
+    def prefill(self, inputs_embeds: np.ndarray, layout: RowLayout,
+                image_scores: np.ndarray | None = None) -> PrefillOutput:
+        values = self._run_bound("prefill", prefill_feeds(inputs_embeds, layout, image_scores), {})
+        kept = {kept_layer(name): value.numpy() for name, value in values.items() if kept_layer(name) is not None}
         return PrefillOutput(values[LOGITS].numpy(), self._presents(values), kept)
 
-    def decode(self, inputs_embeds: np.ndarray, position: int, past: list[Any]) -> tuple[np.ndarray, list[Any]]:
-        host = {INPUTS_EMBEDS: inputs_embeds, POSITION_IDS: np.array([[position]], dtype=np.int64)}
+    def decode(self, inputs_embeds: np.ndarray, positions: np.ndarray, layout: RowLayout,
+               past: list[Any]) -> tuple[np.ndarray, list[Any]]:
+        host = {INPUTS_EMBEDS: inputs_embeds, POSITION_IDS: np.asarray(positions, dtype=np.int64)[:, None],
+                PAD_LENGTHS: layout.pad_lengths}
         values = self._run_bound("decode", host, dict(zip(kv_names("past", self.num_layers), past)))
         return values[LOGITS].numpy(), self._presents(values)
 

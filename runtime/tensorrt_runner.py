@@ -2,10 +2,11 @@
 
 CUDA memory and the stream come from PyTorch (every GPU host of ours has its CUDA build). The KV cache of each
 layer lives in two preallocated buffers sized from the manifest's `kv_capacity` (prompt + generated tokens, less
-the tokens pruned before that layer): a decode step reads `past` from one and writes `present` (one longer) into
-the other, then they swap, so decoding allocates nothing. One request at a time per runner.
+the tokens pruned before that layer, times the built `max_batch`): a decode step reads `past` from one and writes
+`present` (one longer) into the other, then they swap, so decoding allocates nothing. One batch at a time per
+runner.
 
-Shape legend: B batch (1), S prompt length, L_l KV length of layer l, Hkv key/value heads, Dh head dim.
+Shape legend: B batch, S prompt length (left-padded), L_l KV length of layer l, Hkv key/value heads, Dh head dim.
 """
 
 from __future__ import annotations
@@ -17,10 +18,20 @@ from typing import Any
 import numpy as np
 
 from engines.tensorrt import check_engine_compatible, gpu_identity, import_tensorrt
-from runtime.runners import PrefillOutput, VisionOutput
+from runtime.runners import PrefillOutput, RowLayout, VisionOutput
 from visprune.errors import ArtifactMismatchError, PromptError
 from visprune.manifests import EngineManifest
-from visprune.tensor_names import IMAGE_FEATURES, IMAGE_SCORES, INPUTS_EMBEDS, PIXEL_VALUES, kept_layer, kv_names
+from visprune.tensor_names import (
+    IMAGE_FEATURES,
+    IMAGE_SCORES,
+    IMAGE_STARTS,
+    INPUTS_EMBEDS,
+    PAD_LENGTHS,
+    PIXEL_VALUES,
+    POSITION_IDS,
+    kept_layer,
+    kv_names,
+)
 
 
 class TensorRTGraph:
@@ -44,7 +55,7 @@ class TensorRTGraph:
         for name, tensor in inputs.items():
             if not self.context.set_input_shape(name, tuple(tensor.shape)):
                 raise PromptError(f"Input {name} of shape {tuple(tensor.shape)} is outside the engine's profile.",
-                                  "Rebuild with larger --max-prompt-tokens / --max-new-tokens.")
+                                  "Rebuild with larger --max-prompt-tokens / --max-new-tokens / --max-batch.")
             self.context.set_tensor_address(name, tensor.data_ptr())
         results = {}
         for name in self.outputs:
@@ -65,6 +76,7 @@ class KVBuffers:
     buffers: list[tuple[Any, Any]]
     lengths: list[int]
     current: list[int]
+    batch: int = 1
 
     def view(self, index: int, which: int, length: int, shape: tuple[int, ...]):
         batch, heads, _, head_dim = shape
@@ -86,6 +98,7 @@ class TensorRTRunner:
         self.dtype = {"float32": torch.float32, "float16": torch.float16,
                       "bfloat16": torch.bfloat16}[manifest.onnx_set.dtype]
         self.num_layers = manifest.onnx_set.num_layers
+        self.max_batch = manifest.limits.max_batch
         self.kv_shape = _kv_shape(manifest)
         self.kv = self._allocate_kv()
 
@@ -103,25 +116,26 @@ class TensorRTRunner:
         scores = out[IMAGE_SCORES].float().cpu().numpy() if IMAGE_SCORES in out else None
         return VisionOutput(out[IMAGE_FEATURES].float().cpu().numpy(), scores)
 
-    def prefill(self, inputs_embeds: np.ndarray, image_scores: np.ndarray | None = None) -> PrefillOutput:
+    def prefill(self, inputs_embeds: np.ndarray, layout: RowLayout,
+                image_scores: np.ndarray | None = None) -> PrefillOutput:
         import torch
 
-        self.kv.current = [0] * len(self.kv.current)
+        batch = len(inputs_embeds)  # the profile's range is checked in TensorRTGraph.run
+        self.kv.current, self.kv.batch = [0] * len(self.kv.current), batch
         targets = {name: self._kv_target(i, 0) for i, name in enumerate(self._kv_names("present"))}
-        feed = {INPUTS_EMBEDS: self._tensor(inputs_embeds)}
+        feed = {INPUTS_EMBEDS: self._tensor(inputs_embeds), IMAGE_STARTS: _ints(layout.image_starts),
+                PAD_LENGTHS: _ints(layout.pad_lengths)}
         if image_scores is not None:  # a float32 island whatever the engine's dtype
             feed[IMAGE_SCORES] = torch.from_numpy(np.ascontiguousarray(image_scores)).to("cuda", torch.float32)
         out = self._run("prefill", feed, targets)
         self.kv.lengths = [int(out[name].shape[2]) for name in self._kv_names("present")]
-        kept = {kept_layer(n): t[0].tolist() for n, t in out.items() if kept_layer(n) is not None}
+        kept = {kept_layer(n): t.cpu().numpy() for n, t in out.items() if kept_layer(n) is not None}
         return PrefillOutput(out["logits"].float().cpu().numpy(), self.kv, kept)
 
-    def decode(self, inputs_embeds: np.ndarray, position: int, past: KVBuffers):
-        import torch
-
-        feed = {"inputs_embeds": self._tensor(inputs_embeds),
-                "position_ids": torch.tensor([[position]], dtype=torch.int64, device="cuda")}
-        shape = self.kv_shape
+    def decode(self, inputs_embeds: np.ndarray, positions: np.ndarray, layout: RowLayout, past: KVBuffers):
+        feed = {INPUTS_EMBEDS: self._tensor(inputs_embeds), POSITION_IDS: _ints(positions)[:, None],
+                PAD_LENGTHS: _ints(layout.pad_lengths)}
+        shape = (past.batch, *self.kv_shape[1:])
         for i, name in enumerate(self._kv_names("past")):
             feed[name] = past.view(i, past.current[i], past.lengths[i], shape)
         targets = {name: self._kv_target(i, 1 - past.current[i]) for i, name in enumerate(self._kv_names("present"))}
@@ -131,8 +145,8 @@ class TensorRTRunner:
         return out["logits"].float().cpu().numpy(), past
 
     def kv_bytes(self, past: KVBuffers) -> int:
-        batch, heads, _, head_dim = self.kv_shape
-        return sum(batch * heads * length * head_dim for length in past.lengths) * self.dtype.itemsize
+        _, heads, _, head_dim = self.kv_shape
+        return sum(past.batch * heads * length * head_dim for length in past.lengths) * self.dtype.itemsize
 
     def _run(self, graph: str, inputs: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
         import torch
@@ -148,11 +162,11 @@ class TensorRTRunner:
         """Two buffers per layer and kind at that layer's capacity (manifest `kv_capacity`)."""
         import torch
 
-        batch, heads, _, head_dim = self.kv_shape
+        _, heads, _, head_dim = self.kv_shape
         buffers = []
         for layer, capacity in enumerate(self.manifest.kv_capacity):
             for _ in ("key", "value"):
-                size = batch * heads * capacity * head_dim
+                size = self.max_batch * heads * capacity * head_dim
                 buffers.append((torch.empty(size, dtype=self.dtype, device="cuda"),
                                 torch.empty(size, dtype=self.dtype, device="cuda")))
         return KVBuffers(buffers, [0] * len(buffers), [0] * len(buffers))
@@ -167,6 +181,12 @@ class TensorRTRunner:
         import torch
 
         return torch.from_numpy(np.ascontiguousarray(array)).to("cuda", self.dtype)
+
+
+def _ints(array: np.ndarray):
+    import torch
+
+    return torch.as_tensor(np.asarray(array, dtype=np.int64), device="cuda")
 
 
 def _kv_shape(manifest: EngineManifest) -> tuple[int, int, int, int]:

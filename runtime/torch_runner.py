@@ -3,7 +3,7 @@
 It is the parity reference and the GPU path that runs wherever PyTorch does. It runs the very modules the
 exporter traces (exporter/pruned_lm.py), so its semantics are the engines' semantics by construction.
 
-Shape legend: B batch (1), S prompt length, N visual tokens, D hidden, V vocabulary.
+Shape legend: B batch, S prompt length (left-padded), N visual tokens, D hidden, V vocabulary.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from calibrate.recipe import Recipe, check_recipe_fits, unpruned_recipe
 from exporter.graphs import VisionFeatures
 from exporter.pruned_lm import LlamaDecodeStep, PrunedLlamaPrefill
-from runtime.runners import PrefillOutput, VisionOutput
+from runtime.runners import PrefillOutput, RowLayout, VisionOutput
 from visprune.errors import ArtifactMismatchError, BackendUnavailableError
 from visprune.manifests import EngineManifest, OnnxSetManifest
 from visprune.models import LlavaBundle, load_llava
@@ -90,20 +90,26 @@ class TorchRunner:
         return VisionOutput(features.float().cpu().numpy(), None if scores is None else scores.cpu().numpy())
 
     @torch.no_grad()
-    def prefill(self, inputs_embeds: np.ndarray, image_scores: np.ndarray | None = None) -> PrefillOutput:
+    def prefill(self, inputs_embeds: np.ndarray, layout: RowLayout,
+                image_scores: np.ndarray | None = None) -> PrefillOutput:
         scores = None if image_scores is None else torch.from_numpy(image_scores).to(self.device, torch.float32)
-        logits, presents, kept = self.prefill_module(self._tensor(inputs_embeds), scores)
-        kept_by_layer = {layer: k[0].tolist() for layer, k in zip(self.pruning_layers, kept)}
+        logits, presents, kept = self.prefill_module(self._tensor(inputs_embeds), self._ints(layout.image_starts),
+                                                     self._ints(layout.pad_lengths), scores)
+        kept_by_layer = {layer: k.cpu().numpy() for layer, k in zip(self.pruning_layers, kept)}
         return PrefillOutput(logits.float().cpu().numpy(), presents, kept_by_layer)
 
     @torch.no_grad()
-    def decode(self, inputs_embeds: np.ndarray, position: int, past: list[torch.Tensor]):
-        positions = torch.tensor([[position]], device=self.device)
-        logits, presents = self.decode_module(self._tensor(inputs_embeds), positions, past)
+    def decode(self, inputs_embeds: np.ndarray, positions: np.ndarray, layout: RowLayout,
+               past: list[torch.Tensor]):
+        logits, presents = self.decode_module(self._tensor(inputs_embeds), self._ints(positions)[:, None],
+                                              self._ints(layout.pad_lengths), past)
         return logits.float().cpu().numpy(), presents
 
     def kv_bytes(self, past: list[torch.Tensor]) -> int:
         return sum(t.numel() * t.element_size() for t in past)
+
+    def _ints(self, array: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(array, dtype=np.int64), device=self.device)
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, self.dtype)

@@ -199,8 +199,8 @@ def _prefill_call(pipe):
     sample = make_split("test", 1)[0]
     input_ids, pixel_values = pipe.encode(sample.image(), pipe.chat_prompt(sample.question))
     vision = pipe.runner.image_features(pixel_values)
-    embeds = pipe.embed(input_ids, vision.features)
-    return lambda: pipe.runner.prefill(embeds, vision.scores)
+    embeds, layout = pipe.embed(input_ids, vision.features)
+    return lambda: pipe.runner.prefill(embeds, layout, vision.scores)
 
 
 def accuracy_table(report: dict[str, Any], ablation: bool = False) -> dict[str, dict[float, float | None]]:

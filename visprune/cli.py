@@ -214,6 +214,7 @@ def _add_build(commands) -> None:
     trt = p.add_argument_group("tensorrt")
     trt.add_argument("--max-prompt-tokens", type=int, default=1024, help="longest prompt, image tokens included")
     trt.add_argument("--max-new-tokens", type=int, default=256, help="most tokens generated per request")
+    trt.add_argument("--max-batch", type=int, default=8, help="most requests per batch (ONNX Runtime: any)")
     trt.add_argument("--workspace-gib", type=float, help="cap TensorRT's workspace memory")
     trt.add_argument("--builder-optimization-level", type=int, default=3, help="0-5 (TensorRT's default: 3)")
     trt.add_argument("--timing-cache", type=Path, help="timing cache file to reuse and update across builds")
@@ -229,7 +230,8 @@ def _run_build(args) -> int:
     from engines import BuildConfig, build_engine
 
     config = BuildConfig(backend=args.backend, device=args.device, optimization_level=args.optimization_level, max_prompt_tokens=args.max_prompt_tokens,
-                         max_new_tokens=args.max_new_tokens, workspace_gib=args.workspace_gib,
+                         max_new_tokens=args.max_new_tokens, max_batch=args.max_batch,
+                         workspace_gib=args.workspace_gib,
                          builder_optimization_level=args.builder_optimization_level, timing_cache=args.timing_cache,
                          intra_op_threads=args.intra_op_threads, spinning=args.spinning,
                          torch_compile=args.compile, allow_tf32=args.allow_tf32)

@@ -57,8 +57,8 @@ EXPORT_TARGETS = {"onnxruntime": 23, "tensorrt": 18}
 TARGET_BACKENDS = {"onnxruntime": ("onnxruntime", "pytorch"), "tensorrt": ("tensorrt", "onnxruntime", "pytorch")}
 METHODS = METHOD_NAMES  # the registry (visprune/methods.py)
 BACKENDS = ("onnxruntime", "tensorrt", "pytorch")
-ONNX_SET_SCHEMA = ("visprune.onnx_set", 2)
-ENGINE_SET_SCHEMA = ("visprune.engine_set", 2)
+ONNX_SET_SCHEMA = ("visprune.onnx_set", 3)  # 3: batched graphs (image_starts, pad_lengths inputs)
+ENGINE_SET_SCHEMA = ("visprune.engine_set", 3)
 
 
 class Strict(BaseModel):
@@ -108,7 +108,7 @@ class RecipeSummary(Strict):
 
 
 class PromptLayout(Strict):
-    image_start: NonNegInt  # position of the first image token in every prompt (a property of the template)
+    image_start: NonNegInt  # the chat template's image position; each request brings its own (image_starts)
     num_visual_tokens: PosInt
     max_seq: PosInt
     image_token_id: NonNegInt
@@ -142,7 +142,7 @@ class FileDigest(Strict):
 
 class OnnxSetManifest(Strict):
     schema_: Literal["visprune.onnx_set"] = Field(alias="schema")
-    schema_version: Literal[2]
+    schema_version: Literal[ONNX_SET_SCHEMA[1]]
     model: ModelRef
     recipe: RecipeSummary
     prompt: PromptLayout
@@ -228,7 +228,7 @@ def _check_input_dims(graphs: dict[str, GraphIO], kv_stages: list[int]) -> None:
             if any(dim not in names if isinstance(dim, str) else dim < 1 for dim in spec.shape):
                 raise ValueError(f"graphs.{graph} input {spec.name} has shape {spec.shape}")
     past = kv_names("past", len(kv_stages))
-    for index, spec in enumerate(graphs["decode"].inputs[2:]):
+    for index, spec in enumerate(graphs["decode"].inputs[3:]):
         length = past_len_dim(kv_stages[index // 2])
         if spec.name != past[index] or len(spec.shape) != 4 or spec.shape[2] != length:
             raise ValueError(f"graphs.decode input {spec.name} must be [batch, heads, {length}, head_dim]")
@@ -245,11 +245,12 @@ class GpuIdentity(Strict):
 class Limits(Strict):
     max_prompt_tokens: PosInt
     max_new_tokens: PosInt
+    max_batch: PosInt = 1
 
 
 class EngineManifest(Strict):
     schema_: Literal["visprune.engine_set"] = Field(alias="schema")
-    schema_version: Literal[2]
+    schema_version: Literal[ENGINE_SET_SCHEMA[1]]
     backend: Literal[BACKENDS]
     device: Literal["cpu", "cuda"]
     upstream: dict[str, str]  # onnx_dir, manifest_sha256

@@ -13,6 +13,8 @@ IMAGE_FEATURES = "image_features"  # [B, N, D]
 IMAGE_SCORES = "image_scores"  # [B, N] float32: a vision-side score (VisionZip's [CLS] attention), vision -> prefill
 INPUTS_EMBEDS = "inputs_embeds"  # [B, S, D] (prefill), [B, 1, D] (decode)
 POSITION_IDS = "position_ids"  # [B, 1]
+IMAGE_STARTS = "image_starts"  # [B] int64: each row's image offset, its left padding included (prefill)
+PAD_LENGTHS = "pad_lengths"  # [B] int64: each row's left padding, masked as keys (prefill and decode)
 LOGITS = "logits"  # [B, V], last position
 KV_KINDS = ("key", "value")
 KEPT_PREFIX = "kept_indices."
@@ -67,5 +69,6 @@ def graph_io_names(graph: str, removed: list[int], removed_before_llm: int = 0,
         return [PIXEL_VALUES], [IMAGE_FEATURES, *scores]
     if graph == "prefill":
         kept = [kept_name(layer) for layer in pruning_layers(removed, removed_before_llm)]
-        return [INPUTS_EMBEDS, *scores], [LOGITS, *kv_names("present", num_layers), *kept]
-    return [INPUTS_EMBEDS, POSITION_IDS, *kv_names("past", num_layers)], [LOGITS, *kv_names("present", num_layers)]
+        return [INPUTS_EMBEDS, IMAGE_STARTS, PAD_LENGTHS, *scores], [LOGITS, *kv_names("present", num_layers), *kept]
+    past = kv_names("past", num_layers)
+    return [INPUTS_EMBEDS, POSITION_IDS, PAD_LENGTHS, *past], [LOGITS, *kv_names("present", num_layers)]

@@ -25,9 +25,12 @@ def test_pruned_tokens_per_kv_stage_follow_the_recipe(onnx_set):
 
 
 def test_profiles_cover_every_dynamic_input_with_ordered_bounds(onnx_set):
-    profiles = derive_profiles(onnx_set, max_prompt_tokens=700, max_new_tokens=32)
+    profiles = derive_profiles(onnx_set, max_prompt_tokens=700, max_new_tokens=32, max_batch=4)
     assert set(profiles) == {"vision", "prefill", "decode"}
-    assert profiles["prefill"]["inputs_embeds"] == {"min": [1, 581, 64], "opt": [1, 644, 64], "max": [1, 700, 64]}
+    # the shortest prompt is the image and one token: the text before the image is each request's own
+    assert profiles["prefill"]["inputs_embeds"] == {"min": [1, 577, 64], "opt": [4, 640, 64], "max": [4, 700, 64]}
+    assert profiles["prefill"]["pad_lengths"] == profiles["decode"]["pad_lengths"] == {"min": [1], "opt": [4],
+                                                                                        "max": [4]}
     for graph in profiles.values():
         for shapes in graph.values():
             assert all(lo <= mid <= hi for lo, mid, hi in zip(shapes["min"], shapes["opt"], shapes["max"]))
@@ -35,7 +38,7 @@ def test_profiles_cover_every_dynamic_input_with_ordered_bounds(onnx_set):
     for layer in range(8):
         key = profiles["decode"][f"past.{layer}.key"]
         pruned = pruned_before_stage(onnx_set)[stage_of[layer]]
-        assert key["min"][2] == 581 - pruned and key["max"][2] == 700 - pruned + 30
+        assert key["min"][2] == 577 - pruned and key["max"][2] == 700 - pruned + 30
 
 
 def test_real_cache_lengths_stay_inside_the_profiles_and_capacities(exported, onnx_set, default_set):
@@ -46,7 +49,8 @@ def test_real_cache_lengths_stay_inside_the_profiles_and_capacities(exported, on
     new_tokens = 5
     ranges = dim_ranges(onnx_set, max_prompt_tokens=input_ids.shape[1], max_new_tokens=new_tokens)
     capacity = kv_capacity(onnx_set, input_ids.shape[1], new_tokens)
-    first = pipe.runner.prefill(pipe.embed(input_ids, pipe.runner.image_features(pixel_values).features))
+    embeds, layout = pipe.embed(input_ids, pipe.runner.image_features(pixel_values).features)
+    first = pipe.runner.prefill(embeds, layout)
     past = first.past
     for step in range(new_tokens - 1):
         for layer in range(8):
@@ -54,7 +58,7 @@ def test_real_cache_lengths_stay_inside_the_profiles_and_capacities(exported, on
             low, _, high = ranges[f"past_len_s{onnx_set.kv_stages[layer]}"]
             assert low <= length <= high, (step, layer)
         embeds = pipe.embeddings[[[0]]].astype(np.float32)
-        _, past = pipe.runner.decode(embeds, input_ids.shape[1] + step, past)
+        _, past = pipe.runner.decode(embeds, np.array([input_ids.shape[1] + step]), layout, past)
     assert all(past[2 * layer].shape()[2] <= capacity[layer] for layer in range(8))
 
 

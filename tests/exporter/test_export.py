@@ -9,6 +9,7 @@ import torch
 
 from calibrate.recipe import Recipe
 from conftest import TINY_RECIPE_60
+from runtime.runners import RowLayout, prefill_feeds
 from exporter import ExportConfig, export_onnx
 from exporter.graphs import export_prefill
 from exporter.pruned_lm import PrunedLlamaPrefill
@@ -18,12 +19,14 @@ from visprune.errors import RecipeError
 
 def test_manifest_describes_the_set(exported):
     manifest = json.loads((exported["pruned-onnx"] / "manifest.json").read_text())
-    assert manifest["schema"] == "visprune.onnx_set" and manifest["schema_version"] == 2
+    assert manifest["schema"] == "visprune.onnx_set" and manifest["schema_version"] == 3
     assert manifest["prompt"]["image_start"] == 4 and manifest["prompt"]["num_visual_tokens"] == 576
     assert manifest["recipe"]["removed"] == TINY_RECIPE_60 and manifest["recipe"]["keep"][-1] == 201
     assert manifest["kv_stages"] == [0, 1, 2, 3, 4, 5, 6, 6]
     prefill = manifest["graphs"]["prefill"]
-    assert prefill["inputs"] == [{"name": "inputs_embeds", "dtype": "float32", "shape": ["batch", "seq", 64]}]
+    assert prefill["inputs"] == [{"name": "inputs_embeds", "dtype": "float32", "shape": ["batch", "seq", 64]},
+                                 {"name": "image_starts", "dtype": "int64", "shape": ["batch"]},
+                                 {"name": "pad_lengths", "dtype": "int64", "shape": ["batch"]}]
     outputs = {o["name"]: o["shape"] for o in prefill["outputs"]}
     assert outputs["kept_indices.0"] == ["batch", 433] and "kept_indices.6" not in outputs
     kv_dims = {outputs[f"present.{layer}.key"][2] for layer in range(8)}
@@ -56,7 +59,7 @@ def test_edge_recipes_match_pytorch(tmp_path, tiny, default_states, name, remove
     with torch.no_grad():
         ref_logits, ref_kv, ref_kept = PrunedLlamaPrefill(tiny.model, recipe, 4)(embeds)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"inputs_embeds": embeds.numpy()})))
+    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, prefill_feeds(embeds.numpy(), RowLayout.unpadded(2, 4)))))
     assert np.abs(outputs["logits"] - ref_logits.numpy()).max() <= 1e-4
     layer = next(i for i, r in enumerate(removed) if r)
     assert (outputs[f"kept_indices.{layer}"] == ref_kept[0].numpy()).all()

@@ -22,6 +22,7 @@ from exporter.export import lint_exported_set
 from exporter.graphs import KERNELS, export_decode, export_prefill
 from exporter.lint import lint_onnx
 from exporter.pruned_lm import LlamaDecodeStep, PrunedLlamaPrefill
+from runtime.runners import RowLayout, prefill_feeds
 from visprune.manifests import EXPORT_TARGETS
 from visprune.methods import METHODS
 from visprune.models.decoder import EAGER
@@ -57,10 +58,10 @@ def test_fused_prefill_matches_the_eager_reference(tmp_path, tiny, embeds, name,
     export_prefill(tiny.model, recipe, IMAGE_START, 2048, path, EXPORT_TARGETS[target], KERNELS[target])
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     scores = torch.rand(2, 576, generator=torch.Generator().manual_seed(0)) if METHODS[name].vision_score else None
-    feeds = {"inputs_embeds": embeds.numpy(), **({} if scores is None else {"image_scores": scores.numpy()})}
+    feeds = prefill_feeds(embeds.numpy(), RowLayout.unpadded(2, IMAGE_START), None if scores is None else scores.numpy())
     got = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
     with torch.no_grad():
-        logits, presents, kept = PrunedLlamaPrefill(tiny.model, recipe, IMAGE_START, EAGER)(embeds, scores)
+        logits, presents, kept = PrunedLlamaPrefill(tiny.model, recipe, IMAGE_START, EAGER)(embeds, image_scores=scores)
     assert np.abs(got["logits"] - logits.numpy()).max() <= 1e-4
     kept_names = sorted((k for k in got if kept_layer(k) is not None), key=kept_layer)
     assert [got[k].tolist() for k in kept_names] == [k.tolist() for k in kept]
@@ -86,11 +87,11 @@ def test_fused_decode_matches_the_eager_reference(tmp_path, tiny, embeds, target
         _, past, _ = PrunedLlamaPrefill(tiny.model, recipe, IMAGE_START, EAGER)(embeds)
         token = embeds[:, -1:]
         position = torch.full((2, 1), embeds.shape[1], dtype=torch.long)
-        logits, presents = LlamaDecodeStep(tiny.model, EAGER)(token, position, past)
+        logits, presents = LlamaDecodeStep(tiny.model, EAGER)(token, position, None, past)
     path = tmp_path / "decode.onnx"
     export_decode(tiny.model, recipe, IMAGE_START, 2048, path, EXPORT_TARGETS[target], KERNELS[target])
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feeds = {"inputs_embeds": token.numpy(), "position_ids": position.numpy(),
+    feeds = {"inputs_embeds": token.numpy(), "position_ids": position.numpy(), "pad_lengths": np.zeros(2, np.int64),
              **{f"past.{i // 2}.{'key' if i % 2 == 0 else 'value'}": p.numpy() for i, p in enumerate(past)}}
     got = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
     assert np.abs(got["logits"] - logits.numpy()).max() <= 1e-4

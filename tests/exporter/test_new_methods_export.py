@@ -18,6 +18,7 @@ import torch
 from calibrate.recipe import save_recipe
 from calibrate.stage import budget_recipe
 from engines import BuildConfig, build_engine
+from runtime.runners import RowLayout, prefill_feeds
 from exporter import ExportConfig, export_onnx
 from exporter.graphs import VisionFeatures
 from exporter.pruned_lm import PrunedLlamaPrefill
@@ -58,12 +59,12 @@ def test_the_manifest_lists_image_scores_only_for_visionzip(built):
     prefill_in = {i["name"]: i for i in graphs["prefill"]["inputs"]}
     if name == "visionzip":
         assert vision_out == ["image_features", "image_scores"]
-        assert set(prefill_in) == {"inputs_embeds", "image_scores"}
+        assert set(prefill_in) == {"inputs_embeds", "image_starts", "pad_lengths", "image_scores"}
         assert prefill_in["image_scores"]["dtype"] == "float32" and prefill_in["image_scores"]["shape"] == ["batch", 576]
         vision_scores = next(o for o in graphs["vision"]["outputs"] if o["name"] == "image_scores")
         assert vision_scores["dtype"] == "float32" and vision_scores["shape"] == ["batch", 576]
     else:
-        assert vision_out == ["image_features"] and set(prefill_in) == {"inputs_embeds"}
+        assert vision_out == ["image_features"] and set(prefill_in) == {"inputs_embeds", "image_starts", "pad_lengths"}
     assert "image_scores" not in json.dumps(graphs["decode"])
     assert manifest["recipe"]["method"] == name and manifest["recipe"]["sha256"] == recipe.content_hash()
     kept = {o["name"]: o["shape"] for o in graphs["prefill"]["outputs"] if o["name"].startswith("kept_indices.")}
@@ -132,11 +133,11 @@ def test_batched_prefill_graph_matches_pytorch(built, tiny, default_set):
     assert np.abs(vision_out[0] - features.numpy()).max() <= 1e-4
     if uses_scores:
         assert np.abs(vision_out[1] - scores.numpy()).max() <= 1e-5
-    feeds = {"inputs_embeds": embeds.numpy(), **({"image_scores": scores.numpy()} if uses_scores else {})}
+    feeds = prefill_feeds(embeds.numpy(), RowLayout.unpadded(2, start), scores.numpy() if uses_scores else None)
     session = ort.InferenceSession(str(onnx_dir / "prefill.onnx"), providers=["CPUExecutionProvider"])
     outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
     with torch.no_grad():
-        logits, presents, kept = PrunedLlamaPrefill(tiny.model, recipe, start)(embeds, scores if uses_scores else None)
+        logits, presents, kept = PrunedLlamaPrefill(tiny.model, recipe, start)(embeds, image_scores=scores if uses_scores else None)
     (kept_name,) = [k for k in outputs if k.startswith("kept_indices.")]
     assert (outputs[kept_name] == kept[0].numpy()).all()
     assert not (outputs[kept_name][0] == outputs[kept_name][1]).all()  # the two images keep different tokens

@@ -36,14 +36,14 @@ def random_point(seed: int, batch: int = 2, prefix: int = 3, n: int = 40, num_vi
     logits = torch.randn(batch, heads, seq, seq, generator=g) * 3
     logits.masked_fill_(torch.ones(seq, seq, dtype=torch.bool).triu(1), float("-inf"))
     return SelectionInputs(
-        image_start=prefix, visual_ids=visual_ids, hidden=torch.randn(batch, seq, hidden, generator=g),
+        image_starts=torch.full((batch,), prefix), visual_ids=visual_ids, hidden=torch.randn(batch, seq, hidden, generator=g),
         probs=torch.softmax(logits, dim=-1), key=torch.randn(batch, kv_heads, seq, head_dim, generator=g),
         random_scores=torch.rand(num_visual, generator=g), image_scores=torch.rand(batch, num_visual, generator=g))
 
 
 def visual(v: SelectionInputs, b: int) -> list[torch.Tensor]:
     """Row b's visual hidden states, one float64 vector per token present."""
-    return [v.hidden[b, v.image_start + i].double() for i in range(v.visual_ids.shape[1])]
+    return [v.hidden[b, int(v.image_starts[b]) + i].double() for i in range(v.visual_ids.shape[1])]
 
 
 def cosine(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -76,7 +76,7 @@ def reference_dart(v: SelectionInputs, b: int, keep: int, pivots: int = 8) -> se
     """DART: the `pivots` tokens with the largest key L1 norm (all KV heads); then, pivot by pivot in descending
     norm order, the pivot's share of the remaining budget among the not-yet-taken tokens least cosine-similar to
     it (shares split evenly, the first ones larger)."""
-    n, start = v.visual_ids.shape[1], v.image_start
+    n, start = v.visual_ids.shape[1], int(v.image_starts[0])
     norms = [float(v.key[b, :, start + i].double().abs().sum()) for i in range(n)]
     pivots = min(pivots, keep)
     pivot_list = sorted(range(n), key=lambda i: -norms[i])[:pivots]
@@ -114,7 +114,7 @@ def test_divprune_first_pick_is_the_most_isolated_token_and_duplicates_are_not_b
     base = torch.randn(6, 16, generator=g)
     base[1] = base[0]
     base[5] = -base[:5].sum(0)  # pointing away from the rest
-    v = SelectionInputs(image_start=1, visual_ids=torch.arange(6).unsqueeze(0),
+    v = SelectionInputs(image_starts=torch.tensor([1]), visual_ids=torch.arange(6).unsqueeze(0),
                         hidden=torch.cat([torch.randn(1, 1, 16, generator=g), base.unsqueeze(0),
                                           torch.randn(1, 2, 16, generator=g)], dim=1))
     got = selection.divprune(v, 5)[0].tolist()
@@ -144,7 +144,7 @@ def head_combined_scores(v: SelectionInputs, combined: torch.Tensor) -> tuple[li
     """calibrate/scoring.py's (a_self, a_cross) per row, from heads-combined probabilities [B, S, S]."""
     batch, seq, _ = combined.shape
     n = v.visual_ids.shape[1]
-    return visual_scores(combined, [v.image_start] * batch, [n] * batch, [seq - v.image_start - n] * batch)
+    return visual_scores(combined, v.image_starts.tolist(), [n] * batch, [seq - int(v.image_starts[0]) - n] * batch)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -155,7 +155,8 @@ def test_fitprune_variants_rank_as_calibration_scores_them(seed, keep):
     v = random_point(seed)
     head_max, head_mean = v.probs.amax(dim=1), v.probs.mean(dim=1)
     (max_self, max_cross), (mean_self, mean_cross) = head_combined_scores(v, head_max), head_combined_scores(v, head_mean)
-    span = v.span
+    start = int(v.image_starts[0])
+    span = slice(start, start + v.visual_ids.shape[1])
     for b in range(2):
         expected = {
             "fitprune_product": largest((max_self[b] * max_cross[b]).tolist(), keep),
@@ -299,7 +300,7 @@ def test_pre_llm_prefill_shrinks_the_image_before_the_first_layer(tiny, two_prom
     batch, seq, _ = embeds.shape
     with torch.no_grad():
         logits, presents, kept = PrunedLlamaPrefill(tiny.model, recipe, start)(
-            embeds, image_scores if METHODS[method].vision_score else None)
+            embeds, image_scores=image_scores if METHODS[method].vision_score else None)
     assert len(presents) == 2 * tiny.shape.num_layers
     assert all(t.shape[2] == seq - removed for t in presents)
     assert len(kept) == 1 and kept[0].shape == (batch, 576 - removed)
@@ -324,8 +325,8 @@ def test_visionzip_prefill_needs_its_scores_and_uses_them(tiny, two_prompts):
     recipe = budget_recipe(tiny.shape, 0.6, "visionzip")
     prefill = PrunedLlamaPrefill(tiny.model, recipe, start)
     with torch.no_grad():
-        _, _, kept = prefill(embeds, image_scores)
-        _, _, flipped = prefill(embeds, image_scores.flip(0))
+        _, _, kept = prefill(embeds, image_scores=image_scores)
+        _, _, flipped = prefill(embeds, image_scores=image_scores.flip(0))
     assert torch.equal(kept[0][0], flipped[0][1]) and torch.equal(kept[0][1], flipped[0][0])
 
 
@@ -385,7 +386,7 @@ def test_dart_prefill_cuts_once_with_the_reference_choice(tiny, two_prompts):
             hidden = finish_layer(layer, hidden, context)
         layer = lm.layers[layer_index]
         _, _, key, _ = attend(layer, lm.rotary_emb, hidden, positions, blocked=causal_blocked(hidden.shape[1]))
-        point = SelectionInputs(start, torch.arange(576).expand(2, -1), layer.input_layernorm(hidden), key=key)
+        point = SelectionInputs(torch.full((2,), start), torch.arange(576).expand(2, -1), layer.input_layernorm(hidden), key=key)
     assert len(kept) == 1 and kept[0].shape == (2, keep) and (kept[0].diff(dim=1) > 0).all()
     for b in range(2):
         assert set(kept[0][b].tolist()) == reference_dart(point, b, keep)

@@ -62,7 +62,7 @@ def test_decode_with_the_pruned_cache_equals_a_no_cache_rerun(pruned, tiny, cat_
     prompt = pruned.chat_prompt("What is in the picture?")
     input_ids, pixel_values = pruned.encode(cat_image, prompt)
     features = pruned.runner.image_features(pixel_values).features
-    embeds = pruned.embed(input_ids, features)
+    embeds, _ = pruned.embed(input_ids, features)
     engine = pruned.generate(cat_image, prompt, max_new_tokens=17, keep_logits=True)
     assert len(engine.token_ids) == 17 and len(engine.kept_indices) == 6
     with torch.no_grad():
@@ -82,7 +82,6 @@ def test_generation_reports_timings_and_kept_tokens(pruned, cat_image):
 @pytest.mark.parametrize("prompt, error, fragment", [
     ("USER: no image ASSISTANT:", PromptError, "exactly one"),
     ("USER: <image> <image> ASSISTANT:", PromptError, "has 2"),
-    ("SYSTEM: be brief. USER: <image>\nWhat? ASSISTANT:", PromptError, "exported for token 4"),
 ])
 def test_bad_prompts_are_rejected(pruned, cat_image, prompt, error, fragment):
     with pytest.raises(error, match=fragment) as info:

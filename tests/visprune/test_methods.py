@@ -49,7 +49,7 @@ def selection_point(with_probs: bool) -> selection.SelectionInputs:
     batch, prefix, n, text, heads = 1, 2, 24, 5, 2
     seq = prefix + n + text
     probs = torch.softmax(torch.randn(batch, heads, seq, seq, generator=g), dim=-1) if with_probs else None
-    return selection.SelectionInputs(prefix, torch.arange(n).unsqueeze(0), torch.randn(batch, seq, 8, generator=g),
+    return selection.SelectionInputs(torch.full((batch,), prefix), torch.arange(n).unsqueeze(0), torch.randn(batch, seq, 8, generator=g),
                                      probs, torch.randn(batch, 1, seq, 4, generator=g),
                                      torch.rand(n, generator=g), torch.rand(batch, n, generator=g))
 

@@ -58,7 +58,7 @@ def attend(layer: nn.Module, rotary: nn.Module, hidden: torch.Tensor, positions:
             blocked = causal_blocked(q.shape[2], q.device)
         context, weights = _eager_core(layer.self_attn, q, k, v, blocked)
     else:
-        context = _fused_core(layer.self_attn, q, k, v, causal)
+        context = _fused_core(layer.self_attn, q, k, v, causal, blocked)
         weights = _last_row_probs(layer.self_attn, q, k) if probs == "last" else None
     return context.transpose(1, 2).reshape(*hidden.shape[:2], -1), weights, k, v
 
@@ -115,13 +115,15 @@ def _last_row_probs(attn: nn.Module, q, k) -> torch.Tensor:
     return torch.softmax(logits.mul_(attn.scaling).float(), dim=-1)
 
 
-def _fused_core(attn: nn.Module, q, k, v, causal: bool):
-    """Context [B, H, S, Dh] from scaled_dot_product_attention (no probabilities)."""
+def _fused_core(attn: nn.Module, q, k, v, causal: bool, blocked: torch.Tensor | None = None):
+    """Context [B, H, S, Dh] from scaled_dot_product_attention (no probabilities). `blocked` replaces `causal`
+    when given (it must leave every query at least one key: a fully masked row is NaN in SDPA)."""
     from transformers.models.llama.modeling_llama import repeat_kv
 
     groups = attn.num_key_value_groups
-    return F.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), is_causal=causal,
-                                          scale=attn.scaling)
+    mask = None if blocked is None else blocked.logical_not()
+    return F.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), attn_mask=mask,
+                                          is_causal=causal and blocked is None, scale=attn.scaling)
 
 
 def finish_layer(layer: nn.Module, hidden: torch.Tensor, context: torch.Tensor,
@@ -134,3 +136,16 @@ def finish_layer(layer: nn.Module, hidden: torch.Tensor, context: torch.Tensor,
 def causal_blocked(seq: int, device: torch.device | None = None) -> torch.Tensor:
     """[S, S] True above the diagonal: keys later in the sequence (pruning keeps the order)."""
     return torch.ones(seq, seq, dtype=torch.bool, device=device).tril().logical_not()
+
+
+def padded_causal_blocked(seq: int, pad_lengths: torch.Tensor) -> torch.Tensor:
+    """[B, 1, S, S] for left-padded rows (pad_lengths [B]): causal, and no query sees a pad key except a pad
+    query its own (so no row is fully masked). Pruning removes only image rows, so the pads stay in front."""
+    keys = torch.arange(seq, device=pad_lengths.device)
+    pad_key = (keys < pad_lengths[:, None]).view(-1, 1, 1, seq)  # [B, 1, 1, S]
+    return causal_blocked(seq, keys.device) | (pad_key & (keys[:, None] != keys[None, :]))
+
+
+def pad_blocked(length: int, pad_lengths: torch.Tensor) -> torch.Tensor:
+    """[B, 1, 1, L]: the cache entries of left-padded rows (pad_lengths [B]) a decoded token must not see."""
+    return (torch.arange(length, device=pad_lengths.device) < pad_lengths[:, None]).view(-1, 1, 1, length)
