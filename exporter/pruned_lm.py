@@ -74,8 +74,10 @@ class PrunedLlamaPrefill(nn.Module):
             rows, visual_ids = self._surviving_rows(view, seq, self.num_visual - self.removed_before_llm)
             kept.append(visual_ids)
             hidden, positions = _take_rows(hidden, rows), _take_rows(positions, rows)
+        blocked = None
         for layer, removed in zip(self.layers, self.removed):
-            blocked = None if pad_lengths is None else padded_causal_blocked(hidden.shape[1], pad_lengths)
+            if blocked is None and pad_lengths is not None:  # once per KV stage: it changes only where rows go
+                blocked = padded_causal_blocked(hidden.shape[1], pad_lengths)
             context, probs, key, value = attend(layer, self.rotary, hidden, positions, blocked, causal=True,
                                                 kernels=self.kernels, probs=self.attention_rows if removed else None)
             presents += [key, value]
@@ -85,6 +87,7 @@ class PrunedLlamaPrefill(nn.Module):
                 rows, visual_ids = self._surviving_rows(view, hidden.shape[1], visual_ids.shape[1] - removed)
                 kept.append(visual_ids)
                 hidden, context, positions = (_take_rows(t, rows) for t in (hidden, context, positions))
+                blocked = None
             hidden = finish_layer(layer, hidden, context, self.kernels)
         logits = self.lm_head(rms_norm(self.norm, hidden[:, -1], self.kernels))  # left padding: -1 is every row's last
         return logits, presents, kept

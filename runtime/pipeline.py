@@ -64,7 +64,9 @@ class EncodedRequest:
 class Generation:
     text: str
     token_ids: list[int]
-    timings: dict[str, float]  # vision_s, prefill_s, ttft_s, decode_s_per_token, decode_tokens, prompt_tokens, kv_bytes, batch
+    # vision_s, prefill_s, ttft_s, decode_s_per_token, decode_tokens, kv_bytes: of the batch the request ran in
+    # (batch rows, padded_tokens long); prompt_tokens: its own
+    timings: dict[str, float]
     kept_indices: dict[int, list[int]] = field(default_factory=dict)  # layer -> kept image indices
     step_logits: list[np.ndarray] = field(default_factory=list)  # [V] per generated token
 
@@ -192,14 +194,15 @@ class Pipeline:
             step_logits.append(logits)
             seconds += [] if spent is None else [spent]
         timings.update(decode_s_per_token=float(np.mean(seconds)) if seconds else 0.0, decode_tokens=len(seconds))
-        return [Generation(row.final_text(), row.tokens, dict(timings), _row_kept(first.kept, b),
+        return [Generation(row.final_text(), row.tokens, dict(timings, prompt_tokens=len(e.input_ids)),
+                           _row_kept(first.kept, b),
                            [logits[b] for logits in step_logits[:len(row.tokens)]] if keep_logits else [])
-                for b, row in enumerate(rows)]
+                for b, (row, e) in enumerate(zip(rows, encoded))]
 
     def prefill_batch(self, encoded: list[EncodedRequest]):
         """(the prefill's output, the batch's RowLayout, timings so far): vision, embed, prefill."""
         layout = RowLayout.of_rows([len(e.input_ids) for e in encoded], [e.image_start for e in encoded])
-        timings: dict[str, float] = {"prompt_tokens": max(len(e.input_ids) for e in encoded), "batch": len(encoded)}
+        timings: dict[str, float] = {"padded_tokens": max(len(e.input_ids) for e in encoded), "batch": len(encoded)}
         start = time.perf_counter()
         vision = self.runner.image_features(np.stack([e.pixel_values for e in encoded]))
         timings["vision_s"] = time.perf_counter() - start

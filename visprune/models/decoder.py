@@ -142,8 +142,9 @@ def padded_causal_blocked(seq: int, pad_lengths: torch.Tensor) -> torch.Tensor:
     """[B, 1, S, S] for left-padded rows (pad_lengths [B]): causal, and no query sees a pad key except a pad
     query its own (so no row is fully masked). Pruning removes only image rows, so the pads stay in front."""
     keys = torch.arange(seq, device=pad_lengths.device)
+    queries = keys[:, None]  # [S, 1]
     pad_key = (keys < pad_lengths[:, None]).view(-1, 1, 1, seq)  # [B, 1, 1, S]
-    return causal_blocked(seq, keys.device) | (pad_key & (keys[:, None] != keys[None, :]))
+    return (keys > queries) | (pad_key & (keys != queries))
 
 
 def pad_blocked(length: int, pad_lengths: torch.Tensor) -> torch.Tensor:
