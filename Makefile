@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(if $(GPU_HOST),--system-site-packages) $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(if $(GPU_HOST),,$(BIN)/python -m pip install --quiet torch==2.13.0)
-	$(BIN)/python -m pip install --quiet -e '.[dev$(if $(GPU_HOST),,$(comma)cpu)]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,serve$(if $(GPU_HOST),,$(comma)cpu)]'
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)

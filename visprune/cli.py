@@ -98,6 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_pipeline(commands)
     _add_eval(commands)
     _add_tradeoff(commands)
+    _add_serve(commands)
+    _add_export_triton(commands)
     parser.command_parsers = commands.choices
     return parser
 
@@ -417,6 +419,71 @@ def _run_tradeoff(args) -> int:
                             latency=args.latency)
     tradeoff(config, args.out, progress=not args.quiet, force=args.force)
     print((args.out / "tradeoff.md").read_text())
+    return 0
+
+
+def _add_model_settings(p) -> None:
+    g = p.add_argument_group("Triton scheduling (default: dynamic batching of up to 8 requests, 10 ms queue delay)")
+    g.add_argument("--max-batch", type=int, help="most requests per batch, and rows per request (default 8)")
+    g.add_argument("--max-queue-delay-us", type=int,
+                   help="how long a request may wait for others to join its batch (default 10000)")
+    g.add_argument("--no-dynamic-batching", action="store_true", help="run every request alone")
+    g.add_argument("--instances", type=int, help="pipeline copies, each in its own process (default 1)")
+    g.add_argument("--model-name", help="the model's name in Triton's URLs (default visprune)")
+
+
+def _model_settings(args):
+    from runtime.triton_repo import ModelSettings
+
+    given = {"name": args.model_name, "max_batch": args.max_batch, "max_queue_delay_us": args.max_queue_delay_us,
+             "instances": args.instances, "dynamic_batching": False if args.no_dynamic_batching else None}
+    given = {key: value for key, value in given.items() if value is not None}
+    return ModelSettings(**given) if given else None
+
+
+def _add_serve(commands) -> None:
+    p = commands.add_parser("serve", help="serve an engine with Triton Inference Server (HTTP, gRPC, metrics)",
+                            description="Start Triton Inference Server (the one nvidia-pytriton bundles) in front of "
+                                        "an engine: dynamic batching, HTTP and gRPC inference, /v2/health/ready, "
+                                        "Prometheus metrics. README: Serve lists the model's tensors. Ctrl-C stops it.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--engine", type=Path, help="engine folder from `visprune build`")
+    source.add_argument("--repo", type=Path, help="a model repository from `visprune export-triton` (its "
+                                                  "config.pbtxt decides the scheduling)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--log-file", type=Path, help="tritonserver's log (default: a temporary file)")
+    _add_model_settings(p)
+    p.set_defaults(handler=_run_serve)
+
+
+def _run_serve(args) -> int:
+    from runtime.serving import ServeConfig, serve
+
+    config = ServeConfig(args.http_port, args.grpc_port, args.metrics_port, _model_settings(args), args.log_file)
+    serve(config, args.engine, args.repo, on_ready=lambda server: print(server.describe(), flush=True))
+    print("stopped", file=sys.stderr)
+    return 0
+
+
+def _add_export_triton(commands) -> None:
+    p = commands.add_parser("export-triton", help="write a Triton model repository for an engine (Python backend)",
+                            description="Write REPO/<model>/config.pbtxt, REPO/<model>/1/model.py and a copy of the "
+                                        "engine, for NVIDIA's tritonserver containers (README: Serve) or "
+                                        "`visprune serve --repo`.")
+    p.add_argument("--engine", type=Path, required=True, help="engine folder from `visprune build`")
+    p.add_argument("--out", type=Path, required=True, help="model repository folder, e.g. runs/demo/triton")
+    _add_model_settings(p)
+    _add_force(p)
+    p.set_defaults(handler=_run_export_triton)
+
+
+def _run_export_triton(args) -> int:
+    from runtime.triton_repo import export_triton
+
+    model = export_triton(args.engine, args.out, _model_settings(args), force=args.force)
+    print(f"wrote {model} (config.pbtxt, 1/model.py, engine/); try it with `visprune serve --repo {args.out}`")
     return 0
 
 

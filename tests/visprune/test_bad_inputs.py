@@ -260,6 +260,14 @@ CASES = [
          "Unknown optimization level"),
     Case("build-builder-level", "build --onnx {onnx} --out {ws}/e --builder-optimization-level 9", 2, "not in 0-5"),
     Case("build-negative-threads", "build --onnx {onnx} --out {ws}/e --intra-op-threads -1", 2, "is negative"),
+    Case("build-zero-max-batch", "build --onnx {onnx} --out {ws}/e --max-batch 0", 2, "--max-batch must be at least 1"),
+    # --- serve, export-triton ------------------------------------------------------------------------------
+    Case("serve-missing-engine", "serve --engine {ws}/none", 8, "is not a folder"),
+    Case("serve-port-zero", "serve --engine {engine} --http-port 0", 2, "must be a port number"),
+    Case("serve-zero-max-batch", "serve --engine {engine} --max-batch 0", 2, "--max-batch must be at least 1"),
+    Case("export-triton-missing-engine", "export-triton --engine {ws}/none --out {ws}/t", 8, "is not a folder"),
+    Case("export-triton-out-is-a-user-folder", "export-triton --engine {engine} --out {ws}/mine", 2,
+         "a folder with other files", user_folder),
     # --- run -----------------------------------------------------------------------------------------------
     Case("run-missing-engine", "run --engine {ws}/none --image {image} --prompt hi", 8, "is not a folder"),
     Case("run-onnx-set-as-engine", "run --engine {onnx} --image {image} --prompt hi", 8, "No engine manifest"),
@@ -337,7 +345,7 @@ CASES = [
     Case("tradeoff-zero-questions", "tradeoff --questions 0 --out {ws}/t", 2, "--questions and --latency-rounds"),
     Case("tradeoff-out-is-a-user-folder", "tradeoff --out {ws}/mine --questions 2", 2, "a folder with other files",
          user_folder),
-    Case("unknown-command", "serve --port 80", 2, "invalid choice"),
+    Case("unknown-command", "deploy --port 80", 2, "invalid choice"),
     Case("unknown-flag", "run --engine {engine} --image {image} --prompt hi --beam-size 4", 2,
          "unrecognized arguments: --beam-size"),
 ]
