@@ -21,27 +21,56 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import prefill_latency  # noqa: E402  (the bench checkpoint)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BATCHES = (1, 4, 8)
 
 
-def build_engines(work: Path) -> dict[str, Path]:
-    """The pruned (FitPrune 60 %, tiny's calibrated counts) and unpruned ONNX Runtime engines of tiny."""
+def build_engines(work: Path, model: str = "tiny") -> dict[str, Path]:
+    """ONNX Runtime engines: FitPrune 60 %, DivPrune 60 % (the demo's method: one selection before the LLM) and
+    unpruned. `model` "tiny", or "bench": prefill_latency.py's d = 1024 checkpoint, whose language model
+    dominates a request as a 7B one does (FitPrune calibrated on 8 samples, cached in `work`)."""
+    from calibrate.stage import budget_recipe
     from engines import BuildConfig, build_engine
     from exporter import ExportConfig, export_onnx
+    from visprune.models import load_llava
 
-    recipe = work / "recipe.json"
-    recipe.write_text(json.dumps({"method": "fitprune", "num_visual_tokens": 576,
-                                  "removed": [143, 101, 44, 41, 18, 28, 0, 0]}))
+    checkpoint = "tiny" if model == "tiny" else str(prefill_latency.ensure_bench_model()[0])
+    recipes = {"fitprune-60": _fitprune_60(checkpoint, work),
+               "divprune-60": budget_recipe(load_llava(checkpoint).shape, 0.6, "divprune").to_dict(), "unpruned": None}
     engines = {}
-    for name, recipe_path in (("pruned", recipe), ("unpruned", None)):
+    for name, recipe in recipes.items():
         engine = work / f"{name}-engine"
         if not (engine / "engine.json").exists():
-            export_onnx(ExportConfig(model="tiny", recipe=recipe_path), work / f"{name}-onnx", progress=False, force=True)
+            recipe_path = work / f"{name}.json" if recipe else None
+            if recipe:
+                recipe_path.write_text(json.dumps(recipe))
+            export_onnx(ExportConfig(model=checkpoint, recipe=recipe_path), work / f"{name}-onnx", progress=False,
+                        force=True)
             build_engine(BuildConfig(), work / f"{name}-onnx", engine, force=True)
         engines[name] = engine
     return engines
+
+
+def _fitprune_60(checkpoint: str, work: Path) -> dict[str, Any]:
+    if checkpoint == "tiny":  # tiny's calibrated counts (tests/conftest.py TINY_RECIPE_60): six pruning layers
+        return {"method": "fitprune", "num_visual_tokens": 576, "removed": [143, 101, 44, 41, 18, 28, 0, 0]}
+    recipes = prefill_latency.calibrate_recipes(Path(checkpoint), [0.6], 8, work, reuse=True)
+    return recipes[0.6]["recipe"].to_dict()
+
+
+LAYOUT_QUESTIONS = ("What is this?", "Color?", "What is in the picture?",
+                    "Describe every object you can see in this picture, one by one, with its colour.")
+
+
+def layouts(pipe, questions=LAYOUT_QUESTIONS) -> list[str]:
+    """Four prompt layouts: the template, a system prompt before it, a chat turn before the image, a long question."""
+    return [pipe.chat_prompt(questions[0]), "SYSTEM: Answer in one word.\n" + pipe.chat_prompt(questions[1]),
+            f"USER: Hello there.\nASSISTANT: Hi!\nUSER: <image>\n{questions[2]} ASSISTANT:",
+            pipe.chat_prompt(questions[3])]
 
 
 def mixed_requests(pipe, count: int) -> list[Any]:
@@ -49,10 +78,8 @@ def mixed_requests(pipe, count: int) -> list[Any]:
     from runtime.pipeline import Request
 
     images = [s.image for s in default_calibration_set().samples[:count]]
-    layouts = [pipe.chat_prompt("What is this?"), "SYSTEM: Answer in one word.\n" + pipe.chat_prompt("Color?"),
-               "USER: Hello there.\nASSISTANT: Hi!\nUSER: <image>\nWhat is in the picture? ASSISTANT:",
-               pipe.chat_prompt("Describe every object you can see in this picture, one by one, with its colour.")]
-    return [pipe.encode_request(Request(image, layouts[i % 4], 1)) for i, image in enumerate(images)]
+    prompts = layouts(pipe)
+    return [pipe.encode_request(Request(image, prompts[i % 4], 1)) for i, image in enumerate(images)]
 
 
 def time_batch(pipe, encoded: list[Any], batched: bool) -> tuple[float, list[int]]:
