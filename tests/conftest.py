@@ -92,21 +92,23 @@ TINY_RECIPE_60 = [143, 101, 44, 41, 18, 28, 0, 0]
 
 
 @pytest.fixture(scope="session")
-def exported(tmp_path_factory):
-    """Pruned and unpruned ONNX sets and ORT engines of tiny, exported once per session (about 90 s)."""
+def exported(tmp_path_factory, tiny):
+    """Pruned and unpruned ONNX sets and ORT engines of tiny, exported once per session, the unpruned one in a
+    second process meanwhile as `visprune pipeline` does (`tiny` is built first, so the two do not race)."""
     import json
 
     from engines import BuildConfig, build_engine
     from exporter import ExportConfig, export_onnx
+    from runtime.end_to_end import InBackground, _export_and_build
 
     root = tmp_path_factory.mktemp("exported")
     recipe = root / "recipe.json"
     recipe.write_text(json.dumps({"method": "fitprune", "num_visual_tokens": 576, "removed": TINY_RECIPE_60}))
-    paths = {}
-    for name, recipe_path in (("pruned", recipe), ("unpruned", None)):
-        export_onnx(ExportConfig(model="tiny", recipe=recipe_path), root / f"{name}-onnx", progress=False)
-        build_engine(BuildConfig(), root / f"{name}-onnx", root / f"{name}-engine")
-        paths[name] = root / f"{name}-engine"
-        paths[f"{name}-onnx"] = root / f"{name}-onnx"
-    paths["recipe"] = recipe
+    paths = {name: root / f"{name}-engine" for name in ("pruned", "unpruned")}
+    paths.update({f"{name}-onnx": root / f"{name}-onnx" for name in ("pruned", "unpruned")}, recipe=recipe)
+    with InBackground(_export_and_build, ExportConfig(model="tiny"), "onnxruntime", paths["unpruned-onnx"],
+                      paths["unpruned"]) as unpruned:
+        export_onnx(ExportConfig(model="tiny", recipe=recipe), paths["pruned-onnx"], progress=False)
+        build_engine(BuildConfig(), paths["pruned-onnx"], paths["pruned"])
+        unpruned.result()
     return paths
