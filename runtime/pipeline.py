@@ -245,19 +245,25 @@ class Pipeline:
 
 class _RowText:
     """One row's tokens as they come, until its end: EOS, its budget, or a stop string in its text (the text
-    then ends before it). `add` returns whether the row has ended."""
+    then ends before it). `add` returns whether the row has ended. The text is decoded only when read (a stop
+    string to look for, streaming, the end), not on every step of every row."""
 
     def __init__(self, pipe: Pipeline, request: Request, eos: int | None):
         self.pipe, self.stop, self.eos, self.budget = pipe, request.stop, eos, request.max_new_tokens
-        self.tokens, self.text, self.done = [], "", False
+        self.tokens, self.done, self._decoded = [], False, (0, "")
+
+    @property
+    def text(self) -> str:
+        if self._decoded[0] != len(self.tokens):
+            self._decoded = (len(self.tokens), self.pipe.text_of(self.tokens))
+        return self._decoded[1]
 
     def add(self, token: int) -> bool:
         if self.done:
             return True
         self.tokens.append(int(token))
-        self.text = self.pipe.text_of(self.tokens)
         self.done = (token == self.eos or len(self.tokens) >= self.budget
-                     or stop_index(self.text, self.stop) is not None)
+                     or bool(self.stop) and stop_index(self.text, self.stop) is not None)
         return self.done
 
     def ready(self) -> int:
