@@ -4,14 +4,21 @@ are built from scratch exactly as on a fresh machine."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
-os.environ["VISPRUNE_CACHE"] = tempfile.mkdtemp(prefix="visprune-test-cache-")
+CACHE = tempfile.mkdtemp(prefix="visprune-test-cache-")
+os.environ["VISPRUNE_CACHE"] = CACHE
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_unconfigure(config):
+    """The private cache (~17 MB) goes with the session: CI machines run the suite many times on one disk."""
+    shutil.rmtree(CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
