@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+# A second copy of this module (`import tests.conftest`) would switch the session to a second cache midway.
+assert __name__ == "conftest", "import shared test helpers as `from conftest import ...`"
 CACHE = tempfile.mkdtemp(prefix="visprune-test-cache-")
 os.environ["VISPRUNE_CACHE"] = CACHE
 

@@ -17,7 +17,7 @@ from exporter.pruned_lm import LlamaDecodeStep, PrunedLlamaPrefill
 from visprune.methods import METHODS
 from visprune.models.decoder import EAGER, ONNX_OPS, SDPA
 
-from tests.conftest import TINY_RECIPE_60
+from conftest import TINY_RECIPE_60
 
 PREFIXES, TEXTS = (4, 11, 7), (9, 3, 14)  # three rows: P and T differ, so both pads and image offsets differ
 NEW_TOKENS = 3

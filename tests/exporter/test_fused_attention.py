@@ -28,7 +28,7 @@ from visprune.methods import METHODS
 from visprune.models.decoder import EAGER
 from visprune.tensor_names import kept_layer
 
-from tests.conftest import TINY_RECIPE_60
+from conftest import TINY_RECIPE_60
 
 IMAGE_START, TEXT = 4, 9
 
