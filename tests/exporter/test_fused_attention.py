@@ -9,6 +9,7 @@ exported with the default (onnxruntime) target by tests/exporter/test_new_method
 from __future__ import annotations
 
 import collections
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -19,7 +20,7 @@ import torch
 from calibrate.recipe import Recipe, unpruned_recipe
 from calibrate.stage import budget_recipe
 from exporter.export import lint_exported_set
-from exporter.graphs import KERNELS, export_decode, export_prefill
+from exporter.graphs import KERNELS
 from exporter.lint import lint_onnx
 from exporter.pruned_lm import LlamaDecodeStep, PrunedLlamaPrefill
 from runtime.runners import RowLayout, prefill_feeds
@@ -29,8 +30,10 @@ from visprune.models.decoder import EAGER
 from visprune.tensor_names import kept_layer
 
 from conftest import TINY_RECIPE_60
+from two_processes import export_tiny_graph, run_in_two_processes
 
 IMAGE_START, TEXT = 4, 9
+PREFILL_METHODS = ["fitprune", "fastv", "dart", "visionzip"]
 
 
 def recipe_for(name: str, shape) -> Recipe:
@@ -43,19 +46,34 @@ def embeds(tiny):
     return torch.randn(2, IMAGE_START + 576 + TEXT, tiny.shape.hidden_size)
 
 
+@pytest.fixture(scope="module")
+def graphs(tmp_path_factory, tiny) -> dict[tuple[str, str], Path]:
+    """Every graph this module checks, exported once, two at a time: {(method, target): prefill.onnx},
+    {("decode", target): decode.onnx} and {("unpruned", "eager"): an unpruned prefill in eager kernels}."""
+    root = tmp_path_factory.mktemp("fused")
+    keys = [(name, t) for name in PREFILL_METHODS for t in EXPORT_TARGETS] + [("decode", t) for t in EXPORT_TARGETS]
+    paths = {key: root / f"{key[0]}-{key[1]}.onnx" for key in [*keys, ("unpruned", "eager")]}
+    jobs = [(export_tiny_graph, ("decode", recipe_for("fitprune", tiny.shape), IMAGE_START, paths[name, target],
+                                 EXPORT_TARGETS[target], KERNELS[target])) if name == "decode" else
+            (export_tiny_graph, ("prefill", recipe_for(name, tiny.shape), IMAGE_START, paths[name, target],
+                                 EXPORT_TARGETS[target], KERNELS[target])) for name, target in keys]
+    jobs.append((export_tiny_graph, ("prefill", unpruned_recipe(tiny.shape), IMAGE_START, paths["unpruned", "eager"],
+                                     18, EAGER)))
+    run_in_two_processes(jobs[::2], jobs[1::2])  # alternating: each method's two targets go to both sides
+    return paths
+
+
 def ops_of(path) -> collections.Counter:
     model = onnx.load(str(path), load_external_data=False)
     return collections.Counter(node.op_type for node in model.graph.node)
 
 
 @pytest.mark.parametrize("target", list(EXPORT_TARGETS))
-@pytest.mark.parametrize("name", ["fitprune", "fastv", "dart", "visionzip"])
-def test_fused_prefill_matches_the_eager_reference(tmp_path, tiny, embeds, name, target):
+@pytest.mark.parametrize("name", PREFILL_METHODS)
+def test_fused_prefill_matches_the_eager_reference(graphs, tiny, embeds, name, target):
     """fp32: logits and caches within 1e-4 of the eager PyTorch reference, kept indices equal. One method per
     attention need: every row (FitPrune), the last row (FastV), none (DART), none and pre-LLM (VisionZip)."""
-    recipe = recipe_for(name, tiny.shape)
-    path = tmp_path / "prefill.onnx"
-    export_prefill(tiny.model, recipe, IMAGE_START, 2048, path, EXPORT_TARGETS[target], KERNELS[target])
+    recipe, path = recipe_for(name, tiny.shape), graphs[name, target]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     scores = torch.rand(2, 576, generator=torch.Generator().manual_seed(0)) if METHODS[name].vision_score else None
     feeds = prefill_feeds(embeds.numpy(), RowLayout.unpadded(2, IMAGE_START), None if scores is None else scores.numpy())
@@ -80,7 +98,7 @@ def test_fused_prefill_matches_the_eager_reference(tmp_path, tiny, embeds, name,
 
 
 @pytest.mark.parametrize("target", list(EXPORT_TARGETS))
-def test_fused_decode_matches_the_eager_reference(tmp_path, tiny, embeds, target):
+def test_fused_decode_matches_the_eager_reference(graphs, tiny, embeds, target):
     """One decode step over a pruned prefill's caches (per-layer lengths differ), fused vs eager."""
     recipe = recipe_for("fitprune", tiny.shape)
     with torch.no_grad():
@@ -88,8 +106,7 @@ def test_fused_decode_matches_the_eager_reference(tmp_path, tiny, embeds, target
         token = embeds[:, -1:]
         position = torch.full((2, 1), embeds.shape[1], dtype=torch.long)
         logits, presents = LlamaDecodeStep(tiny.model, EAGER)(token, position, None, past)
-    path = tmp_path / "decode.onnx"
-    export_decode(tiny.model, recipe, IMAGE_START, 2048, path, EXPORT_TARGETS[target], KERNELS[target])
+    path = graphs["decode", target]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = {"inputs_embeds": token.numpy(), "position_ids": position.numpy(), "pad_lengths": np.zeros(2, np.int64),
              **{f"past.{i // 2}.{'key' if i % 2 == 0 else 'value'}": p.numpy() for i, p in enumerate(past)}}
@@ -100,9 +117,9 @@ def test_fused_decode_matches_the_eager_reference(tmp_path, tiny, embeds, target
     assert ops_of(path)["Softmax"] == (0 if target == "onnxruntime" else 8)
 
 
-def test_lint_flags_eager_attention_where_none_is_needed(tmp_path, tiny):
+def test_lint_flags_eager_attention_where_none_is_needed(graphs, tmp_path, tiny):
     """An unpruned prefill traced with the eager kernels computes probabilities nobody reads: not fused."""
-    export_prefill(tiny.model, unpruned_recipe(tiny.shape), IMAGE_START, 2048, tmp_path / "prefill.onnx", 18, EAGER)
+    (tmp_path / "prefill.onnx").write_bytes(graphs["unpruned", "eager"].read_bytes())
     (violation,) = lint_onnx(tmp_path / "prefill.onnx", None, 0)
     assert violation.rule == "fused-attention" and "8 attentions" in violation.detail
     with pytest.raises(Exception, match="fused-attention"):

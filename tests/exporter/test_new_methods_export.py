@@ -1,14 +1,12 @@
 """DART, DivPrune and VisionZip through the whole product on tiny at 60 %: export (the lint runs inside and fails the
 export on any violation), an ONNX Runtime engine, and parity with the PyTorch reference of the same pruned model.
 
-Each method is exported and built once per module, all three at once: two in spawned processes while the third
-exports here (tracing is mostly one core's work; two cores halve the wait).
+Each method is exported and built once per module, two processes at a time (tests/two_processes.py).
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -17,29 +15,21 @@ import torch
 
 from calibrate.recipe import save_recipe
 from calibrate.stage import budget_recipe
-from engines import BuildConfig, build_engine
 from runtime.runners import RowLayout, prefill_feeds
-from exporter import ExportConfig, export_onnx
 from exporter.graphs import VisionFeatures
 from exporter.pruned_lm import PrunedLlamaPrefill
-from runtime.end_to_end import InBackground
 from runtime.parity import default_parity_prompts, parity_report
 from runtime.pipeline import Pipeline
 from runtime.torch_runner import TorchRunner
 from visprune.methods import METHODS
 from visprune.tensor_names import PRE_LLM
 
+from two_processes import export_and_build, run_in_two_processes
+
 pytestmark = pytest.mark.slow  # about a minute per method on two busy CPU cores (export + build)
 
 METHOD_NAMES = ["dart", "divprune", "visionzip"]
 REDUCTION = 0.6
-
-
-def export_and_build(*roots: Path) -> None:
-    """Each root's recipe.json to root/onnx (ONNX set) and root/engine (ONNX Runtime engine), in turn."""
-    for root in roots:
-        export_onnx(ExportConfig(model="tiny", recipe=root / "recipe.json"), root / "onnx", progress=False)
-        build_engine(BuildConfig(backend="onnxruntime"), root / "onnx", root / "engine")
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +40,8 @@ def all_built(tmp_path_factory, tiny) -> dict[str, tuple]:
     recipes = {name: budget_recipe(tiny.shape, REDUCTION, name) for name in METHOD_NAMES}
     for name, root in roots.items():
         save_recipe(recipes[name], root / "recipe.json")
-    with InBackground(export_and_build, *(roots[n] for n in METHOD_NAMES if n != "divprune")) as others:
-        export_and_build(roots["divprune"])
-        others.result()
+    jobs = {name: (export_and_build, (root / "recipe.json", root)) for name, root in roots.items()}
+    run_in_two_processes([jobs["divprune"]], [jobs["dart"], jobs["visionzip"]])
     return {name: (name, recipes[name], root / "onnx", root / "engine") for name, root in roots.items()}
 
 
