@@ -1,15 +1,19 @@
 """FastV and random baselines: recipes at an equal budget, and how the exported model picks survivors."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from calibrate.baselines import fastv_recipe, random_recipe
 from calibrate.flops import visual_flops_reduction
-from calibrate.recipe import Recipe, recipe_from_dict
+from calibrate.recipe import Recipe, recipe_from_dict, save_recipe
 from exporter.graphs import VisionFeatures
 from exporter.pruned_lm import PrunedLlamaPrefill
 from visprune.errors import BudgetUnreachableError, RecipeError
 from visprune.models.decoder import attend, causal_blocked, finish_layer
+
+from two_processes import export_and_build, run_in_two_processes
 
 
 def test_fastv_prunes_once_before_layer_two_with_the_smallest_count_meeting_the_budget(tiny):
@@ -83,23 +87,31 @@ def test_random_survivors_depend_on_the_seed_not_the_image(tiny, default_set):
     assert set(kept_a[1][0].tolist()) < set(kept_a[0][0].tolist())  # nested: later layers keep a subset
 
 
+def baseline_recipe(method: str, shape) -> Recipe:
+    return fastv_recipe(shape, 0.6) if method == "fastv" else \
+        random_recipe(Recipe("fitprune", 576, [143, 101, 44, 41, 18, 28, 0, 0]), seed=1)
+
+
+@pytest.fixture(scope="module")
+def baseline_engines(tmp_path_factory, tiny) -> dict[str, Path]:
+    """{method: root} with root/onnx and root/engine, both baselines exported at once (tests/two_processes.py)."""
+    roots = {method: tmp_path_factory.mktemp(method) for method in ("fastv", "random")}
+    for method, root in roots.items():
+        save_recipe(baseline_recipe(method, tiny.shape), root / "recipe.json")
+    run_in_two_processes(*([(export_and_build, (root / "recipe.json", root))] for root in roots.values()))
+    return roots
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["fastv", "random"])
-def test_baselines_export_and_run_like_fitprune(method, tiny, tmp_path, default_set):
+def test_baselines_export_and_run_like_fitprune(method, tiny, baseline_engines, default_set):
     """Through the same exporter and runtime: the ORT engine keeps what the PyTorch reference keeps."""
-    import json
-
-    from engines import BuildConfig, build_engine
-    from exporter import ExportConfig, export_onnx
     from runtime import Pipeline
     from runtime.torch_runner import TorchRunner
 
-    recipe = fastv_recipe(tiny.shape, 0.6) if method == "fastv" else \
-        random_recipe(Recipe("fitprune", 576, [143, 101, 44, 41, 18, 28, 0, 0]), seed=1)
-    (tmp_path / "recipe.json").write_text(json.dumps(recipe.to_dict()))
-    export_onnx(ExportConfig(model="tiny", recipe=tmp_path / "recipe.json"), tmp_path / "onnx", progress=False)
-    build_engine(BuildConfig(), tmp_path / "onnx", tmp_path / "engine")
-    engine = Pipeline.from_engine_dir(tmp_path / "engine")
+    recipe = baseline_recipe(method, tiny.shape)
+    engine_dir = baseline_engines[method] / "engine"
+    engine = Pipeline.from_engine_dir(engine_dir)
     assert engine.manifest.onnx_set.recipe.method == method
     reference = engine.with_runner(TorchRunner(tiny, recipe, engine.image_start))
     image, prompt = default_set.samples[5].image, engine.chat_prompt("What is in the picture?")

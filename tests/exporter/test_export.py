@@ -1,6 +1,7 @@
 """The exported ONNX set: manifest, graph contract, and edge recipes through ONNX Runtime vs PyTorch."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -15,6 +16,9 @@ from exporter.graphs import export_prefill
 from exporter.pruned_lm import PrunedLlamaPrefill
 from visprune.artifacts import sha256_bytes, canonical_json
 from visprune.errors import RecipeError
+from visprune.models.decoder import EAGER
+
+from two_processes import export_tiny_graph, run_in_two_processes
 
 
 def test_manifest_describes_the_set(exported):
@@ -45,16 +49,29 @@ def test_unpruned_export_uses_the_same_code_path(exported):
     assert manifest["kv_stages"] == [0] * 8
 
 
+EDGE_RECIPES = {
+    "keep one visual token": [575, 0, 0, 0, 0, 0, 0, 0],
+    "prune only at layer 0": [300, 0, 0, 0, 0, 0, 0, 0],
+    "prune only at the last layer": [0, 0, 0, 0, 0, 0, 0, 400],
+}
+
+
+@pytest.fixture(scope="module")
+def edge_prefills(tmp_path_factory, tiny) -> dict[str, Path]:
+    """{name: prefill.onnx} for every edge recipe (eager kernels, opset 18), two exports at a time."""
+    root = tmp_path_factory.mktemp("edge")
+    paths = {name: root / f"{index}.onnx" for index, name in enumerate(EDGE_RECIPES)}
+    jobs = [(export_tiny_graph, ("prefill", Recipe("fitprune", 576, removed), 4, paths[name], 18, EAGER))
+            for name, removed in EDGE_RECIPES.items()]
+    run_in_two_processes(jobs[::2], jobs[1::2])
+    return paths
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name, removed", [
-    ("keep one visual token", [575, 0, 0, 0, 0, 0, 0, 0]),
-    ("prune only at layer 0", [300, 0, 0, 0, 0, 0, 0, 0]),
-    ("prune only at the last layer", [0, 0, 0, 0, 0, 0, 0, 400]),
-])
-def test_edge_recipes_match_pytorch(tmp_path, tiny, default_states, name, removed):
-    recipe = Recipe("fitprune", 576, removed)
-    path = tmp_path / "prefill.onnx"
-    export_prefill(tiny.model, recipe, 4, 2048, path, 18)
+@pytest.mark.parametrize("name", EDGE_RECIPES)
+def test_edge_recipes_match_pytorch(edge_prefills, tiny, default_states, name):
+    removed = EDGE_RECIPES[name]
+    recipe, path = Recipe("fitprune", 576, removed), edge_prefills[name]
     embeds = torch.stack([default_states[0].hidden, default_states[0].hidden])  # batch 2
     with torch.no_grad():
         ref_logits, ref_kv, ref_kept = PrunedLlamaPrefill(tiny.model, recipe, 4)(embeds)
