@@ -93,13 +93,7 @@ def _send(client: Any, model: str, request: LoadRequest, protocol: str) -> tuple
     from tritonclient.utils import InferenceServerException
 
     module = __import__(f"tritonclient.{protocol}", fromlist=["InferInput"])
-    inputs = []
-    for name, value, dtype in (("image", request.image, object), ("prompt", request.prompt.encode(), object),
-                               ("max_new_tokens", request.max_new_tokens, np.int32)):
-        array = np.array([[value]], dtype=dtype)
-        tensor = module.InferInput(name, list(array.shape), "BYTES" if dtype is object else "INT32")
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
+    inputs = infer_inputs(module, image=request.image, prompt=request.prompt, max_new_tokens=request.max_new_tokens)
     try:
         response = client.infer(model, inputs, outputs=[module.InferRequestedOutput("text")])
     except InferenceServerException as e:
@@ -107,6 +101,23 @@ def _send(client: Any, model: str, request: LoadRequest, protocol: str) -> tuple
     except Exception as e:  # noqa: BLE001  (a dropped connection, a timeout: the request is lost)
         return "lost", f"{type(e).__name__}: {e}"
     return "ok", response.as_numpy("text").reshape(-1)[0].decode()
+
+
+def infer_inputs(module: Any, rows: int = 1, **values: Any) -> list[Any]:
+    """tritonclient InferInputs (`module`: tritonclient.http or .grpc) by input name, each value repeated over
+    `rows`, typed as the model's config declares (runtime/triton_repo.py INPUTS)."""
+    from tritonclient.utils import np_to_triton_dtype
+
+    from runtime.triton_repo import INPUTS
+
+    kinds = {spec.name: spec.numpy_type for spec in INPUTS}
+    made = []
+    for name, value in values.items():
+        array = np.array([[value.encode() if isinstance(value, str) else value]] * rows, dtype=kinds[name])
+        tensor = module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        made.append(tensor)
+    return made
 
 
 def _status(error: Any) -> str:

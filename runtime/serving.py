@@ -175,8 +175,12 @@ class ServeConfig:
     settings: ModelSettings | None = None  # None: ModelSettings()'s defaults (an engine) or the repository's
     log_file: Path | None = None  # tritonserver's log (default: a temporary file, quoted in startup errors)
 
+    def ports(self) -> dict[str, int]:
+        """{CLI flag: port} of the three endpoints."""
+        return {"--http-port": self.http_port, "--grpc-port": self.grpc_port, "--metrics-port": self.metrics_port}
+
     def __post_init__(self) -> None:
-        ports = {"--http-port": self.http_port, "--grpc-port": self.grpc_port, "--metrics-port": self.metrics_port}
+        ports = self.ports()
         for flag, port in ports.items():
             if not 0 < port < 65536:
                 raise ConfigError(f"{flag} must be a port number (1-65535), got {port}.", f"Pass e.g. {flag} 8000.")
@@ -234,8 +238,7 @@ def start_server(config: ServeConfig, engine_dir: Path | None = None,
         raise ConfigError("A model repository is served as its config.pbtxt says; the scheduling flags apply to "
                           "--engine.", "Drop them, or write the repository again with them (export-triton).")
     triton_class, triton_config = _pytriton()
-    for flag, port in (("--http-port", config.http_port), ("--grpc-port", config.grpc_port),
-                       ("--metrics-port", config.metrics_port)):
+    for flag, port in config.ports().items():
         _check_port_free(flag, port)
     with tempfile.TemporaryDirectory(prefix="visprune-serve-") as tmp:
         settings = config.settings or ModelSettings()
@@ -345,8 +348,7 @@ def _processes() -> dict[int, tuple[str, int]]:
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, ValueError, IndexError):
             text = stat.read_text()
-            found[int(stat.parent.name)] = (text[text.index("(") + 1:text.rindex(")")],
-                                            int(text[text.rindex(")") + 2:].split()[1]))
+            found[int(stat.parent.name)] = (text[text.index("(") + 1:text.rindex(")")], int(_after_name(text)[1]))
     return found
 
 
@@ -356,7 +358,12 @@ def _process_state(pid: int) -> str | None:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return text[text.rindex(")") + 2:].split()[0]
+    return _after_name(text)[0]
+
+
+def _after_name(stat: str) -> list[str]:
+    """The fields of a /proc/PID/stat line after "(name)": state, ppid, ... (a name may hold spaces and ")")."""
+    return stat[stat.rindex(")") + 2:].split()
 
 
 @contextlib.contextmanager

@@ -106,18 +106,18 @@ def exported(tmp_path_factory, tiny):
     second process meanwhile as `visprune pipeline` does (`tiny` is built first, so the two do not race)."""
     import json
 
-    from engines import BuildConfig, build_engine
-    from exporter import ExportConfig, export_onnx
-    from runtime.end_to_end import InBackground, _export_and_build
+    from exporter import ExportConfig
+    from runtime.end_to_end import _export_and_build
+    from two_processes import run_in_two_processes
 
     root = tmp_path_factory.mktemp("exported")
     recipe = root / "recipe.json"
     recipe.write_text(json.dumps({"method": "fitprune", "num_visual_tokens": 576, "removed": TINY_RECIPE_60}))
     paths = {name: root / f"{name}-engine" for name in ("pruned", "unpruned")}
     paths.update({f"{name}-onnx": root / f"{name}-onnx" for name in ("pruned", "unpruned")}, recipe=recipe)
-    with InBackground(_export_and_build, ExportConfig(model="tiny"), "onnxruntime", paths["unpruned-onnx"],
-                      paths["unpruned"]) as unpruned:
-        export_onnx(ExportConfig(model="tiny", recipe=recipe), paths["pruned-onnx"], progress=False)
-        build_engine(BuildConfig(), paths["pruned-onnx"], paths["pruned"])
-        unpruned.result()
+    def job(name: str, config: ExportConfig):
+        return _export_and_build, (config, "onnxruntime", paths[f"{name}-onnx"], paths[name])
+
+    run_in_two_processes([job("pruned", ExportConfig(model="tiny", recipe=recipe))],
+                         [job("unpruned", ExportConfig(model="tiny"))])
     return paths

@@ -13,6 +13,7 @@ from exporter.pruned_lm import PrunedLlamaPrefill
 from visprune.errors import BudgetUnreachableError, RecipeError
 from visprune.models.decoder import attend, causal_blocked, finish_layer
 
+from conftest import TINY_RECIPE_60
 from two_processes import export_and_build, run_in_two_processes
 
 
@@ -89,7 +90,7 @@ def test_random_survivors_depend_on_the_seed_not_the_image(tiny, default_set):
 
 def baseline_recipe(method: str, shape) -> Recipe:
     return fastv_recipe(shape, 0.6) if method == "fastv" else \
-        random_recipe(Recipe("fitprune", 576, [143, 101, 44, 41, 18, 28, 0, 0]), seed=1)
+        random_recipe(Recipe("fitprune", 576, TINY_RECIPE_60), seed=1)
 
 
 @pytest.fixture(scope="module")

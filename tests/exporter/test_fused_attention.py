@@ -53,10 +53,10 @@ def graphs(tmp_path_factory, tiny) -> dict[tuple[str, str], Path]:
     root = tmp_path_factory.mktemp("fused")
     keys = [(name, t) for name in PREFILL_METHODS for t in EXPORT_TARGETS] + [("decode", t) for t in EXPORT_TARGETS]
     paths = {key: root / f"{key[0]}-{key[1]}.onnx" for key in [*keys, ("unpruned", "eager")]}
-    jobs = [(export_tiny_graph, ("decode", recipe_for("fitprune", tiny.shape), IMAGE_START, paths[name, target],
-                                 EXPORT_TARGETS[target], KERNELS[target])) if name == "decode" else
-            (export_tiny_graph, ("prefill", recipe_for(name, tiny.shape), IMAGE_START, paths[name, target],
-                                 EXPORT_TARGETS[target], KERNELS[target])) for name, target in keys]
+    graph_of = lambda name: ("decode", "fitprune") if name == "decode" else ("prefill", name)  # noqa: E731
+    jobs = [(export_tiny_graph, (graph, recipe_for(method, tiny.shape), IMAGE_START, paths[name, target],
+                                 EXPORT_TARGETS[target], KERNELS[target]))
+            for name, target in keys for graph, method in [graph_of(name)]]
     jobs.append((export_tiny_graph, ("prefill", unpruned_recipe(tiny.shape), IMAGE_START, paths["unpruned", "eager"],
                                      18, EAGER)))
     run_in_two_processes(jobs[::2], jobs[1::2])  # alternating: each method's two targets go to both sides

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from conftest import snapshot
+from runtime.loadgen import infer_inputs
 from runtime.triton_repo import INPUTS, ModelSettings, export_triton
 from visprune.errors import BackendUnavailableError, ConfigError, ImageLoadError, InputDataError, PromptError
 from visprune.outputs import OutputLocationError
@@ -84,21 +85,6 @@ def server(repository):
 
 
 # --- talking to it ----------------------------------------------------------------------------------------
-
-
-def infer_inputs(module, rows: int = 1, **values):
-    """tritonclient InferInputs (`module`: tritonclient.http or .grpc), each value repeated over `rows`."""
-    from tritonclient.utils import np_to_triton_dtype
-
-    kinds = {spec.name: spec.numpy_type for spec in INPUTS}
-    made = []
-    for name, value in values.items():
-        value = value.encode() if isinstance(value, str) else value
-        array = np.array([[value]] * rows, dtype=kinds[name])
-        tensor = module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-        tensor.set_data_from_numpy(array)
-        made.append(tensor)
-    return made
 
 
 def ask_http(server, rows: int = 1, **values) -> list[str]:
