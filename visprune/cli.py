@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import contextlib
 import signal
@@ -9,7 +10,7 @@ import sys
 import threading
 import traceback
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from visprune.errors import VispruneError
 from visprune.methods import MAIN_METHODS, PRUNING_METHODS
@@ -64,15 +65,30 @@ def sigterm_as_interrupt() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():  # signals can only be set from the main thread
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous, previous_hook = signal.signal(signal.SIGTERM, _raise_interrupt), sys.unraisablehook
+    sys.unraisablehook = _interrupting_again(previous_hook)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = previous_hook
 
 
 def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
+
+
+def _interrupting_again(previous_hook: Callable[[Any], None]) -> Callable[[Any], None]:
+    """Python drops an exception raised in a finalizer (a `__del__`, a weakref callback: "Exception ignored
+    in ..."), so an interrupt that lands in one would be lost and the command would run on to the end. Such an
+    interrupt is delivered again, as SIGTERM (whose handler is ours here, unlike an ignored SIGINT's), from a
+    timer: delivered at once it would land in this hook, where it is dropped too."""
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            threading.Timer(0.05, _thread.interrupt_main, (signal.SIGTERM,)).start()
+        else:
+            previous_hook(unraisable)
+    return hook
 
 
 def _add_force(p) -> None:
