@@ -29,7 +29,16 @@ from torch import nn
 from calibrate.recipe import Recipe
 from exporter import selection
 from visprune.methods import METHODS
-from visprune.models.decoder import EAGER, Kernels, attend, finish_layer, pad_blocked, padded_causal_blocked, rms_norm
+from visprune.models.decoder import (
+    EAGER,
+    Kernels,
+    attend,
+    attend_cached,
+    finish_layer,
+    pad_blocked,
+    padded_causal_blocked,
+    rms_norm,
+)
 
 
 class PrunedLlamaPrefill(nn.Module):
@@ -78,8 +87,10 @@ class PrunedLlamaPrefill(nn.Module):
         for layer, removed in zip(self.layers, self.removed):
             if blocked is None and pad_lengths is not None:  # once per KV stage: it changes only where rows go
                 blocked = padded_causal_blocked(hidden.shape[1], pad_lengths)
+            columns = selection.visual_positions(image_starts, visual_ids.shape[1]) if removed else None
             context, probs, key, value = attend(layer, self.rotary, hidden, positions, blocked, causal=True,
-                                                kernels=self.kernels, probs=self.attention_rows if removed else None)
+                                                kernels=self.kernels, probs=self.attention_rows if removed else None,
+                                                columns=columns)
             presents += [key, value]
             if removed:
                 normed = rms_norm(layer.input_layernorm, hidden, self.kernels)
@@ -133,6 +144,31 @@ class LlamaDecodeStep(nn.Module):
             presents += [key, value]
             hidden = finish_layer(layer, hidden, context, self.kernels)
         return self.lm_head(rms_norm(self.norm, hidden[:, -1], self.kernels)), presents
+
+
+class StaticCacheDecodeStep(nn.Module):
+    """One token against static per-layer cache buffers (no concatenation, nothing allocated per step):
+    inputs_embeds [B, 1, D], position_ids [B, 1], pad_lengths [B], cache_position [1] (the token's slot in an
+    unpruned cache: the padded prompt length plus the steps so far), cache [K, V per layer, each
+    [B, Hkv, C_layer, Dh]] -> logits [B, V]. Layer i's cache lacks the `shift[i]` visual tokens pruned before
+    it, so the token goes to slot cache_position - shift[i] there."""
+
+    def __init__(self, llava: nn.Module, shift: list[int], kernels: Kernels):
+        super().__init__()
+        self.kernels = kernels
+        lm = llava.model.language_model
+        self.layers, self.norm, self.rotary = lm.layers, lm.norm, lm.rotary_emb
+        self.lm_head = llava.lm_head
+        self.shift = list(shift)
+
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, pad_lengths: torch.Tensor,
+                cache_position: torch.Tensor, cache: list[torch.Tensor]) -> torch.Tensor:
+        hidden = inputs_embeds
+        for i, layer in enumerate(self.layers):
+            context = attend_cached(layer, self.rotary, hidden, position_ids, (cache[2 * i], cache[2 * i + 1]),
+                                    cache_position - self.shift[i], pad_lengths, self.kernels)
+            hidden = finish_layer(layer, hidden, context, self.kernels)
+        return self.lm_head(rms_norm(self.norm, hidden[:, -1], self.kernels))
 
 
 def _take_rows(tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -24,15 +24,14 @@ class SelectionInputs:
     image_starts: torch.Tensor  # [B] int64: P per row
     visual_ids: torch.Tensor  # [B, n] image indices of the visual tokens present
     hidden: torch.Tensor  # [B, S, D] the layer's normalized input (pre-LLM: the input embeddings)
-    probs: torch.Tensor | None = None  # [B, H, S, S] float32 attention probabilities
+    probs: torch.Tensor | None = None  # [B, H, S or 1, n] float32 attention probabilities of the visual keys
     key: torch.Tensor | None = None  # [B, Hkv, S, Dh] the layer's keys
     random_scores: torch.Tensor | None = None  # [N] a fixed seeded score per image index
     image_scores: torch.Tensor | None = None  # [B, N] the vision graph's score (VisionZip)
 
     def visual_rows(self) -> torch.Tensor:
         """[B, n] the sequence positions of the visual tokens present."""
-        n = self.visual_ids.shape[1]
-        return self.image_starts[:, None] + torch.arange(n, device=self.image_starts.device)
+        return visual_positions(self.image_starts, self.visual_ids.shape[1])
 
     def after_image(self, seq: int) -> torch.Tensor:
         """[B, S] True at the positions after each row's image (its text)."""
@@ -47,6 +46,11 @@ class SelectionInputs:
         size = list(tensor.shape)
         size[dim] = rows.shape[1]
         return torch.gather(tensor, dim, rows.view(view).expand(size))
+
+
+def visual_positions(image_starts: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, n] the sequence positions of a row's n visual tokens (they stay contiguous: pruning keeps the order)."""
+    return image_starts[:, None] + torch.arange(n, device=image_starts.device)
 
 
 def top(scores: torch.Tensor, keep: int) -> torch.Tensor:
@@ -73,17 +77,17 @@ def fitprune_head_mean(v: SelectionInputs, keep: int) -> torch.Tensor:
 
 
 def _fitprune_terms(combined: torch.Tensor, v: SelectionInputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a_self, a_cross) [B, n] from heads-combined probabilities [B, S, S]: the attention each visual token gets
-    from the visual rows (mean) and from the rows after the image (sum: 1/T does not change the ranking)."""
-    visual_cols = v.take_visual(combined, 2)  # [B, S, n]
-    a_self = v.take_visual(visual_cols, 1).sum(dim=1) / v.visual_ids.shape[1]
-    text_rows = v.after_image(combined.shape[1]).unsqueeze(-1).to(visual_cols.dtype)  # [B, S, 1]
-    return a_self, (visual_cols * text_rows).sum(dim=1)
+    """(a_self, a_cross) [B, n] from heads-combined probabilities of the visual keys [B, S, n]: the attention each
+    visual token gets from the visual rows (mean) and from the rows after the image (sum: 1/T does not change the
+    ranking)."""
+    a_self = v.take_visual(combined, 1).sum(dim=1) / v.visual_ids.shape[1]
+    text_rows = v.after_image(combined.shape[1]).unsqueeze(-1).to(combined.dtype)  # [B, S, 1]
+    return a_self, (combined * text_rows).sum(dim=1)
 
 
 def last_token(v: SelectionInputs, keep: int) -> torch.Tensor:
     """FastV (pruning_methods.md §2.2): the last prompt token's attention, heads averaged."""
-    return top(v.take_visual(v.probs.mean(dim=1)[:, -1], 1), keep)  # left padding: -1 is every row's last
+    return top(v.probs.mean(dim=1)[:, -1], keep)  # left padding: -1 is every row's last
 
 
 def random(v: SelectionInputs, keep: int) -> torch.Tensor:
@@ -105,14 +109,19 @@ def dart(v: SelectionInputs, keep: int, pivots: int = 8) -> torch.Tensor:
     chosen = top(keys.float().abs().sum(-1), pivots)  # [B, pivots]; float32 like every score (fp16 overflows)
     unit = torch.nn.functional.normalize(v.take_visual(v.hidden, 1).float(), dim=-1)  # [B, n, D]
     similarity = unit @ torch.gather(unit, 1, chosen.unsqueeze(-1).expand(-1, -1, unit.shape[-1])).transpose(1, 2)
-    taken = torch.zeros_like(similarity[..., 0], dtype=torch.bool).scatter(1, chosen, True)  # [B, n]
+    taken = _marked(torch.zeros_like(similarity[..., 0]), chosen)  # [B, n]
     picks = [chosen]
     for pivot, share in enumerate(_shares(keep - pivots, pivots)):
         if share:
-            candidates = (-similarity[:, :, pivot]).masked_fill(taken, float("-inf"))
+            candidates = (-similarity[:, :, pivot]).masked_fill(taken > 0, float("-inf"))
             picks.append(top(candidates, share))
-            taken = taken.scatter(1, picks[-1], True)
+            taken = _marked(taken, picks[-1])
     return torch.cat(picks, dim=1)
+
+
+def _marked(taken: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
+    """`taken` [B, n] float32 with 1 at `picks` [B, k]. Float, not bool: TensorRT's Scatter takes no bool data."""
+    return taken.scatter(1, picks, 1.0)
 
 
 def _shares(total: int, parts: int) -> list[int]:
@@ -128,12 +137,12 @@ def divprune(v: SelectionInputs, keep: int) -> torch.Tensor:
     distance = 1.0 - unit @ unit.transpose(1, 2)  # [B, n, n]
     nearest = torch.topk(distance, 2, dim=1, largest=False, sorted=True).values[:, 1]  # [B, n] beyond itself
     pick = nearest.argmax(dim=1, keepdim=True)  # [B, 1]
-    picks, taken = [pick], torch.zeros_like(nearest, dtype=torch.bool).scatter(1, pick, True)
+    picks, taken = [pick], _marked(torch.zeros_like(nearest), pick)
     closest = _distance_row(distance, pick)
     for _ in range(keep - 1):
-        pick = closest.masked_fill(taken, float("-inf")).argmax(dim=1, keepdim=True)
+        pick = closest.masked_fill(taken > 0, float("-inf")).argmax(dim=1, keepdim=True)
         picks.append(pick)
-        taken = taken.scatter(1, pick, True)
+        taken = _marked(taken, pick)
         closest = torch.minimum(closest, _distance_row(distance, pick))
     return torch.cat(picks, dim=1)
 

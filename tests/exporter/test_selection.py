@@ -21,23 +21,27 @@ from exporter.graphs import VisionFeatures
 from exporter.pruned_lm import PrunedLlamaPrefill, _take_rows
 from exporter.selection import SelectionInputs
 from visprune.methods import METHODS
-from visprune.models.decoder import attend, causal_blocked, finish_layer
+from visprune.models.decoder import attend, causal_blocked, finish_layer, take_columns
 
 SEEDS = range(5)
 
 
 def random_point(seed: int, batch: int = 2, prefix: int = 3, n: int = 40, num_visual: int = 64, text: int = 6,
-                 heads: int = 4, kv_heads: int = 2, head_dim: int = 8, hidden: int = 16) -> SelectionInputs:
+                 heads: int = 4, kv_heads: int = 2, head_dim: int = 8, hidden: int = 16,
+                 all_columns: bool = False) -> SelectionInputs:
     """A pruning point with random contents: n of num_visual image tokens still present (a different sorted
-    subset per batch row), causal attention probabilities, keys, hidden states and the per-image scores."""
+    subset per batch row), causal attention probabilities of the visual keys (the prefill's view; `all_columns`:
+    of every key, as calibration sees them), keys, hidden states and the per-image scores."""
     g = torch.Generator().manual_seed(seed)
     seq = prefix + n + text
     visual_ids = torch.stack([torch.randperm(num_visual, generator=g)[:n].sort().values for _ in range(batch)])
     logits = torch.randn(batch, heads, seq, seq, generator=g) * 3
     logits.masked_fill_(torch.ones(seq, seq, dtype=torch.bool).triu(1), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    starts = torch.full((batch,), prefix)
     return SelectionInputs(
-        image_starts=torch.full((batch,), prefix), visual_ids=visual_ids, hidden=torch.randn(batch, seq, hidden, generator=g),
-        probs=torch.softmax(logits, dim=-1), key=torch.randn(batch, kv_heads, seq, head_dim, generator=g),
+        image_starts=starts, visual_ids=visual_ids, hidden=torch.randn(batch, seq, hidden, generator=g),
+        probs=probs if all_columns else take_columns(probs, selection.visual_positions(starts, n)), key=torch.randn(batch, kv_heads, seq, head_dim, generator=g),
         random_scores=torch.rand(num_visual, generator=g), image_scores=torch.rand(batch, num_visual, generator=g))
 
 
@@ -152,8 +156,8 @@ def head_combined_scores(v: SelectionInputs, combined: torch.Tensor) -> tuple[li
 def test_fitprune_variants_rank_as_calibration_scores_them(seed, keep):
     """The product (heads max), its ablations (self term, cross term, heads averaged) and FastV's last-token score,
     against calibrate/scoring.py on the same probabilities (and the last row read directly)."""
-    v = random_point(seed)
-    head_max, head_mean = v.probs.amax(dim=1), v.probs.mean(dim=1)
+    v, everything = random_point(seed), random_point(seed, all_columns=True).probs
+    head_max, head_mean = everything.amax(dim=1), everything.mean(dim=1)
     (max_self, max_cross), (mean_self, mean_cross) = head_combined_scores(v, head_max), head_combined_scores(v, head_mean)
     start = int(v.image_starts[0])
     span = slice(start, start + v.visual_ids.shape[1])
@@ -163,7 +167,7 @@ def test_fitprune_variants_rank_as_calibration_scores_them(seed, keep):
             "fitprune_self": largest(max_self[b].tolist(), keep),
             "fitprune_cross": largest(max_cross[b].tolist(), keep),
             "fitprune_head_mean": largest((mean_self[b] * mean_cross[b]).tolist(), keep),
-            "last_token": largest([float(v.probs[b, :, -1, span.start + i].double().mean())
+            "last_token": largest([float(everything[b, :, -1, span.start + i].double().mean())
                                    for i in range(span.stop - span.start)], keep),
         }
         for name, want in expected.items():
