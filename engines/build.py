@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from engines.profiles import prompt_length_range
+from engines.profiles import kv_capacity, prompt_length_range
 from visprune.artifacts import atomic_write_json, sha256_file, tool_versions
 from visprune.errors import ArtifactMismatchError, BackendUnavailableError, ConfigError
 from visprune.manifests import (
@@ -73,7 +73,12 @@ class BuildConfig:
     # ONNX Runtime: intra-op threads spin after a run. Off by default: each graph has its own session and pool, and
     # one session's spinning threads slowed the next one's run by ~25 ms on 2 cores (bench/results/engine_speed.md)
     spinning: bool = False
-    torch_compile: bool = False  # PyTorch backend: torch.compile the prefill and decode modules
+    # PyTorch backend (runtime/static_torch_runner.py): torch.compile the prefill and decode modules (None: on CUDA
+    # only; inductor's CPU compile of a large model takes minutes), replay them as CUDA graphs, and the prompt
+    # buckets (None: runtime.static_torch_runner.default_buckets up to max_prompt_tokens)
+    torch_compile: bool | None = None
+    cuda_graphs: bool = True
+    prompt_buckets: tuple[int, ...] | None = None
     allow_tf32: bool = False  # CUDA: let float32 matmuls and convolutions round their inputs to TF32
 
     def __post_init__(self) -> None:
@@ -89,6 +94,9 @@ class BuildConfig:
         if self.intra_op_threads < 0:
             raise ConfigError(f"--intra-op-threads {self.intra_op_threads} is negative.",
                               "Use 0 (one per available core) or a positive count.")
+        if self.prompt_buckets is not None and (not self.prompt_buckets or min(self.prompt_buckets) < 1):
+            raise ConfigError(f"--prompt-buckets {self.prompt_buckets} must list positive prompt lengths.",
+                              "Pass e.g. --prompt-buckets 640,704,1024 (the largest is --max-prompt-tokens).")
         if not 0 <= self.builder_optimization_level <= 5:
             raise ConfigError(f"TensorRT builder optimization level {self.builder_optimization_level} is not in 0-5.",
                               "Use 3 (TensorRT's default) or 5 for the longest search.")
@@ -100,6 +108,7 @@ class BuildConfig:
     def to_dict(self) -> dict[str, Any]:
         fields = asdict(self)
         fields["timing_cache"] = str(self.timing_cache) if self.timing_cache else None
+        fields["prompt_buckets"] = list(self.prompt_buckets) if self.prompt_buckets else None
         return {"version": self.VERSION, **fields}
 
 
@@ -115,11 +124,16 @@ def build_engine(config: BuildConfig, onnx_dir: Path, out_dir: Path, force: bool
     if config.backend == "auto":  # TensorRT only for a set written for it
         backend = auto_backend()
         config = replace(config, backend=backend if backend in TARGET_BACKENDS[onnx_set.target] else "onnxruntime")
-    if config.backend == "tensorrt":  # bad limits, then a missing TensorRT: re-exporting would not help either
+    if config.backend in ("tensorrt", "pytorch"):  # bad limits before any work: re-exporting would not help either
+        prompt_length_range(onnx_set, config.max_prompt_tokens, config.max_new_tokens)
+    if config.backend == "tensorrt":
         from engines.tensorrt import import_tensorrt
 
-        prompt_length_range(onnx_set, config.max_prompt_tokens, config.max_new_tokens)
         import_tensorrt()
+    if config.backend == "pytorch":
+        from engines.torch_static import check_torch_device
+
+        check_torch_device(config.device)
     check_target(onnx_set, config.backend, onnx_dir)
     build_graphs = {"onnxruntime": _build_onnxruntime, "tensorrt": _build_tensorrt, "pytorch": _build_pytorch}
     with replacing(out_dir) as staging:
@@ -203,14 +217,58 @@ def _build_tensorrt(config: BuildConfig, onnx_dir: Path, onnx_set: OnnxSetManife
 
 
 def _build_pytorch(config: BuildConfig, onnx_dir: Path, onnx_set: OnnxSetManifest, staging: Path) -> dict[str, Any]:
+    """The static-shape PyTorch engine (engines/torch_static.py): its shapes recorded; when compiled, every call
+    compiled (and captured) now as a load will, and torch.compile's cache saved beside engine.json, so a load
+    compiles from that cache and a request never compiles."""
+    import time
+
+    from engines.torch_static import COMPILE_CACHE_FILE, save_compile_cache
+
+    shapes = static_shapes(config, onnx_set)
+    compile = config.device == "cuda" if config.torch_compile is None else config.torch_compile
+    tf32 = uses_tf32(config.device, config.allow_tf32) and onnx_set.dtype == "float32"
+    start = time.perf_counter()
+    if compile:
+        _compile_static_engine(onnx_set, config.device, shapes, config.cuda_graphs, tf32)
+        save_compile_cache(staging / COMPILE_CACHE_FILE)
+    return {"device": config.device, "torch_compile": compile, "tf32": tf32,
+            "static_shapes": {"prompt_buckets": list(shapes.prompt_buckets), "batch_sizes": list(shapes.batch_sizes),
+                              "cuda_graphs": config.cuda_graphs and config.device == "cuda"},
+            "limits": {"max_prompt_tokens": shapes.prompt_buckets[-1], "max_new_tokens": config.max_new_tokens,
+                       "max_batch": shapes.batch_sizes[-1]},
+            "kv_capacity": kv_capacity(onnx_set, shapes.prompt_buckets[-1], config.max_new_tokens),
+            "compile_seconds": round(time.perf_counter() - start, 2) if compile else None,
+            "tools": tool_versions("torch", "transformers", "triton")}
+
+
+def static_shapes(config: BuildConfig, onnx_set: OnnxSetManifest):
+    """The buckets and batch sizes a PyTorch engine is built for; ConfigError for buckets outside the limits."""
+    from engines.torch_static import StaticShapes, default_batch_sizes, default_buckets
+
+    shortest, longest = prompt_length_range(onnx_set, config.max_prompt_tokens, config.max_new_tokens)
+    buckets = tuple(sorted(set(config.prompt_buckets))) if config.prompt_buckets else default_buckets(shortest, longest)
+    if buckets[0] < shortest or buckets[-1] > longest:
+        raise ConfigError(f"--prompt-buckets {','.join(map(str, buckets))} must lie within {shortest} (the shortest "
+                          f"prompt) and --max-prompt-tokens {longest}.",
+                          f"Pass buckets between {shortest} and {longest}, or raise --max-prompt-tokens.")
+    return StaticShapes(buckets, default_batch_sizes(config.max_batch), config.max_new_tokens)
+
+
+def _compile_static_engine(onnx_set: OnnxSetManifest, device: str, shapes, cuda_graphs: bool, tf32: bool) -> None:
+    """Load the model and make every call of the engine, as loading it will (this compiles and captures them)."""
     import torch
 
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise BackendUnavailableError("--device cuda was asked for, but this PyTorch sees no CUDA GPU.",
-                                      "Use --device cpu, or install PyTorch's CUDA build on a GPU host (README).")
-    return {"device": config.device, "torch_compile": config.torch_compile,
-            "tf32": uses_tf32(config.device, config.allow_tf32) and onnx_set.dtype == "float32",
-            "tools": tool_versions("torch", "transformers")}
+    from engines.torch_static import StaticTorchEngine, engine_recipe
+    from exporter.export import TORCH_DTYPES
+    from visprune.models import load_llava
+    from visprune.models.llava import EMBEDDED_MODELS
+
+    model = onnx_set.model.name if onnx_set.model.name in EMBEDDED_MODELS else onnx_set.model.path
+    bundle = load_llava(model, device=device, dtype=TORCH_DTYPES[onnx_set.dtype])
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    StaticTorchEngine(bundle.model, engine_recipe(onnx_set), onnx_set.prompt.image_start, device, shapes,
+                      compile=True, cuda_graphs=cuda_graphs)
 
 
 def _optimize(source: Path, target: Path, config: BuildConfig, providers: list[str]):

@@ -31,7 +31,7 @@ from visprune.outputs import ONNX_SET, check_output, replacing
 from visprune.tensor_names import GRAPH_NAMES
 
 MANIFEST_FILE = "manifest.json"
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -50,7 +50,7 @@ def export_onnx(config: ExportConfig, out_dir: Path, progress: bool = True, forc
     out_dir = Path(out_dir)
     check_output(out_dir, ONNX_SET, inputs=[config.recipe, model_folder(config.model)], force=force)
     recipe = load_recipe(config.recipe) if config.recipe else None
-    bundle = load_llava(config.model, device="cpu", dtype=_TORCH_DTYPES[config.dtype])
+    bundle = load_llava(config.model, device="cpu", dtype=TORCH_DTYPES[config.dtype])
     recipe = recipe or unpruned_recipe(bundle.shape)
     check_recipe_fits(recipe, bundle.shape, bundle.fingerprint)
     image_start = template_image_start(bundle)

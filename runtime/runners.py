@@ -102,9 +102,9 @@ def open_runner(engine_dir: Path, manifest: EngineManifest) -> Runner:
         from runtime.tensorrt_runner import TensorRTRunner
 
         return TensorRTRunner.open(engine_dir, manifest)
-    from runtime.torch_runner import TorchRunner
+    from runtime.static_torch_runner import StaticTorchRunner
 
-    return TorchRunner.open(engine_dir, manifest)
+    return StaticTorchRunner.open(engine_dir, manifest)
 
 
 class OrtRunner:

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 
 from calibrate.recipe import Recipe, check_recipe_fits, unpruned_recipe
+from engines.torch_static import engine_recipe
+from exporter.export import TORCH_DTYPES
 from exporter.graphs import VisionFeatures
 from exporter.pruned_lm import LlamaDecodeStep, PrunedLlamaPrefill
 from runtime.runners import PrefillOutput, RowLayout, VisionOutput
@@ -25,14 +27,6 @@ from visprune.models.decoder import EAGER, SDPA, Kernels
 from visprune.models.llava import EMBEDDED_MODELS
 from visprune.tensor_names import pruning_layers
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def engine_recipe(onnx_set: OnnxSetManifest) -> Recipe:
-    """The recipe an ONNX set was exported with, from its manifest (all the pruned model needs)."""
-    summary = onnx_set.recipe
-    return Recipe(summary.method, summary.num_visual_tokens, list(summary.removed), seed=summary.seed,
-                  removed_before_llm=summary.removed_before_llm)
 
 
 class TorchRunner:

@@ -58,7 +58,7 @@ TARGET_BACKENDS = {"onnxruntime": ("onnxruntime", "pytorch"), "tensorrt": ("tens
 METHODS = METHOD_NAMES  # the registry (visprune/methods.py)
 BACKENDS = ("onnxruntime", "tensorrt", "pytorch")
 ONNX_SET_SCHEMA = ("visprune.onnx_set", 3)  # 3: batched graphs (image_starts, pad_lengths inputs)
-ENGINE_SET_SCHEMA = ("visprune.engine_set", 3)
+ENGINE_SET_SCHEMA = ("visprune.engine_set", 4)  # 4: the PyTorch engine's static shapes
 
 
 class Strict(BaseModel):
@@ -248,6 +248,23 @@ class Limits(Strict):
     max_batch: PosInt = 1
 
 
+class StaticShapesRecord(Strict):
+    """The PyTorch engine's fixed shapes (runtime/static_torch_runner.py): prompts padded to a bucket, batches
+    filled to a size; one compiled, CUDA-graph-captured prefill per (bucket, size) and one decode per size."""
+
+    prompt_buckets: Annotated[list[PosInt], Field(min_length=1)]
+    batch_sizes: Annotated[list[PosInt], Field(min_length=1)]
+    cuda_graphs: bool
+
+    @model_validator(mode="after")
+    def _ascending(self) -> "StaticShapesRecord":
+        for name in ("prompt_buckets", "batch_sizes"):
+            values = getattr(self, name)
+            if values != sorted(set(values)):
+                raise ValueError(f"{name} must be strictly ascending")
+        return self
+
+
 class EngineManifest(Strict):
     schema_: Literal["visprune.engine_set"] = Field(alias="schema")
     schema_version: Literal[ENGINE_SET_SCHEMA[1]]
@@ -275,12 +292,14 @@ class EngineManifest(Strict):
     kv_capacity: list[PosInt] | None = None
     # pytorch
     torch_compile: bool | None = None
+    static_shapes: StaticShapesRecord | None = None
+    compile_seconds: float | None = None
 
     @model_validator(mode="after")
     def _backend_facts_present(self) -> "EngineManifest":
         needed = {"onnxruntime": ("providers", "onnxruntime_version"),
                   "tensorrt": ("tensorrt_version", "gpu", "limits", "profiles", "kv_capacity"),
-                  "pytorch": ("torch_compile",)}[self.backend]
+                  "pytorch": ("torch_compile", "static_shapes", "limits", "kv_capacity")}[self.backend]
         missing = [name for name in needed if getattr(self, name) is None]
         if missing:
             raise ValueError(f"a {self.backend} engine needs {', '.join(missing)}")
@@ -288,6 +307,9 @@ class EngineManifest(Strict):
             raise ValueError("kv_capacity needs one length per layer")
         if self.providers is not None and not self.providers:
             raise ValueError("providers is empty")
+        if self.static_shapes and (self.static_shapes.prompt_buckets[-1] != self.limits.max_prompt_tokens or
+                                   self.static_shapes.batch_sizes[-1] != self.limits.max_batch):
+            raise ValueError("static_shapes' largest bucket and batch size must be the limits")
         return self
 
 
