@@ -1,9 +1,10 @@
 """TensorRT-readiness lint for exported graphs (deploy_constraints.md §3): what can be checked without TensorRT.
 
 Rules: the ONNX full check passes; only standard domains; every TopK has a constant K <= 3840 and sorted=1;
-no op with a data-dependent output shape (NonZero and friends); KV stages have distinct dim names; a graph
-over 2 GB keeps its weights as external data; attention is fused (below). All violations are collected, then
-reported together.
+no op with a data-dependent output shape (NonZero and friends); no Scatter / ScatterElements / ScatterND writes
+into BOOL data (TensorRT's scatter takes int8/int32/int64/float16/float32/bfloat16 only; dtypes come from ONNX
+shape inference, and an unknown dtype is no violation); KV stages have distinct dim names; a graph over 2 GB keeps
+its weights as external data; attention is fused (below). All violations are collected, then reported together.
 
 Fused attention: TensorRT fuses MatMul -> [mask] -> Softmax -> MatMul into one attention kernel only when Q or
 K (or both, by sqrt(scale)) are scaled *before* the first MatMul ("Fused Attention", TensorRT developer guide);
@@ -24,6 +25,7 @@ from onnx import numpy_helper
 TOPK_MAX_K = 3840
 STANDARD_DOMAINS = {"", "ai.onnx"}
 DATA_DEPENDENT_OPS = {"NonZero", "Unique", "Compress", "NonMaxSuppression", "StringSplit"}
+SCATTER_OPS = {"Scatter", "ScatterElements", "ScatterND"}
 PROTOBUF_LIMIT = 2 * 1024**3
 
 
@@ -46,8 +48,9 @@ def lint_onnx(path: Path, kv_stage_of_layer: list[int] | None = None,
     violations = _full_check(path)
     model = onnx.load(str(path), load_external_data=False)
     constants = _constant_values(model.graph)
+    dtypes = _element_types(model)
     for node in model.graph.node:
-        violations += _node_violations(name, node, constants)
+        violations += _node_violations(name, node, constants, dtypes)
     if kv_stage_of_layer is not None:
         violations += _kv_dim_violations(name, model.graph, kv_stage_of_layer)
     if unfused_attention_allowed is not None:
@@ -66,7 +69,7 @@ def _full_check(path: Path) -> list[Violation]:
         return [Violation(path.name, "onnx-checker", str(e).splitlines()[0])]
 
 
-def _node_violations(graph: str, node: onnx.NodeProto, constants: dict) -> list[Violation]:
+def _node_violations(graph: str, node: onnx.NodeProto, constants: dict, dtypes: dict[str, int]) -> list[Violation]:
     where = f"node {node.name or node.op_type}"
     found = []
     if node.domain not in STANDARD_DOMAINS:
@@ -75,6 +78,10 @@ def _node_violations(graph: str, node: onnx.NodeProto, constants: dict) -> list[
         found.append(Violation(graph, "static-shapes", f"{where} is {node.op_type}: its output shape depends on data"))
     if node.op_type == "TopK":
         found += _topk_violations(graph, node, constants, where)
+    if node.op_type in SCATTER_OPS and dtypes.get(node.input[0]) == onnx.TensorProto.BOOL:
+        found.append(Violation(graph, "scatter-bool-data", f"{where} is {node.op_type} into BOOL data "
+                                                            f"{node.input[0]!r}; TensorRT's scatter has no bool: "
+                                                            "scatter int32 (or float) and compare instead"))
     return found
 
 
@@ -100,6 +107,24 @@ def _constant_values(graph: onnx.GraphProto) -> dict:
                 if attr.name == "value":
                     values[node.output[0]] = numpy_helper.to_array(attr.t)
     return values
+
+
+def _element_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Tensor name -> ONNX element type, for every tensor whose type is known after shape inference (inputs,
+    outputs, value_info, initializers, Constant outputs). A graph shape inference rejects keeps the types it
+    declares: the checker rule reports the rejection."""
+    try:
+        model = onnx.shape_inference.infer_shapes(model)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError):  # ValueError: over 2 GB
+        pass
+    g = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*g.input, *g.output, *g.value_info]
+             if v.type.HasField("tensor_type")}
+    types.update({init.name: init.data_type for init in g.initializer})
+    for node in g.node:
+        if node.op_type == "Constant":
+            types.update({node.output[0]: a.t.data_type for a in node.attribute if a.name == "value"})
+    return {name: t for name, t in types.items() if t != onnx.TensorProto.UNDEFINED}
 
 
 def _kv_dim_violations(graph: str, g: onnx.GraphProto, stage_of_layer: list[int]) -> list[Violation]:

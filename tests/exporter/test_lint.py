@@ -79,3 +79,32 @@ def test_the_real_export_is_clean(exported, graph):
 
     stages = kv_stages_of(TINY_RECIPE_60) if graph != "vision" else None
     assert lint_onnx(exported["pruned-onnx"] / f"{graph}.onnx", stages) == []
+
+
+def scatter_graph(tmp_path, dtype):
+    """ScatterElements writing ones into `dtype` data at computed indices (the data's type comes from inference:
+    it is the output of a Cast, declared nowhere)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])
+    idx = helper.make_tensor_value_info("idx", TensorProto.INT64, [2, 3])
+    y = helper.make_tensor_value_info("y", dtype, [2, 8])
+    ones = helper.make_tensor("ones", dtype, [2, 3], [1] * 6)
+    nodes = [helper.make_node("Cast", ["x"], ["data"], to=dtype, name="cast"),
+             helper.make_node("ScatterElements", ["data", "idx", "ones"], ["y"], axis=1, name="taken")]
+    return save_graph(tmp_path, nodes, [x, idx], [y], [ones], name=f"scatter-{dtype}.onnx")
+
+
+def test_a_bool_scatter_is_caught_and_numeric_ones_pass(tmp_path):
+    (violation,) = lint_onnx(scatter_graph(tmp_path, TensorProto.BOOL))
+    assert violation.rule == "scatter-bool-data" and "node taken" in violation.detail
+    assert lint_onnx(scatter_graph(tmp_path, TensorProto.FLOAT)) == []
+    assert lint_onnx(scatter_graph(tmp_path, TensorProto.INT32)) == []
+
+
+def test_a_scatter_of_unknown_dtype_is_no_violation(tmp_path):
+    """A lint that cannot tell the data's type says nothing (the graph-level checks still run)."""
+    from exporter.lint import _node_violations
+
+    node = helper.make_node("ScatterND", ["data", "idx", "upd"], ["y"], name="nd")
+    assert _node_violations("g", node, {}, {}) == []
+    assert _node_violations("g", node, {}, {"data": TensorProto.BOOL})[0].rule == "scatter-bool-data"
+
