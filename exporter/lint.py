@@ -11,7 +11,10 @@ K (or both, by sqrt(scale)) are scaled *before* the first MatMul ("Fused Attenti
 ONNX Runtime runs the opset-23 `Attention` op fused. So a Softmax that feeds a MatMul (an attention whose
 context is computed from explicit probabilities) counts as unfused unless its first MatMul takes a Q or K
 scaled by a constant; only the layers that must expose probabilities (a pruning layer whose score reads all
-rows) may have one.
+rows) may have one. The Softmax output is followed to its MatMul through Cast (fp16 eager layers cast the fp32
+probabilities), Identity, and Where / IsNaN; a Where there (onnxscript's bool-mask SDPA at opset 18 writes
+`Where(IsNaN(p), 0, p)`) is its own violation, `attention-nan-guard`: TensorRT fuses softmax(QK^T+mask)V, not a
+guarded softmax, whatever the scaling. An additive float mask gives SDPA's decomposition no guard.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ TOPK_MAX_K = 3840
 STANDARD_DOMAINS = {"", "ai.onnx"}
 DATA_DEPENDENT_OPS = {"NonZero", "Unique", "Compress", "NonMaxSuppression", "StringSplit"}
 SCATTER_OPS = {"Scatter", "ScatterElements", "ScatterND"}
+# between a Softmax and the MatMul with V: dtype casts, no-ops and the NaN guard (Where + IsNaN)
+PROBABILITY_PASS_THROUGH = {"Cast", "Identity", "Where", "IsNaN"}
 PROTOBUF_LIMIT = 2 * 1024**3
 
 
@@ -147,13 +152,47 @@ def _kv_dim_violations(graph: str, g: onnx.GraphProto, stage_of_layer: list[int]
 
 def _attention_violations(graph: str, g: onnx.GraphProto, constants: dict, allowed: int) -> list[Violation]:
     producer = {out: node for node in g.node for out in node.output}
-    feeds_matmul = {i for node in g.node if node.op_type == "MatMul" for i in node.input}
-    unfused = [node.name for node in g.node if node.op_type == "Softmax" and node.output[0] in feeds_matmul
-               and not _prescaled(_first_matmul(node, producer), producer, constants)]
-    if len(unfused) <= allowed:
-        return []
-    return [Violation(graph, "fused-attention", f"{len(unfused)} attentions compute explicit probabilities without "
-                                                f"a pre-scaled Q or K (allowed: {allowed}): {', '.join(unfused)}")]
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in g.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    unfused, guarded = [], []
+    for softmax in (node for node in g.node if node.op_type == "Softmax"):
+        reaches_matmul, guards = _probability_path(softmax, consumers)
+        if reaches_matmul and not _prescaled(_first_matmul(softmax, producer), producer, constants):
+            unfused.append(softmax.name)
+        if reaches_matmul and guards:
+            guarded.append(f"{softmax.name} -> {', '.join(guards)}")
+    found = []
+    if len(unfused) > allowed:
+        found.append(Violation(graph, "fused-attention", f"{len(unfused)} attentions compute explicit probabilities "
+                                                         f"without a pre-scaled Q or K (allowed: {allowed}): "
+                                                         f"{', '.join(unfused)}"))
+    if guarded:
+        found.append(Violation(graph, "attention-nan-guard",
+                               f"{len(guarded)} attentions put a Where (NaN guard) between Softmax and the MatMul "
+                               f"with V, which is not the softmax(QK^T+mask)V TensorRT fuses: {'; '.join(guarded)}. "
+                               "Fix: pass SDPA an additive float mask in the query dtype, not a bool mask"))
+    return found
+
+
+def _probability_path(softmax: onnx.NodeProto, consumers: dict) -> tuple[bool, list[str]]:
+    """Whether `softmax`'s output reaches a MatMul through PROBABILITY_PASS_THROUGH ops only, and the Where nodes
+    on those paths (a Where that masks the probabilities, e.g. the IsNaN guard)."""
+    reaches, guards, seen = False, [], set()
+    frontier = list(consumers.get(softmax.output[0], []))
+    while frontier:
+        node = frontier.pop(0)
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.op_type == "MatMul":
+            reaches = True
+        elif node.op_type in PROBABILITY_PASS_THROUGH:
+            if node.op_type == "Where":
+                guards.append(node.name or "Where")
+            frontier += [c for out in node.output for c in consumers.get(out, [])]
+    return reaches, guards if reaches else []
 
 
 def _first_matmul(softmax: onnx.NodeProto, producer: dict) -> onnx.NodeProto | None:

@@ -108,3 +108,54 @@ def test_a_scatter_of_unknown_dtype_is_no_violation(tmp_path):
     assert _node_violations("g", node, {}, {}) == []
     assert _node_violations("g", node, {}, {"data": TensorProto.BOOL})[0].rule == "scatter-bool-data"
 
+
+def attention_graph(tmp_path, prescale=True, between=(), name="attn.onnx"):
+    """softmax(Q K^T + mask) V on [1, 2, 4, 8] heads, with `between` ("cast", "nan-guard") inserted between the
+    Softmax and the MatMul with V, and Q scaled by a constant before Q K^T when `prescale`."""
+    f = TensorProto.FLOAT
+    q, k, v = (helper.make_tensor_value_info(n, f, [1, 2, 4, 8]) for n in "qkv")
+    mask = helper.make_tensor_value_info("mask", f, [1, 1, 4, 4])
+    inits = [helper.make_tensor("scale", f, [], [0.35]), helper.make_tensor("zero", f, [], [0.0])]
+    nodes = [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2], name="kt")]
+    if prescale:
+        nodes.append(helper.make_node("Mul", ["q", "scale"], ["qs"], name="scale_q"))
+    nodes += [helper.make_node("MatMul", ["qs" if prescale else "q", "kt"], ["scores"], name="qk"),
+              helper.make_node("Add", ["scores", "mask"], ["masked"], name="add_mask"),
+              helper.make_node("Softmax", ["masked"], ["p"], axis=-1, name="softmax")]
+    probs, v_name, out_type = "p", "v", f
+    if "nan-guard" in between:
+        nodes += [helper.make_node("IsNaN", [probs], ["nan"], name="isnan"),
+                  helper.make_node("Where", ["nan", "zero", probs], ["p_guarded"], name="nan_guard")]
+        probs = "p_guarded"
+    if "cast" in between:
+        out_type = TensorProto.FLOAT16
+        nodes += [helper.make_node("Cast", [probs], ["p16"], to=out_type, name="to_fp16"),
+                  helper.make_node("Cast", ["v"], ["v16"], to=out_type, name="v_fp16")]
+        probs, v_name = "p16", "v16"
+    nodes.append(helper.make_node("MatMul", [probs, v_name], ["out"], name="pv"))
+    out = helper.make_tensor_value_info("out", out_type, [1, 2, 4, 8])
+    return save_graph(tmp_path, nodes, [q, k, v, mask], [out], inits, name=name)
+
+
+def test_a_prescaled_attention_passes_the_fused_attention_rule(tmp_path):
+    assert lint_onnx(attention_graph(tmp_path), None, 0) == []
+
+
+def test_an_unscaled_softmax_cast_matmul_is_counted_unfused(tmp_path):
+    """fp16 eager layers cast the fp32 probabilities before the MatMul with V: still an explicit softmax."""
+    path = attention_graph(tmp_path, prescale=False, between=("cast",))
+    (violation,) = lint_onnx(path, None, 0)
+    assert violation.rule == "fused-attention" and "1 attentions" in violation.detail and "softmax" in violation.detail
+    assert lint_onnx(path, None, 1) == []
+    assert lint_onnx(attention_graph(tmp_path, between=("cast",), name="scaled.onnx"), None, 0) == []
+
+
+def test_a_nan_guarded_softmax_is_caught(tmp_path):
+    """onnxscript's bool-mask SDPA (opset 18) writes Where(IsNaN(p), 0, p) before the MatMul with V: pre-scaled,
+    but not the pattern TensorRT fuses."""
+    (violation,) = lint_onnx(attention_graph(tmp_path, between=("nan-guard",)), None, 0)
+    assert violation.rule == "attention-nan-guard"
+    assert "softmax -> nan_guard" in violation.detail and "additive float mask" in violation.detail
+    unscaled = attention_graph(tmp_path, prescale=False, between=("nan-guard", "cast"), name="both.onnx")
+    assert rules(lint_onnx(unscaled, None, 0)) == ["attention-nan-guard", "fused-attention"]
+    assert rules(lint_onnx(unscaled, None, 1)) == ["attention-nan-guard"]
