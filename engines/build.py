@@ -13,6 +13,7 @@ the backend's facts, the hash of the upstream ONNX manifest and that manifest it
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -52,6 +53,12 @@ ENGINE_HINT = "Build it again with `visprune build --onnx DIR --out DIR`."
 ORT_CUDA_HINT = ("For CUDA install onnxruntime-gpu instead of onnxruntime on a GPU host with CUDA 12 (README 'GPU "
                  "hosts'); if it is installed, its CUDA libraries did not load (see ONNX Runtime's log with "
                  "--verbose). Or build with --device cpu.")
+# A set exported for onnxruntime uses opset-23 Attention. ORT 1.23 has only a CPU Attention-23 kernel (the session
+# quietly runs it on the CPU) and 1.24's CUDA kernel throws on a bool mask ("Boolean attn_mask is not supported
+# yet"); the CUDA kernel takes the masks our exports have written from 1.25 (onnxruntime PRs #27428, #27542).
+ORT_CUDA_ATTENTION_MIN = (1, 25)
+ORT_ATTENTION_HINT = ('`pip install "onnxruntime-gpu>=1.25"`, or export with `--target tensorrt` (no Attention op), '
+                      "or build with --device cpu.")
 
 
 @dataclass(frozen=True)
@@ -186,6 +193,7 @@ def _build_onnxruntime(config: BuildConfig, onnx_dir: Path, onnx_set: OnnxSetMan
     if providers[0] not in ort.get_available_providers():
         raise BackendUnavailableError(f"This onnxruntime has no {providers[0]} (it offers "
                                       f"{ort.get_available_providers()}).", ORT_CUDA_HINT)
+    check_ort_cuda_attention(onnx_set.target, config.device)
     for graph in GRAPH_NAMES:
         session = _optimize(onnx_dir / f"{graph}.onnx", staging / f"{graph}.onnx", config,
                             ort_providers(providers, tf32))
@@ -274,6 +282,31 @@ def check_session_providers(session, requested: list[str]) -> None:
         raise BackendUnavailableError(
             f"ONNX Runtime gave the session {got}, not {requested[0]} (this onnxruntime offers {available}).",
             ORT_CUDA_HINT)
+
+
+def check_ort_cuda_attention(target: str, device: str, version: str | None = None) -> None:
+    """BackendUnavailableError unless this ONNX Runtime (`version`: onnxruntime's own when None) runs a set of
+    `target` on `device`: opset-23 Attention (target onnxruntime) on CUDA needs ORT >= 1.25 (ORT_CUDA_ATTENTION_MIN).
+    Build and open both call it, so an engine built elsewhere is refused where it would run on the CPU."""
+    if device != "cuda" or target != "onnxruntime":
+        return
+    if version is None:
+        import onnxruntime as ort
+
+        version = ort.__version__
+    if _release(version) < ORT_CUDA_ATTENTION_MIN:
+        raise BackendUnavailableError(
+            f"onnxruntime {version} cannot run this set's opset-23 Attention on CUDA: it needs "
+            f"{'.'.join(map(str, ORT_CUDA_ATTENTION_MIN))} or later (1.23 runs Attention on the CPU, 1.24's CUDA "
+            "kernel rejects a bool mask).",
+            ORT_ATTENTION_HINT)
+
+
+def _release(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as "1.25.0", "1.25.0.dev20260301" or "1.24.2+cu128"; (0, 0) when
+    it has none (treated as too old)."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match[1]), int(match[2])) if match else (0, 0)
 
 
 def open_ort_session(path: Path, providers: list[str], options=None, hint: str = ""):

@@ -91,3 +91,42 @@ def test_weights_over_the_protobuf_limit_go_to_side_files_that_travel_with_the_e
     shutil.copytree(tmp_path / "engine", tmp_path / "copy", ignore=shutil.ignore_patterns("prefill.onnx.data"))
     with pytest.raises(ArtifactMismatchError, match="lacks prefill.onnx.data"):
         Pipeline.from_engine_dir(tmp_path / "copy")
+
+
+@pytest.mark.parametrize("version, target, device, refused", [
+    ("1.24.2", "onnxruntime", "cuda", True),  # CUDA Attention-23 throws on a bool mask
+    ("1.23.0", "onnxruntime", "cuda", True),  # CPU Attention-23 only
+    ("1.9.1", "onnxruntime", "cuda", True),  # compared as numbers, not strings
+    ("weird", "onnxruntime", "cuda", True),
+    ("1.25.0", "onnxruntime", "cuda", False),
+    ("1.25.0.dev20260301", "onnxruntime", "cuda", False),
+    ("1.26.1+cu128", "onnxruntime", "cuda", False),
+    ("2.0.0", "onnxruntime", "cuda", False),
+    ("1.20.0", "onnxruntime", "cpu", False),  # the CPU kernel has run Attention-23 since 1.23
+    ("1.20.0", "tensorrt", "cuda", False),  # opset 18: no Attention op
+])
+def test_ort_cuda_needs_1_25_for_opset_23_attention(version, target, device, refused):
+    from engines.build import check_ort_cuda_attention
+    from visprune.errors import BackendUnavailableError
+
+    if not refused:
+        check_ort_cuda_attention(target, device, version)
+        return
+    with pytest.raises(BackendUnavailableError, match=f"onnxruntime {version} cannot run") as info:
+        check_ort_cuda_attention(target, device, version)
+    assert 'pip install "onnxruntime-gpu>=1.25"' in str(info.value) and "--target tensorrt" in str(info.value)
+    assert "--device cpu" in str(info.value)
+
+
+def test_the_installed_onnxruntime_is_checked_when_no_version_is_given():
+    import onnxruntime as ort
+
+    from engines.build import _release, check_ort_cuda_attention
+    from visprune.errors import BackendUnavailableError
+
+    if _release(ort.__version__) >= (1, 25):
+        check_ort_cuda_attention("onnxruntime", "cuda")
+    else:
+        with pytest.raises(BackendUnavailableError, match=ort.__version__):
+            check_ort_cuda_attention("onnxruntime", "cuda")
+
