@@ -13,8 +13,10 @@ the backend's facts, the hash of the upstream ONNX manifest and that manifest it
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,14 @@ ORT_CUDA_HINT = ("For CUDA install onnxruntime-gpu instead of onnxruntime on a G
 ORT_CUDA_ATTENTION_MIN = (1, 25)
 ORT_ATTENTION_HINT = ('`pip install "onnxruntime-gpu>=1.25"`, or export with `--target tensorrt` (no Attention op), '
                       "or build with --device cpu.")
+# What ORT's CUDA provider runs on the CPU on purpose: shape arithmetic fed by Shape's host-side output stays on the
+# host instead of crossing to the GPU and back (onnxruntime fallback_cpu_capability.cc, GetCpuPreferredNodes). Such
+# a node is one of these ops with only index-typed outputs (ORT profile type names); a Reshape or Gather of float
+# activations on the CPU is real work that left the GPU.
+HOST_SIDE_OPS = frozenset({"Shape", "Size", "Constant", "ConstantOfShape", "Reshape", "Unsqueeze", "Squeeze",
+                           "Concat", "Gather", "Slice", "Cast", "Range", "Add", "Sub", "Mul", "Div", "Equal", "Less",
+                           "Greater", "Not", "Where", "Min", "Max", "Expand"})
+INDEX_TYPES = frozenset({"int64", "int32", "bool"})
 
 
 @dataclass(frozen=True)
@@ -307,6 +317,57 @@ def _release(version: str) -> tuple[int, int]:
     it has none (treated as too old)."""
     match = re.match(r"(\d+)\.(\d+)", version)
     return (int(match[1]), int(match[2])) if match else (0, 0)
+
+
+@dataclass(frozen=True)
+class PlacedNode:
+    """A node of one ORT session run and what its outputs were (ORT profile type names: "float", "int64", ...)."""
+
+    name: str
+    op_type: str
+    output_types: tuple[str, ...]
+
+
+def node_placement(model_path: Path, providers: list, feeds: dict[str, Any]) -> dict[str, list[PlacedNode]]:
+    """Provider -> the nodes it ran, from one profiled run of a session on `model_path` with `providers` (as
+    InferenceSession takes them) and `feeds`. `get_providers()` only says which providers a session has; ORT
+    places each node itself and can put a node it has no CUDA kernel for on the CPU without a word. Profiling
+    must be on when the session is created, so this opens its own; the profile file is removed."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="visprune-placement-") as folder:
+        options = ort.SessionOptions()
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(folder) / "profile")
+        session = open_ort_session(Path(model_path), providers, options)
+        session.run(None, feeds)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    placement: dict[str, list[PlacedNode]] = {}
+    for event in events:  # one "<node>_kernel_time" event per node run carries its provider (fences carry none)
+        args = event.get("args", {})
+        if event.get("cat") == "Node" and "provider" in args and event["name"].endswith("_kernel_time"):
+            types = tuple(t for shape in args.get("output_type_shape", []) for t in shape)
+            node = PlacedNode(event["name"].removesuffix("_kernel_time"), args.get("op_name", ""), types)
+            placement.setdefault(args["provider"], []).append(node)
+    return placement
+
+
+def check_node_placement(placement: dict[str, list[PlacedNode]], device: str) -> None:
+    """BackendUnavailableError when a CUDA session ran real work on the CPU: any CPU node but ORT's own host-side
+    shape arithmetic (HOST_SIDE_OPS with index-typed outputs). CPU sessions pass."""
+    if device != "cuda":
+        return
+    moved = [node for node in placement.get("CPUExecutionProvider", []) if not _host_side(node)]
+    if moved:
+        ops = ", ".join(sorted({node.op_type for node in moved}))
+        names = ", ".join(node.name for node in moved[:5]) + (", ..." if len(moved) > 5 else "")
+        raise BackendUnavailableError(
+            f"ONNX Runtime ran {len(moved)} nodes of a CUDA session on the CPU ({ops}: {names}), usually ops "
+            "this onnxruntime has no CUDA kernel for.", f"A newer ONNX Runtime has more CUDA kernels: {ORT_ATTENTION_HINT}")
+
+
+def _host_side(node: PlacedNode) -> bool:
+    return node.op_type in HOST_SIDE_OPS and bool(node.output_types) and set(node.output_types) <= INDEX_TYPES
 
 
 def open_ort_session(path: Path, providers: list[str], options=None, hint: str = ""):
