@@ -6,8 +6,9 @@ across versions, and everything that can be computed without TensorRT (profiles,
 checks) lives in plain functions with CPU tests.
 
 Precision comes from the ONNX graphs: TensorRT 11 networks are always strongly typed, and on TensorRT 10 we ask for
-STRONGLY_TYPED, so a float16 export (with its float32 softmax and scoring islands) builds a float16 engine on both
-and no builder precision flag (removed in 11) is used. TF32 stays off unless `build --allow-tf32`.
+STRONGLY_TYPED (11.x still has the flag, deprecated and ignored, so it is asked for there too), so a float16 export
+(with its float32 softmax and scoring islands) builds a float16 engine on both and no builder precision flag
+(removed in 11) is used. TF32 stays off unless `build --allow-tf32`.
 """
 
 from __future__ import annotations
@@ -122,7 +123,9 @@ def _build_plan(trt, onnx_path: Path, graph_profiles: dict[str, Any], config, ti
     build_config = CreateConfig(profiles=[profile], tf32=tf32, memory_pool_limits=limits,
                                 builder_optimization_level=config.builder_optimization_level,
                                 load_timing_cache=str(timing_cache) if timing_cache.exists() else None)
-    typed = hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")  # TensorRT 11: the only mode, no flag
+    # True on 10 and on 11.x (which keeps the flag, deprecated and ignored: its networks are always strongly
+    # typed); a TensorRT that drops the flag is strongly typed anyway
+    typed = hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
     network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=typed)  # resolves external data beside the file
     try:
         return bytes(EngineBytesFromNetwork(network, config=build_config, save_timing_cache=str(timing_cache))())
@@ -132,3 +135,4 @@ def _build_plan(trt, onnx_path: Path, graph_profiles: dict[str, Any], config, ti
             "A parser error: run `visprune export` again (it lints for TensorRT) and report it if it persists. "
             "Out of GPU memory: free the GPU, lower --max-prompt-tokens / --max-new-tokens, or cap --workspace-gib. "
             "--verbose shows TensorRT's log.") from e
+
