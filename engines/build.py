@@ -13,7 +13,10 @@ the backend's facts, the hash of the upstream ONNX manifest and that manifest it
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -52,6 +55,20 @@ ENGINE_HINT = "Build it again with `visprune build --onnx DIR --out DIR`."
 ORT_CUDA_HINT = ("For CUDA install onnxruntime-gpu instead of onnxruntime on a GPU host with CUDA 12 (README 'GPU "
                  "hosts'); if it is installed, its CUDA libraries did not load (see ONNX Runtime's log with "
                  "--verbose). Or build with --device cpu.")
+# A set exported for onnxruntime uses opset-23 Attention. ORT 1.23 has only a CPU Attention-23 kernel (the session
+# quietly runs it on the CPU) and 1.24's CUDA kernel throws on a bool mask ("Boolean attn_mask is not supported
+# yet"); the CUDA kernel takes the masks our exports have written from 1.25 (onnxruntime PRs #27428, #27542).
+ORT_CUDA_ATTENTION_MIN = (1, 25)
+ORT_ATTENTION_HINT = ('`pip install "onnxruntime-gpu>=1.25"`, or export with `--target tensorrt` (no Attention op), '
+                      "or build with --device cpu.")
+# What ORT's CUDA provider runs on the CPU on purpose: shape arithmetic fed by Shape's host-side output stays on the
+# host instead of crossing to the GPU and back (onnxruntime fallback_cpu_capability.cc, GetCpuPreferredNodes). Such
+# a node is one of these ops with only index-typed outputs (ORT profile type names); a Reshape or Gather of float
+# activations on the CPU is real work that left the GPU.
+HOST_SIDE_OPS = frozenset({"Shape", "Size", "Constant", "ConstantOfShape", "Reshape", "Unsqueeze", "Squeeze",
+                           "Concat", "Gather", "Slice", "Cast", "Range", "Add", "Sub", "Mul", "Div", "Equal", "Less",
+                           "Greater", "Not", "Where", "Min", "Max", "Expand"})
+INDEX_TYPES = frozenset({"int64", "int32", "bool"})
 
 
 @dataclass(frozen=True)
@@ -200,6 +217,7 @@ def _build_onnxruntime(config: BuildConfig, onnx_dir: Path, onnx_set: OnnxSetMan
     if providers[0] not in ort.get_available_providers():
         raise BackendUnavailableError(f"This onnxruntime has no {providers[0]} (it offers "
                                       f"{ort.get_available_providers()}).", ORT_CUDA_HINT)
+    check_ort_cuda_attention(onnx_set.target, config.device)
     for graph in GRAPH_NAMES:
         session = _optimize(onnx_dir / f"{graph}.onnx", staging / f"{graph}.onnx", config,
                             ort_providers(providers, tf32))
@@ -332,6 +350,82 @@ def check_session_providers(session, requested: list[str]) -> None:
         raise BackendUnavailableError(
             f"ONNX Runtime gave the session {got}, not {requested[0]} (this onnxruntime offers {available}).",
             ORT_CUDA_HINT)
+
+
+def check_ort_cuda_attention(target: str, device: str, version: str | None = None) -> None:
+    """BackendUnavailableError unless this ONNX Runtime (`version`: onnxruntime's own when None) runs a set of
+    `target` on `device`: opset-23 Attention (target onnxruntime) on CUDA needs ORT >= 1.25 (ORT_CUDA_ATTENTION_MIN).
+    Build and open both call it, so an engine built elsewhere is refused where it would run on the CPU."""
+    if device != "cuda" or target != "onnxruntime":
+        return
+    if version is None:
+        import onnxruntime as ort
+
+        version = ort.__version__
+    if _release(version) < ORT_CUDA_ATTENTION_MIN:
+        raise BackendUnavailableError(
+            f"onnxruntime {version} cannot run this set's opset-23 Attention on CUDA: it needs "
+            f"{'.'.join(map(str, ORT_CUDA_ATTENTION_MIN))} or later (1.23 runs Attention on the CPU, 1.24's CUDA "
+            "kernel rejects a bool mask).",
+            ORT_ATTENTION_HINT)
+
+
+def _release(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as "1.25.0", "1.25.0.dev20260301" or "1.24.2+cu128"; (0, 0) when
+    it has none (treated as too old)."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match[1]), int(match[2])) if match else (0, 0)
+
+
+@dataclass(frozen=True)
+class PlacedNode:
+    """A node of one ORT session run and what its outputs were (ORT profile type names: "float", "int64", ...)."""
+
+    name: str
+    op_type: str
+    output_types: tuple[str, ...]
+
+
+def node_placement(model_path: Path, providers: list, feeds: dict[str, Any]) -> dict[str, list[PlacedNode]]:
+    """Provider -> the nodes it ran, from one profiled run of a session on `model_path` with `providers` (as
+    InferenceSession takes them) and `feeds`. `get_providers()` only says which providers a session has; ORT
+    places each node itself and can put a node it has no CUDA kernel for on the CPU without a word. Profiling
+    must be on when the session is created, so this opens its own; the profile file is removed."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="visprune-placement-") as folder:
+        options = ort.SessionOptions()
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(folder) / "profile")
+        session = open_ort_session(Path(model_path), providers, options)
+        session.run(None, feeds)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    placement: dict[str, list[PlacedNode]] = {}
+    for event in events:  # one "<node>_kernel_time" event per node run carries its provider (fences carry none)
+        args = event.get("args", {})
+        if event.get("cat") == "Node" and "provider" in args and event["name"].endswith("_kernel_time"):
+            types = tuple(t for shape in args.get("output_type_shape", []) for t in shape)
+            node = PlacedNode(event["name"].removesuffix("_kernel_time"), args.get("op_name", ""), types)
+            placement.setdefault(args["provider"], []).append(node)
+    return placement
+
+
+def check_node_placement(placement: dict[str, list[PlacedNode]], device: str) -> None:
+    """BackendUnavailableError when a CUDA session ran real work on the CPU: any CPU node but ORT's own host-side
+    shape arithmetic (HOST_SIDE_OPS with index-typed outputs). CPU sessions pass."""
+    if device != "cuda":
+        return
+    moved = [node for node in placement.get("CPUExecutionProvider", []) if not _host_side(node)]
+    if moved:
+        ops = ", ".join(sorted({node.op_type for node in moved}))
+        names = ", ".join(node.name for node in moved[:5]) + (", ..." if len(moved) > 5 else "")
+        raise BackendUnavailableError(
+            f"ONNX Runtime ran {len(moved)} nodes of a CUDA session on the CPU ({ops}: {names}), usually ops "
+            "this onnxruntime has no CUDA kernel for.", f"A newer ONNX Runtime has more CUDA kernels: {ORT_ATTENTION_HINT}")
+
+
+def _host_side(node: PlacedNode) -> bool:
+    return node.op_type in HOST_SIDE_OPS and bool(node.output_types) and set(node.output_types) <= INDEX_TYPES
 
 
 def open_ort_session(path: Path, providers: list[str], options=None, hint: str = ""):

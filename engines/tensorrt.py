@@ -6,14 +6,17 @@ across versions, and everything that can be computed without TensorRT (profiles,
 checks) lives in plain functions with CPU tests.
 
 Precision comes from the ONNX graphs: TensorRT 11 networks are always strongly typed, and on TensorRT 10 we ask for
-STRONGLY_TYPED, so a float16 export (with its float32 softmax and scoring islands) builds a float16 engine on both
-and no builder precision flag (removed in 11) is used. TF32 stays off unless `build --allow-tf32`.
+STRONGLY_TYPED (11.x still has the flag, deprecated and ignored, so it is asked for there too), so a float16 export
+(with its float32 softmax and scoring islands) builds a float16 engine on both and no builder precision flag
+(removed in 11) is used. TF32 stays off unless `build --allow-tf32`.
 """
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -122,13 +125,56 @@ def _build_plan(trt, onnx_path: Path, graph_profiles: dict[str, Any], config, ti
     build_config = CreateConfig(profiles=[profile], tf32=tf32, memory_pool_limits=limits,
                                 builder_optimization_level=config.builder_optimization_level,
                                 load_timing_cache=str(timing_cache) if timing_cache.exists() else None)
-    typed = hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")  # TensorRT 11: the only mode, no flag
+    # True on 10 and on 11.x (which keeps the flag, deprecated and ignored: its networks are always strongly
+    # typed); a TensorRT that drops the flag is strongly typed anyway
+    typed = hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
     network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=typed)  # resolves external data beside the file
     try:
-        return bytes(EngineBytesFromNetwork(network, config=build_config, save_timing_cache=str(timing_cache))())
+        with polygraphy_errors() as errors:
+            return bytes(EngineBytesFromNetwork(network, config=build_config, save_timing_cache=str(timing_cache))())
     except PolygraphyException as e:
+        details = "".join(f"\n  {line}" for line in errors[:MAX_REPORTED_ERRORS])
         raise EngineBuildError(
-            f"TensorRT could not build an engine from {onnx_path.name}: {str(e).strip().splitlines()[-1]}",
+            f"TensorRT could not build an engine from {onnx_path.name}: {str(e).strip().splitlines()[-1]}{details}",
             "A parser error: run `visprune export` again (it lints for TensorRT) and report it if it persists. "
             "Out of GPU memory: free the GPU, lower --max-prompt-tokens / --max-new-tokens, or cap --workspace-gib. "
             "--verbose shows TensorRT's log.") from e
+
+
+MAX_REPORTED_ERRORS = 10
+
+
+@contextmanager
+def polygraphy_errors():
+    """The ERROR messages Polygraphy logs while the block runs, in a list filled when it ends. Its ONNX loader logs
+    each per-node parser error and then raises only "Could not parse ONNX correctly"; its log file is the one hook
+    it offers. A log file the user set is left alone (the list stays empty)."""
+    from polygraphy.logger import G_LOGGER
+
+    errors: list[str] = []
+    if G_LOGGER.log_file:
+        yield errors
+        return
+    with tempfile.TemporaryDirectory(prefix="visprune-polygraphy-") as folder:
+        log = Path(folder) / "polygraphy.log"
+        G_LOGGER.log_file = str(log)
+        try:
+            yield errors
+        finally:
+            G_LOGGER.log_file = None
+            errors += _error_messages(log.read_text() if log.exists() else "")
+
+
+def _error_messages(log: str) -> list[str]:
+    """The "[E] ..." messages of a Polygraphy log, a multi-line one joined (its further lines are indented)."""
+    messages: list[str] = []
+    in_error = False
+    for line in log.splitlines():
+        if line.startswith("[E] "):
+            messages.append(line[4:].strip())
+            in_error = True
+        elif in_error and line.startswith(" ") and messages:
+            messages[-1] += " " + line.strip()
+        else:
+            in_error = False
+    return messages

@@ -1,16 +1,20 @@
 """TensorRT-readiness lint for exported graphs (deploy_constraints.md §3): what can be checked without TensorRT.
 
 Rules: the ONNX full check passes; only standard domains; every TopK has a constant K <= 3840 and sorted=1;
-no op with a data-dependent output shape (NonZero and friends); KV stages have distinct dim names; a graph
-over 2 GB keeps its weights as external data; attention is fused (below). All violations are collected, then
-reported together.
+no op with a data-dependent output shape (NonZero and friends); no Scatter / ScatterElements / ScatterND writes
+into BOOL data (TensorRT's scatter takes int8/int32/int64/float16/float32/bfloat16 only; dtypes come from ONNX
+shape inference, and an unknown dtype is no violation); KV stages have distinct dim names; a graph over 2 GB keeps
+its weights as external data; attention is fused (below). All violations are collected, then reported together.
 
 Fused attention: TensorRT fuses MatMul -> [mask] -> Softmax -> MatMul into one attention kernel only when Q or
 K (or both, by sqrt(scale)) are scaled *before* the first MatMul ("Fused Attention", TensorRT developer guide);
 ONNX Runtime runs the opset-23 `Attention` op fused. So a Softmax that feeds a MatMul (an attention whose
 context is computed from explicit probabilities) counts as unfused unless its first MatMul takes a Q or K
 scaled by a constant; only the layers that must expose probabilities (a pruning layer whose score reads all
-rows) may have one.
+rows) may have one. The Softmax output is followed to its MatMul through Cast (fp16 eager layers cast the fp32
+probabilities), Identity, and Where / IsNaN; a Where there (onnxscript's bool-mask SDPA at opset 18 writes
+`Where(IsNaN(p), 0, p)`) is its own violation, `attention-nan-guard`: TensorRT fuses softmax(QK^T+mask)V, not a
+guarded softmax, whatever the scaling. An additive float mask gives SDPA's decomposition no guard.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from onnx import numpy_helper
 TOPK_MAX_K = 3840
 STANDARD_DOMAINS = {"", "ai.onnx"}
 DATA_DEPENDENT_OPS = {"NonZero", "Unique", "Compress", "NonMaxSuppression", "StringSplit"}
+SCATTER_OPS = {"Scatter", "ScatterElements", "ScatterND"}
+# between a Softmax and the MatMul with V: dtype casts, no-ops and the NaN guard (Where + IsNaN)
+PROBABILITY_PASS_THROUGH = {"Cast", "Identity", "Where", "IsNaN"}
 PROTOBUF_LIMIT = 2 * 1024**3
 
 
@@ -46,8 +53,9 @@ def lint_onnx(path: Path, kv_stage_of_layer: list[int] | None = None,
     violations = _full_check(path)
     model = onnx.load(str(path), load_external_data=False)
     constants = _constant_values(model.graph)
+    dtypes = _element_types(model)
     for node in model.graph.node:
-        violations += _node_violations(name, node, constants)
+        violations += _node_violations(name, node, constants, dtypes)
     if kv_stage_of_layer is not None:
         violations += _kv_dim_violations(name, model.graph, kv_stage_of_layer)
     if unfused_attention_allowed is not None:
@@ -66,7 +74,7 @@ def _full_check(path: Path) -> list[Violation]:
         return [Violation(path.name, "onnx-checker", str(e).splitlines()[0])]
 
 
-def _node_violations(graph: str, node: onnx.NodeProto, constants: dict) -> list[Violation]:
+def _node_violations(graph: str, node: onnx.NodeProto, constants: dict, dtypes: dict[str, int]) -> list[Violation]:
     where = f"node {node.name or node.op_type}"
     found = []
     if node.domain not in STANDARD_DOMAINS:
@@ -75,6 +83,10 @@ def _node_violations(graph: str, node: onnx.NodeProto, constants: dict) -> list[
         found.append(Violation(graph, "static-shapes", f"{where} is {node.op_type}: its output shape depends on data"))
     if node.op_type == "TopK":
         found += _topk_violations(graph, node, constants, where)
+    if node.op_type in SCATTER_OPS and dtypes.get(node.input[0]) == onnx.TensorProto.BOOL:
+        found.append(Violation(graph, "scatter-bool-data", f"{where} is {node.op_type} into BOOL data "
+                                                            f"{node.input[0]!r}; TensorRT's scatter has no bool: "
+                                                            "scatter int32 (or float) and compare instead"))
     return found
 
 
@@ -102,6 +114,24 @@ def _constant_values(graph: onnx.GraphProto) -> dict:
     return values
 
 
+def _element_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Tensor name -> ONNX element type, for every tensor whose type is known after shape inference (inputs,
+    outputs, value_info, initializers, Constant outputs). A graph shape inference rejects keeps the types it
+    declares: the checker rule reports the rejection."""
+    try:
+        model = onnx.shape_inference.infer_shapes(model)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError):  # ValueError: over 2 GB
+        pass
+    g = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*g.input, *g.output, *g.value_info]
+             if v.type.HasField("tensor_type")}
+    types.update({init.name: init.data_type for init in g.initializer})
+    for node in g.node:
+        if node.op_type == "Constant":
+            types.update({node.output[0]: a.t.data_type for a in node.attribute if a.name == "value"})
+    return {name: t for name, t in types.items() if t != onnx.TensorProto.UNDEFINED}
+
+
 def _kv_dim_violations(graph: str, g: onnx.GraphProto, stage_of_layer: list[int]) -> list[Violation]:
     """KV tensors of different stages must not share a symbolic length name (TensorRT needs distinct names)."""
     names_by_stage: dict[int, set[str]] = {}
@@ -122,13 +152,47 @@ def _kv_dim_violations(graph: str, g: onnx.GraphProto, stage_of_layer: list[int]
 
 def _attention_violations(graph: str, g: onnx.GraphProto, constants: dict, allowed: int) -> list[Violation]:
     producer = {out: node for node in g.node for out in node.output}
-    feeds_matmul = {i for node in g.node if node.op_type == "MatMul" for i in node.input}
-    unfused = [node.name for node in g.node if node.op_type == "Softmax" and node.output[0] in feeds_matmul
-               and not _prescaled(_first_matmul(node, producer), producer, constants)]
-    if len(unfused) <= allowed:
-        return []
-    return [Violation(graph, "fused-attention", f"{len(unfused)} attentions compute explicit probabilities without "
-                                                f"a pre-scaled Q or K (allowed: {allowed}): {', '.join(unfused)}")]
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in g.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    unfused, guarded = [], []
+    for softmax in (node for node in g.node if node.op_type == "Softmax"):
+        reaches_matmul, guards = _probability_path(softmax, consumers)
+        if reaches_matmul and not _prescaled(_first_matmul(softmax, producer), producer, constants):
+            unfused.append(softmax.name)
+        if reaches_matmul and guards:
+            guarded.append(f"{softmax.name} -> {', '.join(guards)}")
+    found = []
+    if len(unfused) > allowed:
+        found.append(Violation(graph, "fused-attention", f"{len(unfused)} attentions compute explicit probabilities "
+                                                         f"without a pre-scaled Q or K (allowed: {allowed}): "
+                                                         f"{', '.join(unfused)}"))
+    if guarded:
+        found.append(Violation(graph, "attention-nan-guard",
+                               f"{len(guarded)} attentions put a Where (NaN guard) between Softmax and the MatMul "
+                               f"with V, which is not the softmax(QK^T+mask)V TensorRT fuses: {'; '.join(guarded)}. "
+                               "Fix: pass SDPA an additive float mask in the query dtype, not a bool mask"))
+    return found
+
+
+def _probability_path(softmax: onnx.NodeProto, consumers: dict) -> tuple[bool, list[str]]:
+    """Whether `softmax`'s output reaches a MatMul through PROBABILITY_PASS_THROUGH ops only, and the Where nodes
+    on those paths (a Where that masks the probabilities, e.g. the IsNaN guard)."""
+    reaches, guards, seen = False, [], set()
+    frontier = list(consumers.get(softmax.output[0], []))
+    while frontier:
+        node = frontier.pop(0)
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.op_type == "MatMul":
+            reaches = True
+        elif node.op_type in PROBABILITY_PASS_THROUGH:
+            if node.op_type == "Where":
+                guards.append(node.name or "Where")
+            frontier += [c for out in node.output for c in consumers.get(out, [])]
+    return reaches, guards if reaches else []
 
 
 def _first_matmul(softmax: onnx.NodeProto, producer: dict) -> onnx.NodeProto | None:

@@ -121,12 +121,13 @@ class OrtRunner:
 
     @classmethod
     def open(cls, engine_dir: Path, manifest: EngineManifest) -> "OrtRunner":
-        from engines.build import (check_session_providers, open_ort_session, ort_providers, ort_session_options,
-                                   serving_session_options)
+        from engines.build import (check_ort_cuda_attention, check_session_providers, open_ort_session,
+                                   ort_providers, ort_session_options, serving_session_options)
 
         if manifest.onnx_set.dtype == "bfloat16":
             raise ConfigError("ONNX Runtime engines take float32 or float16 sets; this one is bfloat16.",
                               "Export with --dtype float16 (or float32), or build a TensorRT engine.")
+        check_ort_cuda_attention(manifest.onnx_set.target, manifest.device)  # the ORT here, not the builder's
         providers = manifest.providers
         session_facts = serving_session_options(manifest.session_options)
         options = ort_session_options(session_facts)

@@ -91,3 +91,104 @@ def test_weights_over_the_protobuf_limit_go_to_side_files_that_travel_with_the_e
     shutil.copytree(tmp_path / "engine", tmp_path / "copy", ignore=shutil.ignore_patterns("prefill.onnx.data"))
     with pytest.raises(ArtifactMismatchError, match="lacks prefill.onnx.data"):
         Pipeline.from_engine_dir(tmp_path / "copy")
+
+
+@pytest.mark.parametrize("version, target, device, refused", [
+    ("1.24.2", "onnxruntime", "cuda", True),  # CUDA Attention-23 throws on a bool mask
+    ("1.23.0", "onnxruntime", "cuda", True),  # CPU Attention-23 only
+    ("1.9.1", "onnxruntime", "cuda", True),  # compared as numbers, not strings
+    ("weird", "onnxruntime", "cuda", True),
+    ("1.25.0", "onnxruntime", "cuda", False),
+    ("1.25.0.dev20260301", "onnxruntime", "cuda", False),
+    ("1.26.1+cu128", "onnxruntime", "cuda", False),
+    ("2.0.0", "onnxruntime", "cuda", False),
+    ("1.20.0", "onnxruntime", "cpu", False),  # the CPU kernel has run Attention-23 since 1.23
+    ("1.20.0", "tensorrt", "cuda", False),  # opset 18: no Attention op
+])
+def test_ort_cuda_needs_1_25_for_opset_23_attention(version, target, device, refused):
+    from engines.build import check_ort_cuda_attention
+    from visprune.errors import BackendUnavailableError
+
+    if not refused:
+        check_ort_cuda_attention(target, device, version)
+        return
+    with pytest.raises(BackendUnavailableError, match=f"onnxruntime {version} cannot run") as info:
+        check_ort_cuda_attention(target, device, version)
+    assert 'pip install "onnxruntime-gpu>=1.25"' in str(info.value) and "--target tensorrt" in str(info.value)
+    assert "--device cpu" in str(info.value)
+
+
+def test_the_installed_onnxruntime_is_checked_when_no_version_is_given():
+    import onnxruntime as ort
+
+    from engines.build import _release, check_ort_cuda_attention
+    from visprune.errors import BackendUnavailableError
+
+    if _release(ort.__version__) >= (1, 25):
+        check_ort_cuda_attention("onnxruntime", "cuda")
+    else:
+        with pytest.raises(BackendUnavailableError, match=ort.__version__):
+            check_ort_cuda_attention("onnxruntime", "cuda")
+
+
+def shape_arithmetic_graph(path):
+    """x [N, 3] @ w, reshaped to [N, 2, 2] by a shape computed from the product's own (dynamic) shape: the
+    Shape -> Gather -> Unsqueeze -> Concat chain ORT's CUDA provider keeps on the host. The computed shape is an
+    output too, so ORT's ReshapeFusion cannot fold the chain into a constant."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3])
+    z = helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", 2, 2])
+    new_shape = helper.make_tensor_value_info("new_shape", TensorProto.INT64, [3])
+    inits = [helper.make_tensor("w", TensorProto.FLOAT, [3, 4], np.arange(12, dtype=np.float32)),
+             helper.make_tensor("zero", TensorProto.INT64, [], [0]),
+             helper.make_tensor("axes", TensorProto.INT64, [1], [0]),
+             helper.make_tensor("tail", TensorProto.INT64, [2], [2, 2])]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="matmul"),
+             helper.make_node("Shape", ["y"], ["shape"], name="shape"),
+             helper.make_node("Gather", ["shape", "zero"], ["rows"], axis=0, name="gather_rows"),
+             helper.make_node("Unsqueeze", ["rows", "axes"], ["rows1"], name="unsqueeze"),
+             helper.make_node("Concat", ["rows1", "tail"], ["new_shape"], axis=0, name="concat"),
+             helper.make_node("Reshape", ["y", "new_shape"], ["z"], name="reshape")]
+    graph = helper.make_graph(nodes, "g", [x], [z, new_shape], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    return path
+
+
+def test_node_placement_reports_every_node_of_a_cpu_session(tmp_path):
+    import numpy as np
+
+    from engines.build import node_placement
+
+    path = shape_arithmetic_graph(tmp_path / "g.onnx")
+    placement = node_placement(path, ["CPUExecutionProvider"], {"x": np.ones((5, 3), np.float32)})
+    assert list(placement) == ["CPUExecutionProvider"]
+    nodes = {node.name: node for node in placement["CPUExecutionProvider"]}
+    assert set(nodes) == {"matmul", "shape", "gather_rows", "unsqueeze", "concat", "reshape"}
+    assert nodes["matmul"].op_type == "MatMul" and nodes["matmul"].output_types == ("float",)
+    assert nodes["shape"].output_types == ("int64",)
+    assert list(tmp_path.iterdir()) == [path]  # no profile file left behind
+
+
+def test_check_node_placement_names_the_heavy_ops_a_cuda_session_ran_on_the_cpu(tmp_path):
+    """The CPU session's real placement read as a CUDA session's: MatMul and the Reshape of its float output
+    are work that left the GPU; the int64 shape arithmetic is where ORT's CUDA provider puts it on purpose."""
+    import numpy as np
+
+    from engines.build import check_node_placement, node_placement
+    from visprune.errors import BackendUnavailableError
+
+    path = shape_arithmetic_graph(tmp_path / "g.onnx")
+    placement = node_placement(path, ["CPUExecutionProvider"], {"x": np.ones((5, 3), np.float32)})
+    check_node_placement(placement, "cpu")
+    with pytest.raises(BackendUnavailableError, match=r"ran 2 nodes .* on the CPU \(MatMul, Reshape: ") as info:
+        check_node_placement(placement, "cuda")
+    assert "Gather" not in str(info.value) and "Concat" not in str(info.value)
+    assert "onnxruntime-gpu>=1.25" in str(info.value)
+    cpu = placement["CPUExecutionProvider"]
+    shape_only = {"CUDAExecutionProvider": [n for n in cpu if n.output_types == ("float",)],
+                  "CPUExecutionProvider": [n for n in cpu if n.output_types != ("float",)]}
+    assert [n.op_type for n in shape_only["CPUExecutionProvider"]] == ["Shape", "Gather", "Unsqueeze", "Concat"]
+    check_node_placement(shape_only, "cuda")

@@ -107,3 +107,25 @@ def test_onnxruntime_cuda_engine_matches_the_pytorch_reference(tmp_path, exporte
     assert verdict["reference"] == {"device": "cuda", "dtype": "float32"} and not manifest.tf32
     assert verdict["max_abs_logits_error"] <= 1e-3 and verdict["min_teacher_forced_top1"] == 1.0, json.dumps(verdict)
     assert verdict["min_kept_overlap"] >= 0.99
+
+
+def test_polygraphy_parser_errors_are_collected_for_the_build_error():
+    """Polygraphy's own parser-error check (what NetworkFromOnnxPath calls) logs each node's error, then raises
+    with a generic last line; the build error gets the per-node lines. The parser stands in for TensorRT's."""
+    from polygraphy.backend.trt.util import check_onnx_parser_errors
+    from polygraphy.exception import PolygraphyException
+    from polygraphy.logger import G_LOGGER
+
+    from engines.tensorrt import polygraphy_errors
+
+    node_errors = ["In node 7 with name: /taken and operator: ScatterElements (parseNode): UNSUPPORTED_NODE:\n"
+                   "bool data is not supported", "In node 9 (parseNode): INVALID_NODE: second"]
+    parser = SimpleNamespace(num_errors=2, get_error=node_errors.__getitem__)
+    with pytest.raises(PolygraphyException, match="Could not parse ONNX correctly"):
+        with polygraphy_errors() as errors:
+            check_onnx_parser_errors(parser, False)
+    assert errors == [" ".join(e.replace("\n", " ").split()) for e in node_errors]
+    assert G_LOGGER.log_file is None
+    with polygraphy_errors() as errors:  # a clean run collects nothing
+        G_LOGGER.info("parsed")
+    assert errors == []

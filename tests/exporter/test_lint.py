@@ -79,3 +79,83 @@ def test_the_real_export_is_clean(exported, graph):
 
     stages = kv_stages_of(TINY_RECIPE_60) if graph != "vision" else None
     assert lint_onnx(exported["pruned-onnx"] / f"{graph}.onnx", stages) == []
+
+
+def scatter_graph(tmp_path, dtype):
+    """ScatterElements writing ones into `dtype` data at computed indices (the data's type comes from inference:
+    it is the output of a Cast, declared nowhere)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])
+    idx = helper.make_tensor_value_info("idx", TensorProto.INT64, [2, 3])
+    y = helper.make_tensor_value_info("y", dtype, [2, 8])
+    ones = helper.make_tensor("ones", dtype, [2, 3], [1] * 6)
+    nodes = [helper.make_node("Cast", ["x"], ["data"], to=dtype, name="cast"),
+             helper.make_node("ScatterElements", ["data", "idx", "ones"], ["y"], axis=1, name="taken")]
+    return save_graph(tmp_path, nodes, [x, idx], [y], [ones], name=f"scatter-{dtype}.onnx")
+
+
+def test_a_bool_scatter_is_caught_and_numeric_ones_pass(tmp_path):
+    (violation,) = lint_onnx(scatter_graph(tmp_path, TensorProto.BOOL))
+    assert violation.rule == "scatter-bool-data" and "node taken" in violation.detail
+    assert lint_onnx(scatter_graph(tmp_path, TensorProto.FLOAT)) == []
+    assert lint_onnx(scatter_graph(tmp_path, TensorProto.INT32)) == []
+
+
+def test_a_scatter_of_unknown_dtype_is_no_violation(tmp_path):
+    """A lint that cannot tell the data's type says nothing (the graph-level checks still run)."""
+    from exporter.lint import _node_violations
+
+    node = helper.make_node("ScatterND", ["data", "idx", "upd"], ["y"], name="nd")
+    assert _node_violations("g", node, {}, {}) == []
+    assert _node_violations("g", node, {}, {"data": TensorProto.BOOL})[0].rule == "scatter-bool-data"
+
+
+def attention_graph(tmp_path, prescale=True, between=(), name="attn.onnx"):
+    """softmax(Q K^T + mask) V on [1, 2, 4, 8] heads, with `between` ("cast", "nan-guard") inserted between the
+    Softmax and the MatMul with V, and Q scaled by a constant before Q K^T when `prescale`."""
+    f = TensorProto.FLOAT
+    q, k, v = (helper.make_tensor_value_info(n, f, [1, 2, 4, 8]) for n in "qkv")
+    mask = helper.make_tensor_value_info("mask", f, [1, 1, 4, 4])
+    inits = [helper.make_tensor("scale", f, [], [0.35]), helper.make_tensor("zero", f, [], [0.0])]
+    nodes = [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2], name="kt")]
+    if prescale:
+        nodes.append(helper.make_node("Mul", ["q", "scale"], ["qs"], name="scale_q"))
+    nodes += [helper.make_node("MatMul", ["qs" if prescale else "q", "kt"], ["scores"], name="qk"),
+              helper.make_node("Add", ["scores", "mask"], ["masked"], name="add_mask"),
+              helper.make_node("Softmax", ["masked"], ["p"], axis=-1, name="softmax")]
+    probs, v_name, out_type = "p", "v", f
+    if "nan-guard" in between:
+        nodes += [helper.make_node("IsNaN", [probs], ["nan"], name="isnan"),
+                  helper.make_node("Where", ["nan", "zero", probs], ["p_guarded"], name="nan_guard")]
+        probs = "p_guarded"
+    if "cast" in between:
+        out_type = TensorProto.FLOAT16
+        nodes += [helper.make_node("Cast", [probs], ["p16"], to=out_type, name="to_fp16"),
+                  helper.make_node("Cast", ["v"], ["v16"], to=out_type, name="v_fp16")]
+        probs, v_name = "p16", "v16"
+    nodes.append(helper.make_node("MatMul", [probs, v_name], ["out"], name="pv"))
+    out = helper.make_tensor_value_info("out", out_type, [1, 2, 4, 8])
+    return save_graph(tmp_path, nodes, [q, k, v, mask], [out], inits, name=name)
+
+
+def test_a_prescaled_attention_passes_the_fused_attention_rule(tmp_path):
+    assert lint_onnx(attention_graph(tmp_path), None, 0) == []
+
+
+def test_an_unscaled_softmax_cast_matmul_is_counted_unfused(tmp_path):
+    """fp16 eager layers cast the fp32 probabilities before the MatMul with V: still an explicit softmax."""
+    path = attention_graph(tmp_path, prescale=False, between=("cast",))
+    (violation,) = lint_onnx(path, None, 0)
+    assert violation.rule == "fused-attention" and "1 attentions" in violation.detail and "softmax" in violation.detail
+    assert lint_onnx(path, None, 1) == []
+    assert lint_onnx(attention_graph(tmp_path, between=("cast",), name="scaled.onnx"), None, 0) == []
+
+
+def test_a_nan_guarded_softmax_is_caught(tmp_path):
+    """onnxscript's bool-mask SDPA (opset 18) writes Where(IsNaN(p), 0, p) before the MatMul with V: pre-scaled,
+    but not the pattern TensorRT fuses."""
+    (violation,) = lint_onnx(attention_graph(tmp_path, between=("nan-guard",)), None, 0)
+    assert violation.rule == "attention-nan-guard"
+    assert "softmax -> nan_guard" in violation.detail and "additive float mask" in violation.detail
+    unscaled = attention_graph(tmp_path, prescale=False, between=("nan-guard", "cast"), name="both.onnx")
+    assert rules(lint_onnx(unscaled, None, 0)) == ["attention-nan-guard", "fused-attention"]
+    assert rules(lint_onnx(unscaled, None, 1)) == ["attention-nan-guard"]
