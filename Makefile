@@ -27,8 +27,9 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 # On a GPU host, with the host's own python3 and packages, no install step (works offline): bench/gpu_check.py.
+# The quick path fits in a few minutes; FULL=1 adds ONNX exports, engine folders, the 7B benchmark, pytest -m gpu.
 gpu-check:
-	PYTHONPATH=. $(PYTHON) bench/gpu_check.py
+	PYTHONPATH=.$(if $(PYTHONPATH),:$(PYTHONPATH)) $(PYTHON) bench/gpu_check.py $(if $(FULL),--full)
 
 clean:
 	rm -rf $(VENV) runs
