@@ -87,8 +87,9 @@ def parity_of(engine: Path, work: Path, reference: str) -> dict[str, Any]:
     report = parity_report(engine, "tiny", work / f"report-{engine.name}", prompts=default_parity_prompts(8),
                            max_new_tokens=8, allow_failure=True, reference=reference)
     verdict = report["engine_vs_reference"]
-    keys = ("passed", "failures", "reference", "criteria", "max_abs_logits_error", "min_kept_overlap",
-            "min_teacher_forced_top1")
+    keys = ("passed", "failures", "reference", "criteria", "max_abs_logits_error", "max_logits_error_over_atol",
+            "logits_judged_prompts", "min_kept_overlap", "max_kept_mismatches", "min_teacher_forced_top1",
+            "decisive_flips", "near_tie_flips")
     return {key: verdict[key] for key in keys}
 
 
