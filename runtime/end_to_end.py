@@ -1,11 +1,12 @@
 """`run_pipeline(config, out)`: the whole product in one call, as `visprune pipeline` runs it.
 
-calibrate -> export (pruned, and the unpruned baseline) -> build (TensorRT where available, else ONNX Runtime)
--> run one sample request on both engines -> (shapes-vqa models: accuracy of both engines on held-out questions)
--> parity and latency reports -> report.md with the plots. The unpruned export does not
-depend on the recipe, so it runs in a second process while calibration and the pruned export run here (its
-TensorRT build waits for the pruned one: TensorRT times its kernels on the GPU, and two builds at once would skew
-each other's choices).
+calibrate -> export (pruned, and the unpruned baseline) -> build (TensorRT where available, else ONNX Runtime;
+batch 1) -> parity report -> run one sample request on both engines -> (shapes-vqa models: accuracy of both
+engines on held-out questions) -> latency report -> report.md with the plots. Parity runs first so that its
+PyTorch reference is gone before the unpruned engine opens; each engine opens once for all its stages. The
+unpruned export does not depend on the recipe, so it runs in a second process while calibration and the pruned
+export run here (its TensorRT build waits for the pruned one: TensorRT times its kernels on the GPU, and two
+builds at once would skew each other's choices).
 
 The sample request: for a shapes-vqa model (`tiny-vqa`) a held-out test scene and its question, so the answer can
 be checked against the expected one; for any other model a photograph and SAMPLE_QUESTION. The accuracy sample is
@@ -186,9 +187,11 @@ def _export_and_build(export: ExportConfig, backend: str | None, onnx_dir: Path,
 
 
 def _build(backend: str, onnx_dir: Path, engine_dir: Path) -> None:
+    """max_batch 1: the pipeline runs one request at a time, and a TensorRT engine sized for batch 8 holds KV
+    buffers and context memory for 8 (~10 GB more at 7B)."""
     device = "cuda" if backend == "tensorrt" else "cpu"
-    build_engine(BuildConfig(backend=backend, device=device, max_prompt_tokens=1024, max_new_tokens=256),
-                 onnx_dir, engine_dir)
+    build_engine(BuildConfig(backend=backend, device=device, max_prompt_tokens=1024, max_new_tokens=256,
+                             max_batch=1), onnx_dir, engine_dir)
 
 
 def _sample_request(config: PipelineConfig):
@@ -203,8 +206,9 @@ def _sample_request(config: PipelineConfig):
     return default_latency_image(), SAMPLE_QUESTION, None
 
 
-def _accuracy(config: PipelineConfig, out: Path, progress: bool) -> dict[str, Any]:
-    """Both engines' shapes-vqa accuracy (with 95 % intervals) on the same held-out test questions."""
+def _accuracy(config: PipelineConfig, pipes: dict[str, Any], progress: bool) -> dict[str, Any]:
+    """Both engines' shapes-vqa accuracy (with 95 % intervals) on the same held-out test questions; `pipes`: the
+    open "pruned" and "unpruned" Pipelines."""
     from runtime.evaluate import EvalConfig, answers_from_engine
     from visprune.tasks.shapes_vqa import accuracy_by_type, make_split
 
@@ -212,13 +216,25 @@ def _accuracy(config: PipelineConfig, out: Path, progress: bool) -> dict[str, An
     max_new_tokens = EvalConfig().max_new_tokens  # as `visprune eval` answers
     figures: dict[str, Any] = {"task": "shapes-vqa", "split": "test", "start": ACCURACY_TEST_START,
                                "questions": config.accuracy_questions, "max_new_tokens": max_new_tokens}
-    for engine, folder in (("pruned", "engine"), ("unpruned", "engine-unpruned")):
-        answers = answers_from_engine(out / folder, samples, max_new_tokens, progress=progress)
+    for engine in ("pruned", "unpruned"):
+        answers = answers_from_engine(pipes[engine], samples, max_new_tokens, progress=progress)
         figures[engine] = accuracy_by_type(samples, answers)
     return figures
 
 
 def _run_and_report(config: PipelineConfig, result: PipelineResult, progress: bool = False) -> None:
+    parity, latency, accuracy = _engine_stages(config, result, progress)
+    result.figures = _headline(result.out_dir, parity, latency)
+    if accuracy is not None:
+        result.figures["accuracy"] = accuracy
+    atomic_write_bytes(result.out_dir / "report.md", report_markdown(result, parity, latency).encode())
+
+
+def _engine_stages(config: PipelineConfig, result: PipelineResult, progress: bool = False):
+    """Parity, the sample request, accuracy, latency and the plots over the two engines: (parity, latency,
+    accuracy or None). GPU memory at 7B: each engine is opened once and handed to every stage that uses it, and
+    the parity reference (a float16 PyTorch copy of the model) is freed before the unpruned engine opens, so at
+    most two of the three are resident at a time."""
     from runtime.latency import latency_report
     from runtime.parity import default_parity_prompts, parity_report
     from runtime.pipeline import Pipeline
@@ -226,28 +242,40 @@ def _run_and_report(config: PipelineConfig, result: PipelineResult, progress: bo
     out = result.out_dir
     image, result.question, result.expected = _sample_request(config)
     image.save(out / "sample.png")
+    pipes = {"pruned": Pipeline.from_engine_dir(out / "engine")}
+    with _stage(result, "parity report"):
+        parity = parity_report(pipes["pruned"], config.model, out / "report", recipe=out / "recipe.json",
+                               prompts=default_parity_prompts(config.parity_prompts), allow_failure=True)
+    free_device_memory()  # the reference went out of scope with parity_report: hand its memory back
     with _stage(result, "run (one request, both engines)"):
-        pipe = Pipeline.from_engine_dir(out / "engine")
-        generation = pipe.generate(out / "sample.png", pipe.chat_prompt(result.question), config.max_new_tokens)
-        result.answer = generation.text
-        unpruned = Pipeline.from_engine_dir(out / "engine-unpruned")
-        result.unpruned_answer = unpruned.generate(out / "sample.png", unpruned.chat_prompt(result.question),
-                                                   config.max_new_tokens).text
+        pipes["unpruned"] = Pipeline.from_engine_dir(out / "engine-unpruned")
+        answers = {name: pipe.generate(out / "sample.png", pipe.chat_prompt(result.question), config.max_new_tokens)
+                   for name, pipe in pipes.items()}
+        result.answer, result.unpruned_answer = answers["pruned"].text, answers["unpruned"].text
     accuracy = None
     if config.shapes_vqa and config.accuracy_questions:
         with _stage(result, f"accuracy ({config.accuracy_questions} questions, both engines)"):
-            accuracy = _accuracy(config, out, progress)
-    with _stage(result, "parity report"):
-        parity = parity_report(out / "engine", config.model, out / "report", recipe=out / "recipe.json",
-                               prompts=default_parity_prompts(config.parity_prompts), allow_failure=True)
+            accuracy = _accuracy(config, pipes, progress)
     with _stage(result, "latency report"):
-        latency = latency_report(out / "engine", out / "engine-unpruned", out / "report", image=out / "sample.png",
+        latency = latency_report(pipes["pruned"], pipes["unpruned"], out / "report", image=out / "sample.png",
                                  rounds=config.latency_rounds)
-    _plots(pipe, out, result.question, generation.kept_indices, parity)
-    result.figures = _headline(out, parity, latency)
-    if accuracy is not None:
-        result.figures["accuracy"] = accuracy
-    atomic_write_bytes(out / "report.md", report_markdown(result, parity, latency).encode())
+    _plots(pipes["pruned"], out, result.question, answers["pruned"].kept_indices, parity)
+    del pipes
+    free_device_memory()
+    return parity, latency, accuracy
+
+
+def free_device_memory() -> None:
+    """Collect what the last stage dropped (engines, references: cycles keep some alive) and, where PyTorch has
+    initialised CUDA, return its cached blocks to the device so the next stage's engine can take them. Never
+    imports torch itself: the ONNX Runtime path may run without it."""
+    import gc
+    import sys
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def _plots(pipe, out: Path, question: str, kept: dict[int, list[int]], parity: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from visprune.manifests import EvalReport
 from visprune.models.llava import model_folder
 from visprune.outputs import EVAL, check_output, replacing
 from visprune.tasks.shapes_vqa import ShapesSample, accuracy_by_type, make_split
+
+if TYPE_CHECKING:  # for the annotation only: the functions import it when called, as before
+    from runtime.pipeline import Pipeline
 
 EVAL_SCHEMA = ("visprune.eval_report", 1)
 
@@ -45,13 +48,14 @@ class EvalConfig:
                               "Use e.g. --questions 500.")
 
 
-def answers_from_engine(engine_dir: Path, samples: list[ShapesSample], max_new_tokens: int,
+def answers_from_engine(engine: Path | Pipeline, samples: list[ShapesSample], max_new_tokens: int,
                         progress: bool = False, verify: bool = False) -> list[str]:
+    """Greedy answers of an engine folder, or of a Pipeline already open on one (`verify` applies to a folder)."""
     from tqdm.auto import tqdm
 
     from runtime.pipeline import Pipeline
 
-    pipe = Pipeline.from_engine_dir(engine_dir, verify)
+    pipe = engine if isinstance(engine, Pipeline) else Pipeline.from_engine_dir(engine, verify)
     return [pipe.generate(s.image(), pipe.chat_prompt(s.question), max_new_tokens).text
             for s in tqdm(samples, desc="answering (engine)", disable=not progress)]
 

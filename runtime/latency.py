@@ -122,15 +122,16 @@ def summarize_requests(requests: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def latency_report(engine_dir: Path, baseline_dir: Path, out_dir: Path, image: Path | None = None,
+def latency_report(engine: Path | Pipeline, baseline: Path | Pipeline, out_dir: Path, image: Path | None = None,
                    question: str = "What is in the picture?", new_tokens: int = 16, warmup: int = 3, rounds: int = 10,
                    clock: Clock = time.perf_counter) -> dict[str, Any]:
-    """Measure `engine_dir` against `baseline_dir` on one request; write latency.json, latency.md, latency.png."""
+    """Measure `engine` against `baseline` on one request; write latency.json, latency.md, latency.png. Each is an
+    engine folder or a Pipeline already open on one (the whole-pipeline run hands over its own rather than open a
+    second copy; the memory its loading took is then not measured)."""
     if rounds < 1 or warmup < 0 or new_tokens < 1:
         raise ConfigError(f"rounds {rounds}, warm-up {warmup} and new tokens {new_tokens} must be >= 1, >= 0, >= 1.",
                           "Pass e.g. --rounds 10 --warmup 3 --new-tokens 16.")
-    loaded = {name: _load_measuring_memory(folder) for name, folder in (("pruned", engine_dir),
-                                                                         ("baseline", baseline_dir))}
+    loaded = {name: _load_measuring_memory(e) for name, e in (("pruned", engine), ("baseline", baseline))}
     pipes = {name: pipe for name, (pipe, _) in loaded.items()}
     _check_comparable(pipes["pruned"], pipes["baseline"])
     request = _request(pipes["pruned"], image, question, new_tokens)  # same processor and layout for both
@@ -142,9 +143,9 @@ def latency_report(engine_dir: Path, baseline_dir: Path, out_dir: Path, image: P
         "request": {"image": str(image) if image else "default cat photograph", "question": question,
                     "prompt_tokens": int(request.input_ids.shape[1]), "new_tokens": new_tokens,
                     "visual_tokens": pipes["pruned"].num_visual},
-        "engines": {name: {"engine_dir": str(Path(folder).resolve()), **_engine_facts(pipes[name]),
+        "engines": {name: {"engine_dir": str(pipe.engine_dir.resolve()), **_engine_facts(pipe),
                            **summarize_requests(timed[name]), "memory": memory[name]}
-                    for name, folder in (("pruned", engine_dir), ("baseline", baseline_dir))},
+                    for name, pipe in pipes.items()},
         "method": _method(warmup, rounds, clock, load_before, pipes["pruned"]),
     }
     report["ratios"] = _ratios(report, pipes)
@@ -156,11 +157,14 @@ def latency_report(engine_dir: Path, baseline_dir: Path, out_dir: Path, image: P
     return report
 
 
-def _load_measuring_memory(engine_dir: Path) -> tuple[Pipeline, dict[str, Any]]:
-    """The engine's Pipeline, and the memory in use on its device before and after loading it."""
-    device = read_engine_set(Path(engine_dir)).device
+def _load_measuring_memory(engine: Path | Pipeline) -> tuple[Pipeline, dict[str, Any]]:
+    """The engine's Pipeline, and the memory in use on its device before and after loading it (before: None for
+    a Pipeline that was open already)."""
+    if isinstance(engine, Pipeline):
+        return engine, {"before_load": None, "after_load": memory_in_use(engine.manifest.device)}
+    device = read_engine_set(Path(engine)).device
     before = memory_in_use(device)
-    pipe = Pipeline.from_engine_dir(engine_dir)
+    pipe = Pipeline.from_engine_dir(engine)
     return pipe, {"before_load": before, "after_load": memory_in_use(device)}
 
 
@@ -174,7 +178,8 @@ def _warm_up_measuring_memory(pipe: Pipeline, request: Request, warmup: int, mar
     after = memory_in_use(kind) if kind == "cuda" else _proc_status_bytes("VmHWM") or None
     engine_bytes = sum(p.stat().st_size for p in pipe.engine_dir.iterdir() if p.suffix in (".onnx", ".plan", ".data"))
     return {"engine_file_bytes": engine_bytes, "load_bytes": _difference(marks["after_load"], marks["before_load"]),
-            "working_bytes": _difference(after, marks["after_load"]), "method": MEMORY_METHODS[kind]}
+            "working_bytes": _difference(after, marks["after_load"]),
+            "method": MEMORY_METHODS[kind] + ("" if marks["before_load"] is not None else NOT_LOADED_HERE)}
 
 
 MEMORY_METHODS = {
@@ -185,6 +190,8 @@ MEMORY_METHODS = {
             "before; working = after warm-up minus after loading, a level, not a peak (other processes on the GPU "
             "would count too)",
 }
+
+NOT_LOADED_HERE = "; load: not measured (the engine was open before the report began)"
 
 
 def memory_in_use(device: str) -> int | None:

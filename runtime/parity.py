@@ -3,12 +3,18 @@ unpruned (both in PyTorch, same weights) on prompts that calibration did not use
 
 (a) per prompt, under the criteria of the engine's precision (`CRITERIA`, overridable, written into the report):
 the reference decodes greedily and the engine is fed the reference's tokens (teacher forcing), so one early flip
-cannot ruin every later step; per pruning layer the share of kept indices both keep; per step whether the engine's
-top-1 is the reference's token, and, where both kept the same tokens, the logits through Polygraphy's
-comparator (each step one iteration; its max error within atol, or its max relative error within rtol). Where
-the selection differs the logits legitimately differ more, and the overlap and top-1 criteria judge. The reference
-is the PyTorch backend at the engine's dtype on the engine's device where that device exists here (a CUDA engine
-on a CUDA host), else float32 on the CPU, and the criteria of the engine's dtype allow for that difference.
+cannot ruin every later step.
+- Logits, where both kept the same tokens: per step, Polygraphy's comparator (max error) against that step's own
+  atol, max(atol floor, rtol * max |reference logit| of the step), so the tolerance follows the logits' scale.
+  Where the kept sets differ the logits legitimately differ more: the case says `logits_judged: false` and the
+  overlap and top-1 criteria judge it.
+- Top-1, per step: a step whose engine argmax is not the reference's token is a flip only where the reference's
+  margin (top-1 minus top-2 logit) exceeds twice the step's atol; below that it is a near-tie flip, reported and
+  not failed (rounding within the tolerance can legitimately reorder such a pair).
+- Kept indices, per pruning layer: the share of the reference's kept indices the engine kept too, and how many
+  it did not (`kept_mismatches`), with the first layer where the sets part.
+The reference is the PyTorch backend at the engine's dtype on the engine's device where that device exists here
+(a CUDA engine on a CUDA host), else float32 on the CPU, and the criteria of the engine's dtype allow for that.
 (b) per prompt: next-token top-1 agreement, KL(unpruned || pruned) of the first-token distribution, and
 whether the greedy answers match exactly.
 """
@@ -35,27 +41,44 @@ from visprune.models import LlavaBundle, load_llava
 class ParityCriteria:
     """What "the engine computes what the reference computes" means at one precision, output by output."""
 
-    logits_atol: float  # where the kept tokens agree, per step: max abs error <= atol, or max relative error <= rtol
+    # per step, where the kept tokens agree: max abs error <= max(logits_atol, logits_rtol * max |reference logit|)
+    logits_atol: float
     logits_rtol: float
     min_kept_overlap: float  # per pruning layer: |kept by both| / K
-    min_top1: float  # per prompt, teacher-forced: share of steps whose top-1 is the reference's token
+    min_top1: float  # per prompt, teacher-forced: share of steps without a decisive flip (see NEAR_TIE_FACTOR)
 
 
-# By the engine's export dtype. float32: exact selection and tokens, float32 rounding in the logits. float16 and
-# bfloat16 engines against the float32 reference: rounding moves near-tied scores across the TopK boundary and
-# near-tied logits across the argmax, so a few flips are expected numerics. Measured on CPU for float16
+# By the engine's export dtype. The logits atol scales with the step's largest logit because rounding does: a
+# D-wide dot product summed in another order (cuBLAS vs. TensorRT/ONNX Runtime kernels, split-K) moves its result
+# by ~sqrt(D) * eps relative to its magnitude, and the residual stream carries that through every layer. float32:
+# rtol 3e-5 (~250 ulps of the largest logit; ~9e-4 at a 7B model's |logit| ~30, where a 1e-4 absolute bound fails
+# on summation order alone) above a floor of 1e-4 (tiny's logits, |logit| ~3-6, stay at or near it). A selection or
+# cache bug moves logits by 1e-2 relative or more, far above either.
+# float16 and bfloat16 engines: rounding moves near-tied scores across the TopK boundary and near-tied logits across
+# the argmax, so a few flips are expected numerics. Measured on CPU for float16 against the float32 reference
 # (bench/results/parity_fp16.md: 8 prompts, kept sets equal in 5 with logits errors 0.007-0.022 at logits of
-# magnitude ~3; overlap down to 0.950, teacher-forced top-1 down to 0.875). The float16 atol leaves room for the
-# larger logits of a 7B model; bfloat16 (8 mantissa bits to float16's 11) is scaled from it. Both unmeasured at 7B.
-# rtol stays 0: logits cross zero, so an element-wise relative error says little about them.
+# magnitude ~3; overlap down to 0.950, teacher-forced top-1 down to 0.875). float16: floor 0.1 (that measurement
+# with room), rtol 1e-2 (~10 float16 ulps, 2^-10, of the largest logit: 0.3 at |logit| ~30); bfloat16 (8 mantissa
+# bits to float16's 11) is scaled from it: floor 0.5, rtol 8e-2. Both unmeasured at 7B.
+# float32 kept overlap 0.98, not 1.0: ONNX's TopK breaks ties by the lower index, TensorRT's does not promise to,
+# and identical image patches (a flat background) give exactly equal scores, so a correct engine may swap tied
+# indices at the K boundary. Telling such a tie from an error needs the reference's selection scores, which the
+# reference does not return (exporter/pruned_lm.py returns kept indices only). TODO: once it returns the scores per
+# pruning layer, count a swap as a tie only where the two indices' reference scores are within the float32
+# rounding of the K-th score, and put float32 back at 1.0 for the rest. Until then 0.98 lets through a few swapped
+# indices per layer (4 of tiny's 201), while a selection bug (a wrong image offset, a wrong score) moves far more.
 CRITERIA = {
-    "float32": ParityCriteria(logits_atol=1e-4, logits_rtol=0.0, min_kept_overlap=1.0, min_top1=1.0),
-    "float16": ParityCriteria(logits_atol=0.1, logits_rtol=0.0, min_kept_overlap=0.9, min_top1=0.75),
-    "bfloat16": ParityCriteria(logits_atol=0.5, logits_rtol=0.0, min_kept_overlap=0.8, min_top1=0.6),
+    "float32": ParityCriteria(logits_atol=1e-4, logits_rtol=3e-5, min_kept_overlap=0.98, min_top1=1.0),
+    "float16": ParityCriteria(logits_atol=0.1, logits_rtol=1e-2, min_kept_overlap=0.9, min_top1=0.75),
+    "bfloat16": ParityCriteria(logits_atol=0.5, logits_rtol=8e-2, min_kept_overlap=0.8, min_top1=0.6),
 }
+# A teacher-forced top-1 flip fails only where the reference's margin (top-1 minus top-2 logit) exceeds this many
+# step atols: each of the two logits may move by up to one atol, so a smaller margin may legitimately reverse.
+NEAR_TIE_FACTOR = 2.0
 # How far the engine's saved token embeddings may sit from the model's float32 ones: the export rounds them to
 # its dtype (float16 keeps 11 significant bits, bfloat16 8; bfloat16 sets store the rounded values as float32).
 EMBEDDING_TOLERANCE = {"float32": (1e-6, 1e-8), "float16": (1e-3, 1e-7), "bfloat16": (1e-2, 1e-7)}  # (rtol, atol)
+PARITY_SCHEMA = ("visprune.parity_report", 3)  # 3: per-step scaled atol, near-tie flips, logits_judged, kept mismatches
 HELD_OUT_QUESTIONS = ["What is the dominant color here?", "Is this picture taken at night?",
                       "What shape is the biggest thing?", "Name one object in the photo."]
 
@@ -79,17 +102,19 @@ def default_parity_prompts(count: int = 8) -> list[PromptCase]:
             for i in range(count)]
 
 
-def parity_report(engine_dir: Path, model: str, out_dir: Path, prompts: list[PromptCase] | None = None,
+def parity_report(engine: Path | Pipeline, model: str, out_dir: Path, prompts: list[PromptCase] | None = None,
                   max_new_tokens: int = 8, allow_failure: bool = False, recipe: Path | None = None,
                   criteria: dict[str, float] | None = None, reference: str = "auto") -> dict[str, Any]:
     """Write parity.json and parity.md to `out_dir`; raise ParityError on failure unless `allow_failure`.
 
-    `criteria` overrides fields of the engine dtype's `CRITERIA`. `reference`: "auto" (see `reference_precision`)
-    or "cpu" (float32 on the CPU, e.g. for the PyTorch backend on CUDA, whose "auto" reference would be itself).
-    With `recipe`, the engine must have been exported from exactly that recipe.
+    `engine`: an engine folder, or a Pipeline already open on one (the whole-pipeline run hands over the one it
+    uses for every stage rather than hold a second copy of the engine). `criteria` overrides fields of the engine
+    dtype's `CRITERIA`. `reference`: "auto" (see `reference_precision`) or "cpu" (float32 on the CPU, e.g. for the
+    PyTorch backend on CUDA, whose "auto" reference would be itself). With `recipe`, the engine must have been
+    exported from exactly that recipe.
     """
-    pipe = Pipeline.from_engine_dir(engine_dir)
-    onnx_set = pipe.manifest.onnx_set
+    pipe = engine if isinstance(engine, Pipeline) else Pipeline.from_engine_dir(engine)
+    engine_dir, onnx_set = pipe.engine_dir, pipe.manifest.onnx_set
     if recipe is not None:
         check_engine_recipe(onnx_set, load_recipe(recipe), engine_dir)
     bundle = load_llava(model)
@@ -165,15 +190,16 @@ def _compare_case(pipe: Pipeline, pruned: Pipeline, unpruned: Pipeline, case: Pr
     base_tokens, base_logits = baseline.token_ids, baseline.step_logits
     abs_err = [float(np.abs(e - r).max()) for e, r in zip(engine.step_logits, ref_logits)]
     scale = [float(np.abs(r).max()) for r in ref_logits]
-    top1 = [int(np.argmax(e)) == token for e, token in zip(engine.step_logits, ref_tokens)]
-    overlap = kept_overlap(engine.kept_indices, reference.kept_indices)
+    atols = [step_atol(r, rules) for r in ref_logits]
+    flips = top1_flips(engine.step_logits, ref_logits, ref_tokens, atols)
+    kept = kept_comparison(engine.kept_indices, reference.kept_indices)
+    judged = kept["kept_indices_equal"]  # else the logits legitimately differ more: overlap and top-1 judge
     return {
         "image": case.image.name, "question": case.question,
         "max_abs_logits_error": abs_err, "max_rel_logits_error": [e / max(s, 1e-12) for e, s in zip(abs_err, scale)],
-        "logits_within": not all(v == 1.0 for v in overlap.values()) or  # judged by overlap and top-1 instead
-                         logits_match(engine.step_logits, ref_logits, rules),
-        "kept_overlap": overlap, "kept_indices_equal": all(v == 1.0 for v in overlap.values()),
-        "teacher_forced_top1": float(np.mean(top1)), "tokens_equal": all(top1),
+        "logits_atol": atols, "logits_judged": judged,
+        "logits_within": all(logits_within(engine.step_logits, ref_logits, atols)) if judged else None,
+        **kept, **flips, "tokens_equal": flips["raw_top1"] == 1.0,
         "engine_tokens": [int(np.argmax(e)) for e in engine.step_logits], "reference_tokens": ref_tokens,
         "first_token_top1_agree": int(np.argmax(base_logits[0])) == int(np.argmax(ref_logits[0])),
         "first_token_kl": _kl(base_logits[0], ref_logits[0]),
@@ -181,42 +207,90 @@ def _compare_case(pipe: Pipeline, pruned: Pipeline, unpruned: Pipeline, case: Pr
     }
 
 
-def logits_match(engine: list[np.ndarray], reference: list[np.ndarray], rules: ParityCriteria) -> bool:
-    """Polygraphy's comparator over the steps' logits [V] (one iteration per step), quietly."""
+def step_atol(reference: np.ndarray, rules: ParityCriteria) -> float:
+    """The logits atol of one step: the floor, or the relative tolerance times the step's largest |logit|."""
+    return max(rules.logits_atol, rules.logits_rtol * float(np.abs(reference).max()))
+
+
+def logits_within(engine: list[np.ndarray], reference: list[np.ndarray], atols: list[float]) -> list[bool]:
+    """Per step, whether the engine's logits [V] are within that step's atol of the reference's: Polygraphy's
+    comparator (max-error check, NaN fails). One comparison per step, as its atol is one per output and run, not
+    per iteration. rtol 0: an element-wise relative error says little of logits, which cross zero (the step's
+    scale is already in its atol)."""
     from polygraphy.comparator import Comparator, IterationResult, RunResults
     from polygraphy.comparator.compare import SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
 
-    runs = RunResults([(name, [IterationResult({"logits": step}, runner_name=name) for step in steps])
-                       for name, steps in (("engine", engine), ("reference", reference))])
-    compare = SimpleCompareFunc(atol=rules.logits_atol, rtol=rules.logits_rtol, check_error_stat="max")
-    with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
+    def within(e: np.ndarray, r: np.ndarray, atol: float) -> bool:
+        runs = RunResults([(name, [IterationResult({"logits": step}, runner_name=name)])
+                           for name, step in (("engine", e), ("reference", r))])
+        compare = SimpleCompareFunc(atol=atol, rtol=0.0, check_error_stat="max")
         return bool(Comparator.compare_accuracy(runs, compare_func=compare))
 
-
-def kept_overlap(engine: dict[int, list[int]], reference: dict[int, list[int]]) -> dict[str, float]:
-    """Per pruning layer, the share of the reference's kept image indices that the engine kept too."""
-    return {str(layer): len(set(engine.get(layer, [])) & set(kept)) / len(kept) for layer, kept in reference.items()}
+    with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
+        return [within(e, r, atol) for e, r, atol in zip(engine, reference, atols)]
 
 
-def _worst(cases: list[dict[str, Any]]) -> dict[str, float]:
+def top1_flips(engine: list[np.ndarray], reference: list[np.ndarray], tokens: list[int],
+               atols: list[float]) -> dict[str, Any]:
+    """Teacher-forced top-1 per step. A step whose engine argmax is not the reference's token is a decisive flip
+    where the reference's margin (top-1 minus top-2 logit) exceeds NEAR_TIE_FACTOR step atols, else a near-tie
+    flip: logits each within tolerance may reverse a pair that close. `teacher_forced_top1`: the share of steps
+    without a decisive flip; `raw_top1`: the share whose argmax is the reference's token."""
+    margins = [_margin(r) for r in reference]
+    flipped = [int(np.argmax(e)) != token for e, token in zip(engine, tokens)]
+    decisive = [f and m > NEAR_TIE_FACTOR * atol for f, m, atol in zip(flipped, margins, atols)]
+    steps = max(len(flipped), 1)
+    return {"teacher_forced_top1": 1.0 - sum(decisive) / steps, "raw_top1": 1.0 - sum(flipped) / steps,
+            "decisive_flips": sum(decisive), "near_tie_flips": sum(flipped) - sum(decisive),
+            "reference_margins": margins}
+
+
+def _margin(logits: np.ndarray) -> float:
+    second, first = np.partition(logits, -2)[-2:]
+    return float(first - second)
+
+
+def kept_comparison(engine: dict[int, list[int]], reference: dict[int, list[int]]) -> dict[str, Any]:
+    """Per pruning layer: the share of the reference's kept image indices that the engine kept too, and how many
+    of them it did not (as many as it kept instead: both keep K). The first layer where the sets part is where a
+    tie or an error happened; later layers choose among different tokens, so their mismatches follow from it."""
+    missing = {str(layer): len(set(kept) - set(engine.get(layer, []))) for layer, kept in reference.items()}
+    overlap = {str(layer): (len(kept) - missing[str(layer)]) / len(kept) for layer, kept in reference.items()}
+    parted = [int(layer) for layer, count in missing.items() if count]
+    return {"kept_overlap": overlap, "kept_mismatches": missing, "kept_indices_equal": not parted,
+            "first_divergent_layer": min(parted) if parted else None}
+
+
+def _worst(cases: list[dict[str, Any]]) -> dict[str, Any]:
     """The figures the criteria judge, over all prompts."""
+    judged = [(e / atol) for c in cases if c["logits_judged"]
+              for e, atol in zip(c["max_abs_logits_error"], c["logits_atol"])]
     return {"max_abs_logits_error": max(max(c["max_abs_logits_error"]) for c in cases),
+            "max_logits_error_over_atol": max(judged) if judged else None,
+            "logits_judged_prompts": sum(c["logits_judged"] for c in cases),
             "min_kept_overlap": min((v for c in cases for v in c["kept_overlap"].values()), default=1.0),
-            "min_teacher_forced_top1": min(c["teacher_forced_top1"] for c in cases)}
+            "max_kept_mismatches": max((v for c in cases for v in c["kept_mismatches"].values()), default=0),
+            "min_teacher_forced_top1": min(c["teacher_forced_top1"] for c in cases),
+            "decisive_flips": sum(c["decisive_flips"] for c in cases),
+            "near_tie_flips": sum(c["near_tie_flips"] for c in cases)}
 
 
-def _failures(cases: list[dict[str, Any]], worst: dict[str, float], rules: ParityCriteria) -> list[str]:
+def _failures(cases: list[dict[str, Any]], worst: dict[str, Any], rules: ParityCriteria) -> list[str]:
     failures = []
-    if not all(c["logits_within"] for c in cases):
-        error = max(max(c["max_abs_logits_error"]) for c in cases if not c["logits_within"])
-        failures.append(f"logits error up to {error:.2e} with the same kept tokens, over atol {rules.logits_atol:g} "
-                        f"and rtol {rules.logits_rtol:g} (Polygraphy's max-error check)")
+    if any(c["logits_within"] is False for c in cases):
+        failed = [c for c in cases if c["logits_within"] is False]
+        error = max(max(c["max_abs_logits_error"]) for c in failed)
+        failures.append(f"logits error up to {error:.2e} with the same kept tokens in {len(failed)} prompt(s), over "
+                        f"the step's atol max({rules.logits_atol:g}, {rules.logits_rtol:g} * max |reference logit|) "
+                        "(Polygraphy's max-error check)")
     if worst["min_kept_overlap"] < rules.min_kept_overlap:
-        failures.append(f"kept-index overlap down to {worst['min_kept_overlap']:.3f} < {rules.min_kept_overlap:g}")
+        failures.append(f"kept-index overlap down to {worst['min_kept_overlap']:.3f} < {rules.min_kept_overlap:g} "
+                        f"(up to {worst['max_kept_mismatches']} indices of a layer not kept)")
     if worst["min_teacher_forced_top1"] < rules.min_top1:
         failures.append(f"teacher-forced top-1 agreement down to {worst['min_teacher_forced_top1']:.3f} < "
-                        f"{rules.min_top1:g}")
+                        f"{rules.min_top1:g} ({worst['decisive_flips']} flip(s) where the reference's margin exceeds "
+                        f"{NEAR_TIE_FACTOR:g} step atols)")
     return failures
 
 
@@ -225,11 +299,11 @@ def _summarize(cases: list[dict[str, Any]], rules: ParityCriteria, onnx_set: Onn
     worst = _worst(cases)
     failures = _failures(cases, worst, rules)
     return {
-        "schema": "visprune.parity_report", "schema_version": 2,
+        "schema": PARITY_SCHEMA[0], "schema_version": PARITY_SCHEMA[1],
         "engine": {"recipe_sha256": onnx_set.recipe.sha256, "dtype": onnx_set.dtype, "model": onnx_set.model.name},
         "engine_vs_reference": {
             "passed": not failures, "failures": failures, "criteria": asdict(rules), "reference": reference,
-            "tolerance": rules.logits_atol, **worst, "prompts": len(cases)},
+            "tolerance": rules.logits_atol, "near_tie_factor": NEAR_TIE_FACTOR, **worst, "prompts": len(cases)},
         "pruned_vs_unpruned": {
             "first_token_top1_agreement": float(np.mean([c["first_token_top1_agree"] for c in cases])),
             "mean_first_token_kl": float(np.mean([c["first_token_kl"] for c in cases])),
@@ -248,6 +322,7 @@ def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
 
 def _markdown(report: dict[str, Any]) -> str:
     a, b = report["engine_vs_reference"], report["pruned_vs_unpruned"]
+    c = a["criteria"]
     lines = [
         "# Parity report", "",
         f"Model `{report['engine']['model']}`, export dtype {report['engine']['dtype']}, "
@@ -258,14 +333,37 @@ def _markdown(report: dict[str, Any]) -> str:
         f"{a['max_abs_logits_error']:.2e}, kept-index overlap at least {a['min_kept_overlap']:.3f}, teacher-forced "
         f"top-1 agreement at least {a['min_teacher_forced_top1']:.3f}"
         + (f". Failed: {'; '.join(a['failures'])}." if a["failures"] else "."), "",
-        "Criteria: " + ", ".join(f"{k} {v:g}" for k, v in a["criteria"].items()) + ".", "",
-        "| image | question | max abs err | min kept overlap | top-1 (teacher-forced) |", "|---|---|---:|---:|---:|",
+        f"Logits judged in {a['logits_judged_prompts']} of {a['prompts']} prompts"
+        + (f" (worst error {a['max_logits_error_over_atol']:.2f}x its step's atol)"
+           if a["max_logits_error_over_atol"] is not None else "")
+        + "; in the others the kept sets differ, so the logits legitimately differ more and were not judged. "
+        f"Top-1 flips: {a['decisive_flips']} decisive, {a['near_tie_flips']} near ties (the reference's margin "
+        f"within {a['near_tie_factor']:g} step atols: reported, not failed). Kept indices: up to "
+        f"{a['max_kept_mismatches']} of a layer's not kept by the engine.", "",
+        f"Criteria: logits atol per step max({c['logits_atol']:g}, {c['logits_rtol']:g} * max |reference logit|), "
+        f"kept-index overlap >= {c['min_kept_overlap']:g} per pruning layer, teacher-forced top-1 >= "
+        f"{c['min_top1']:g}.", "",
+        "| image | question | max abs err | max atol | logits judged | min kept overlap | kept mismatches (first "
+        "layer) | top-1 (teacher-forced) | near-tie flips |", "|---|---|---:|---:|---|---:|---:|---:|---:|",
     ]
-    lines += [f"| {c['image']} | {c['question']} | {max(c['max_abs_logits_error']):.2e} | "
-              f"{min(c['kept_overlap'].values(), default=1.0):.3f} | {c['teacher_forced_top1']:.3f} |"
+    lines += [f"| {c['image']} | {c['question']} | {max(c['max_abs_logits_error']):.2e} | {max(c['logits_atol']):.1e} "
+              f"| {_judged_cell(c)} | {min(c['kept_overlap'].values(), default=1.0):.3f} | "
+              f"{max(c['kept_mismatches'].values(), default=0)} ({_first_layer_cell(c)}) | "
+              f"{c['teacher_forced_top1']:.3f} | {c['near_tie_flips']} |"
               for c in report["cases"]]
     lines += ["", "## Pruned vs. unpruned (PyTorch, same weights, prompts not used for calibration)", "",
               f"- first-token top-1 agreement: {b['first_token_top1_agreement']:.0%}",
               f"- mean KL(unpruned ‖ pruned) of the first token: {b['mean_first_token_kl']:.4f} nats",
               f"- greedy answers identical: {b['answer_exact_match_rate']:.0%}", ""]
     return "\n".join(lines)
+
+
+def _judged_cell(case: dict[str, Any]) -> str:
+    if not case["logits_judged"]:
+        return "no: kept sets differ"
+    return "within" if case["logits_within"] else "**over**"
+
+
+def _first_layer_cell(case: dict[str, Any]) -> str:
+    layer = case["first_divergent_layer"]
+    return "-" if layer is None else f"layer {layer}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,6 +30,12 @@ from runtime.runners import RowLayout, Runner, open_runner
 from visprune.errors import ConfigError, ImageLoadError, PromptError
 from visprune.manifests import EngineManifest
 from visprune.models.inputs import check_single_image_placeholder, image_span, load_image
+
+
+# How many times each engine folder (resolved path) has been opened in this process. An engine at 7B holds
+# gigabytes of device memory, so a stage that opens one again instead of taking the open one costs that twice;
+# tests count opens here to see that a pipeline run opens each engine once.
+ENGINE_OPENS: Counter[str] = Counter()
 
 
 def check_max_new_tokens(max_new_tokens: int) -> None:
@@ -98,6 +105,7 @@ class Pipeline:
         engine_dir = Path(engine_dir)
         manifest = read_engine_set(engine_dir, verify)
         runner = open_runner(engine_dir, manifest)
+        ENGINE_OPENS[str(engine_dir.resolve())] += 1
         embeddings = np.load(engine_dir / "embed_tokens.npy")
         processor = AutoProcessor.from_pretrained(engine_dir / "processor")
         return cls(engine_dir, manifest, runner, embeddings, processor)

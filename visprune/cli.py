@@ -312,8 +312,8 @@ def _add_report(commands) -> None:
     parity.add_argument("--max-new-tokens", type=int, default=8)
     parity.add_argument("--allow-parity-failure", action="store_true", help="exit 0 even if parity fails")
     parity.add_argument("--no-parity", action="store_true", help="skip the parity report")
-    for flag, meaning in (("--logits-atol", "logits: absolute tolerance"), ("--logits-rtol", "logits: tolerance "
-                          "relative to max |reference logit|"), ("--min-kept-overlap", "kept indices: least share "
+    for flag, meaning in (("--logits-atol", "logits: absolute tolerance floor"), ("--logits-rtol", "logits: tolerance "
+                          "relative to the step's max |reference logit|"), ("--min-kept-overlap", "kept indices: least share "
                           "both keep, per pruning layer"), ("--min-top1", "tokens: least teacher-forced top-1 "
                           "agreement")):
         parity.add_argument(flag, type=float, help=f"{meaning} (default: by the engine's dtype, README)")

@@ -321,10 +321,16 @@ class EngineVsReference(Strict):
     failures: list[str]
     criteria: dict[str, float]
     reference: dict[str, str]  # device, dtype
-    tolerance: Annotated[float, Field(ge=0.0)]  # the logits atol
-    max_abs_logits_error: Annotated[float, Field(ge=0.0)]
+    tolerance: Annotated[float, Field(ge=0.0)]  # the logits atol floor; each step's own atol: cases[].logits_atol
+    near_tie_factor: Annotated[float, Field(ge=0.0)]  # a top-1 flip fails only above this many step atols of margin
+    max_abs_logits_error: Annotated[float, Field(ge=0.0)]  # over every step, judged or not
+    max_logits_error_over_atol: Annotated[float, Field(ge=0.0)] | None  # over judged steps; None: none judged
+    logits_judged_prompts: NonNegInt  # prompts whose kept sets agree, so their logits were judged
     min_kept_overlap: Fraction
+    max_kept_mismatches: NonNegInt  # most reference-kept indices of one layer that the engine did not keep
     min_teacher_forced_top1: Fraction
+    decisive_flips: NonNegInt
+    near_tie_flips: NonNegInt  # reported, not failed
     prompts: PosInt
 
 
@@ -336,7 +342,7 @@ class PrunedVsUnpruned(Strict):
 
 class ParityReport(Strict):
     schema_: Literal["visprune.parity_report"] = Field(alias="schema")
-    schema_version: Literal[2]
+    schema_version: Literal[3]  # 3: per-step scaled logits atol, near-tie flips, logits_judged, kept mismatches
     engine: dict[str, str]
     engine_vs_reference: EngineVsReference
     pruned_vs_unpruned: PrunedVsUnpruned

@@ -1,6 +1,9 @@
 """`visprune pipeline` through the real CLI on the tiny model: every stage, every report, sane figures."""
 
+import gc
 import json
+import shutil
+from collections import Counter
 
 import pytest
 
@@ -151,3 +154,42 @@ def test_pipeline_rejects_a_negative_accuracy_sample(tmp_path, capsys):
     with pytest.raises(ConfigError):
         PipelineConfig(model="tiny-vqa", accuracy_questions=-1)
     assert PipelineConfig(model="tiny-vqa", accuracy_questions=0).accuracy_questions == 0
+
+
+# --- memory: each engine opened once, engines built for batch 1 -------------------------------------------------
+
+
+def test_the_pipeline_opens_each_engine_once_and_frees_them(exported, tmp_path):
+    """The stages after the builds, on the session's engines (built by the pipeline's own `_export_and_build`):
+    every stage takes the one open Pipeline of its engine, and nothing of the run (engines, the parity reference)
+    outlives it."""
+    from runtime.end_to_end import PipelineConfig, PipelineResult, _engine_stages
+    from runtime.pipeline import ENGINE_OPENS, Pipeline
+    from runtime.torch_runner import TorchRunner
+
+    out = tmp_path / "run"
+    (out / "report").mkdir(parents=True)
+    (out / "engine").symlink_to(exported["pruned"])
+    (out / "engine-unpruned").symlink_to(exported["unpruned"])
+    shutil.copy(exported["recipe"], out / "recipe.json")
+    references_before, opens_before = _alive(TorchRunner), ENGINE_OPENS.copy()
+    config = PipelineConfig(model="tiny", parity_prompts=1, max_new_tokens=2, latency_rounds=1)
+    parity, latency, accuracy = _engine_stages(config, PipelineResult(out), progress=False)
+    assert ENGINE_OPENS - opens_before == Counter({str(exported["pruned"].resolve()): 1,
+                                                   str(exported["unpruned"].resolve()): 1})
+    assert parity["engine_vs_reference"]["passed"] and accuracy is None
+    assert latency["engines"]["pruned"]["memory"]["load_bytes"] is None  # open already: its loading not measured
+    assert "load: not measured" in latency["engines"]["baseline"]["memory"]["method"]
+    gc.collect()
+    assert _alive(TorchRunner) == references_before
+    assert not [p for p in _alive(Pipeline) if out in p.engine_dir.parents]
+
+
+def test_the_pipeline_builds_its_engines_for_one_request_at_a_time(exported):
+    for name in ("pruned", "unpruned"):
+        config = json.loads((exported[name] / "engine.json").read_text())["config"]
+        assert config["max_batch"] == 1, name
+
+
+def _alive(kind: type) -> list:
+    return [o for o in gc.get_objects() if type(o) is kind]  # type(), not isinstance: no __class__ of proxies

@@ -3,11 +3,13 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from engines import BuildConfig, build_engine
 from runtime import Pipeline
-from runtime.parity import ParityError, default_parity_prompts, parity_report
+from runtime.parity import (CRITERIA, ParityError, default_parity_prompts, kept_comparison, logits_within,
+                            parity_report, step_atol, top1_flips)
 from visprune.errors import ArtifactMismatchError
 
 
@@ -16,11 +18,15 @@ def test_parity_report_passes_and_describes_pruning(exported, tmp_path):
                            max_new_tokens=4)
     a, b = report["engine_vs_reference"], report["pruned_vs_unpruned"]
     assert a["passed"] and a["max_abs_logits_error"] <= 1e-4 and a["reference"] == {"device": "cpu", "dtype": "float32"}
-    assert a["criteria"] == {"logits_atol": 1e-4, "logits_rtol": 0.0, "min_kept_overlap": 1.0, "min_top1": 1.0}
-    assert a["min_kept_overlap"] == 1.0 and a["min_teacher_forced_top1"] == 1.0
+    assert a["criteria"] == {"logits_atol": 1e-4, "logits_rtol": 3e-5, "min_kept_overlap": 0.98, "min_top1": 1.0}
+    assert a["min_kept_overlap"] == 1.0 and a["min_teacher_forced_top1"] == 1.0 and a["max_kept_mismatches"] == 0
+    assert a["logits_judged_prompts"] == 3 and a["near_tie_flips"] == a["decisive_flips"] == 0
+    assert report["schema_version"] == 3 and 0.0 <= a["max_logits_error_over_atol"] <= 1.0
     for case in report["cases"]:
         assert case["kept_indices_equal"] and case["tokens_equal"] and case["engine_tokens"] == case["reference_tokens"]
         assert set(case["kept_overlap"]) == {"0", "1", "2", "3", "4", "5"}  # TINY_RECIPE_60 prunes at layers 0-5
+        assert case["logits_judged"] and case["logits_within"] and case["first_divergent_layer"] is None
+        assert all(1e-4 <= atol < 2e-4 for atol in case["logits_atol"])  # tiny's |logit| ~3-6: at or near the floor
     assert 0.0 <= b["first_token_top1_agreement"] <= 1.0 and b["mean_first_token_kl"] >= 0.0
     assert json.loads((tmp_path / "report" / "parity.json").read_text())["engine_vs_reference"]["passed"]
     assert "PASSED" in (tmp_path / "report" / "parity.md").read_text()
@@ -34,8 +40,9 @@ def test_unpruned_engine_agrees_perfectly_with_unpruned_reference(exported, tmp_
 
 
 def test_parity_failure_is_an_error_unless_allowed(exported, tmp_path):
-    strict = {"logits_atol": 1e-12}  # no engine can meet this
-    with pytest.raises(ParityError, match="logits error up to .* with the same kept tokens, over atol 1e-12 and rtol 0"):
+    strict = {"logits_atol": 1e-12, "logits_rtol": 0.0}  # no engine can meet this
+    with pytest.raises(ParityError, match=r"logits error up to .* with the same kept tokens in 1 prompt\(s\), over the "
+                                          r"step's atol max\(1e-12, 0 \* max \|reference logit\|\)"):
         parity_report(exported["pruned"], "tiny", tmp_path / "a", prompts=default_parity_prompts(1), max_new_tokens=2,
                       criteria=strict)
     report = parity_report(exported["pruned"], "tiny", tmp_path / "b", prompts=default_parity_prompts(1),
@@ -113,4 +120,97 @@ def test_a_float16_engine_is_judged_by_the_float16_criteria(exported, tmp_path):
     assert verdict["reference"] == {"device": "cpu", "dtype": "float32"}
     same = [c for c in report["cases"] if c["kept_indices_equal"]]
     assert same and max(max(c["max_abs_logits_error"]) for c in same) < 0.05  # float16 rounding alone
+    assert verdict["logits_judged_prompts"] == len(same)  # the others are said to be unjudged, not passed silently
+    assert all(c["logits_within"] is None and not c["logits_judged"] for c in report["cases"] if c not in same)
     assert verdict["max_abs_logits_error"] > CRITERIA["float32"].logits_atol  # the float32 rule would fail it
+
+
+# --- the criteria on real arrays ------------------------------------------------------------------------------
+
+
+def logits(scale: float, vocab: int = 32000, seed: int = 0) -> np.ndarray:
+    """A step's logits whose largest magnitude is `scale`."""
+    values = np.random.default_rng(seed).normal(size=vocab).astype(np.float32)
+    return values * np.float32(scale / np.abs(values).max())
+
+
+def test_the_float32_logits_tolerance_scales_with_the_logits():
+    """The same 5e-4 error: summation-order noise on a 7B model's logits (|logit| 100), an error on tiny's (|3|)."""
+    rules = CRITERIA["float32"]
+    large, small = logits(100.0), logits(3.0)
+    error = np.zeros_like(large)
+    error[123] = 5e-4
+    assert step_atol(large, rules) == pytest.approx(3e-3) and step_atol(small, rules) == 1e-4  # floor
+    atols = [step_atol(large, rules), step_atol(small, rules)]
+    assert logits_within([large + error, small + error], [large, small], atols) == [True, False]
+    broken = small.copy()
+    broken[7] = np.nan
+    assert logits_within([broken], [small], [1.0]) == [False]  # NaN fails at any tolerance
+
+
+def test_a_near_tie_flip_is_reported_and_a_decisive_flip_fails():
+    rules = CRITERIA["float32"]
+    reference = logits(3.0)
+    first, second = np.argsort(reference)[-2:][::-1]
+    tied, clear = reference.copy(), reference.copy()
+    tied[second] = tied[first] - 1e-5  # the reference's margin: well under 2 atol (2e-4)
+    engine_tied = tied.copy()
+    engine_tied[second] += 2e-5  # within atol of the reference, yet the argmax moves
+    engine_clear = clear.copy()
+    engine_clear[second] = clear[first] + 1.0
+    steps = top1_flips([tied, engine_tied, engine_clear], [tied, tied, clear], [int(first)] * 3,
+                       [step_atol(r, rules) for r in (tied, tied, clear)])
+    assert (steps["near_tie_flips"], steps["decisive_flips"]) == (1, 1)
+    assert steps["teacher_forced_top1"] == pytest.approx(2 / 3) and steps["raw_top1"] == pytest.approx(1 / 3)
+    assert steps["reference_margins"][0] == pytest.approx(1e-5, abs=1e-6)
+    assert logits_within([engine_tied], [tied], [step_atol(tied, rules)]) == [True]
+
+
+def test_kept_mismatches_are_counted_per_layer():
+    reference = {0: [1, 2, 3, 4, 5], 3: [2, 3, 4]}
+    same = kept_comparison(reference, reference)
+    assert same["kept_indices_equal"] and same["kept_mismatches"] == {"0": 0, "3": 0}
+    swapped = kept_comparison({0: [1, 2, 3, 4, 9], 3: [2, 3, 9]}, reference)  # 9 for 5, then 9 for 4
+    assert swapped["kept_mismatches"] == {"0": 1, "3": 1} and swapped["first_divergent_layer"] == 0
+    assert swapped["kept_overlap"] == {"0": pytest.approx(0.8), "3": pytest.approx(2 / 3)}
+    assert not swapped["kept_indices_equal"]
+
+
+def test_a_report_says_which_prompts_had_their_logits_judged(exported):
+    """Two prompts through the real aggregation: one with identical kept sets and logits within tolerance, one
+    whose kept sets differ by one tied index (logits not judged, not silently passed) with a near-tie flip."""
+    from engines.build import read_engine_set
+    from runtime.parity import _markdown, _summarize
+    from visprune.manifests import ParityReport
+
+    rules = CRITERIA["float32"]
+    reference = logits(3.0)
+    first, second = np.argsort(reference)[-2:][::-1]
+    reference[second] = reference[first] - 1e-5
+    engine = reference.copy()
+    engine[second] += 5e-5
+    atols = [step_atol(reference, rules)]
+
+    def case(kept_engine):
+        kept = kept_comparison(kept_engine, {0: list(range(100))})
+        judged = kept["kept_indices_equal"]
+        flips = top1_flips([engine], [reference], [int(first)], atols)
+        return {"image": "a.png", "question": "Why?", "max_abs_logits_error": [5e-5], "logits_atol": atols,
+                "logits_judged": judged,
+                "logits_within": all(logits_within([engine], [reference], atols)) if judged else None,
+                **kept, **flips, "first_token_top1_agree": True, "first_token_kl": 0.0, "answer_exact_match": True}
+
+    cases = [case({0: list(range(100))}), case({0: list(range(99)) + [100]})]
+    onnx_set, reference_facts = read_engine_set(exported["pruned"]).onnx_set, {"device": "cpu", "dtype": "float32"}
+    report = _summarize(cases, rules, onnx_set, reference_facts)
+    ParityReport.model_validate(report)
+    verdict = report["engine_vs_reference"]
+    assert verdict["passed"] and verdict["logits_judged_prompts"] == 1 and verdict["near_tie_flips"] == 2
+    assert verdict["min_kept_overlap"] == pytest.approx(0.99) and verdict["max_kept_mismatches"] == 1
+    assert verdict["max_logits_error_over_atol"] == pytest.approx(0.5)
+    markdown = _markdown(report)
+    assert "Logits judged in 1 of 2 prompts" in markdown and "no: kept sets differ" in markdown
+    assert "0 decisive, 2 near ties" in markdown and "1 (layer 0)" in markdown
+    three_swaps = _summarize([case({0: list(range(97)) + [100, 101, 102]})], rules, onnx_set, reference_facts)
+    assert three_swaps["engine_vs_reference"]["failures"] == [
+        "kept-index overlap down to 0.970 < 0.98 (up to 3 indices of a layer not kept)"]
