@@ -29,7 +29,7 @@ test: $(STAMP)
 # On a GPU host, with the host's own python3 and packages, no install step (works offline): bench/gpu_check.py.
 # The quick path fits in a few minutes; FULL=1 adds ONNX exports, engine folders, the 7B benchmark, pytest -m gpu.
 gpu-check:
-	PYTHONPATH=.$(if $(PYTHONPATH),:$(PYTHONPATH)) $(PYTHON) bench/gpu_check.py $(if $(FULL),--full)
+	PYTHONPATH=.$(if $(PYTHONPATH),:$(PYTHONPATH)) $(PYTHON) bench/gpu_check.py $(if $(FULL),--full) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -176,7 +176,7 @@ def profile_prefill(onnx_dir: Path, seq: int, runs: int, work: Path) -> dict[str
 
 
 def _category(op: str, trace: str, out_rank: int) -> str:
-    if "_surviving_rows" in trace or "_take_rows" in trace or "selection.py" in trace or op == "TopK":
+    if "surviving_rows" in trace or "_take_rows" in trace or "selection.py" in trace or op == "TopK":
         return PROFILE_CATEGORIES[2]
     if op in ("Attention", "MultiHeadAttention", "GroupQueryAttention", "Softmax", "Trilu"):
         return PROFILE_CATEGORIES[1]

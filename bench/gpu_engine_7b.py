@@ -41,6 +41,7 @@ from calibrate.flops import visual_flops  # noqa: E402
 from calibrate.recipe import Recipe, load_recipe, unpruned_recipe  # noqa: E402
 from calibrate.stage import budget_recipe  # noqa: E402
 from engines.torch_static import StaticShapes, StaticTorchEngine, default_batch_sizes, default_buckets  # noqa: E402
+from exporter.pruned_lm import PrunedLlamaPrefill  # noqa: E402
 from visprune.artifacts import tool_versions  # noqa: E402
 from visprune.methods import MAIN_METHODS  # noqa: E402
 from visprune.models.decoder import SDPA, SDPA_LSE  # noqa: E402
@@ -174,6 +175,10 @@ class Bench:
                                    compile=not self.args.no_compile, cuda_graphs=graphs, kernels=kernels)
         return engine, round(time.perf_counter() - start, 1)
 
+    def peer_rows(self) -> None:
+        peers = {f"transformers sdpa b{b}": self.hf_prefill(b) for b in (1, self.args.batch)}
+        self.result["prefill"].update({name: {"eager": ms} for name, ms in self.timer.p50_ms(peers).items()})
+
     def hf_prefill(self, batch: int) -> Callable[[], Any]:
         lm, head = self.model.model.language_model, self.model.lm_head
         embeds = prefill_inputs(batch, self.seq, self.shape.hidden_size, self.device, self.dtype, False)[0]
@@ -183,8 +188,9 @@ class Bench:
         scores = recipe.method == "visionzip"
         inputs = prefill_inputs(batch, self.seq, self.shape.hidden_size, self.device, self.dtype, scores)
         engine, build_s = self.engine(recipe, (self.seq,), (batch,), kernels)
-        calls = {"eager": lambda: engine.prefill_module(*inputs),
-                 "compiled": lambda: engine.prefill_fn(*inputs),
+        eager = PrunedLlamaPrefill(self.model, recipe, IMAGE_START, kernels).eval()
+        calls = {"eager": lambda: eager(*inputs),
+                 "compiled": lambda: engine.prefill_module(*inputs),
                  "graphed": lambda: engine.prefill(batch, self.seq, *inputs)}
         if not engine.cuda_graphs:
             calls.pop("graphed")
@@ -192,7 +198,7 @@ class Bench:
             calls.pop("compiled")
         row = self.timer.p50_ms(calls)
         row.update(build_s=build_s, lm_flops_ratio=self.flops_ratio(recipe),
-                   kernels=kernel_split(lambda: engine.prefill_module(*inputs), self.device))
+                   kernels=kernel_split(lambda: eager(*inputs), self.device))
         self.result["prefill"][f"{name} b{batch}"] = row
         del engine
         self.save()
@@ -216,7 +222,7 @@ class Bench:
             for step in range(steps):
                 position = torch.full((batch, 1), self.seq + step, device=self.device)
                 engine.decode(batch, token, position, pads, position[0])
-        ms = self.timer.p50_ms({"decode": run})["decode"]
+        ms = Timer(self.device, 1, 5).p50_ms({"decode": run})["decode"]
         self.result["decode"][f"{name} b{batch}"] = {"tokens_per_s": round(steps * 1e3 / ms, 1),
                                                       "ms_per_step": round(ms / steps, 3), "build_s": build_s}
         del engine
@@ -233,7 +239,7 @@ class Bench:
         causal.model, causal.lm_head = lm, self.model.lm_head
         causal.eval()
         steps = self.args.decode_tokens
-        times = self.timer.p50_ms({
+        times = Timer(self.device, 1, 3).p50_ms({  # eager generate is slow: few runs
             "one": lambda: causal.generate(inputs_embeds=embeds, max_new_tokens=1, min_new_tokens=1, do_sample=False,
                                            cache_implementation="static", pad_token_id=0),
             "many": lambda: causal.generate(inputs_embeds=embeds, max_new_tokens=steps + 1, min_new_tokens=steps + 1,
@@ -263,24 +269,34 @@ def environment(args) -> dict[str, Any]:
 
 
 def run(bench: Bench) -> None:
+    """Most important first, so that a time budget cuts the least telling rows: the cold build of a full engine set
+    (it pays the compile every later engine reuses), the peer, unpruned and FitPrune and a pre-LLM method at batch
+    1, decode, then batch 8, the other methods and the kernel log-sum-exp variant."""
     args = bench.args
     all_recipes = recipes(bench.shape, args.layers, args.methods)
     step("build a full engine set (fitprune, default buckets)", bench, lambda: build_full_set(bench, all_recipes))
-    peers = {f"transformers sdpa b{b}": bench.hf_prefill(b) for b in (1, args.batch)}
-    bench.result["prefill"].update({name: {"eager": ms} for name, ms in bench.timer.p50_ms(peers).items()})
-    bench.save()
-    for batch in (1, args.batch):
-        for name, recipe in all_recipes.items():
-            if batch == 1 or name in args.batch_methods:
-                step(f"prefill {name} b{batch}", bench, lambda n=name, r=recipe, b=batch: bench.prefill_row(n, r, b))
+    step("prefill transformers", bench, lambda: bench.peer_rows())
+    first = [name for name in ("unpruned", "fitprune", "visionzip") if name in all_recipes]
+    for name in first:
+        step(f"prefill {name} b1", bench, lambda n=name: bench.prefill_row(n, all_recipes[n], 1))
+    for name in ("unpruned", "fitprune"):
+        if name in all_recipes:
+            step(f"decode {name} b1", bench, lambda n=name: bench.decode_row(n, all_recipes[n], 1))
+    step("decode transformers b1", bench, lambda: bench.hf_decode(1))
+    for name in args.batch_methods:
+        if name in all_recipes:
+            step(f"prefill {name} b{args.batch}", bench,
+                 lambda n=name: bench.prefill_row(n, all_recipes[n], args.batch))
+    for name, recipe in all_recipes.items():
+        if name not in first:
+            step(f"prefill {name} b1", bench, lambda n=name, r=recipe: bench.prefill_row(n, r, 1))
     if "fitprune" in all_recipes and bench.device.startswith("cuda"):
         step("prefill fitprune b1 (kernel log-sum-exp)", bench,
              lambda: bench.prefill_row("fitprune (kernel lse)", all_recipes["fitprune"], 1, SDPA_LSE))
     for name in ("unpruned", "fitprune"):
         if name in all_recipes:
-            for batch in (1, args.batch):
-                step(f"decode {name} b{batch}", bench, lambda n=name, b=batch: bench.decode_row(n, all_recipes[n], b))
-    step("decode transformers b1", bench, lambda: bench.hf_decode(1))
+            step(f"decode {name} b{args.batch}", bench,
+                 lambda n=name: bench.decode_row(n, all_recipes[n], args.batch))
 
 
 def build_full_set(bench: Bench, all_recipes: dict[str, Recipe]) -> None:
@@ -351,7 +367,7 @@ def main() -> int:
     parser.add_argument("--batch-methods", nargs="*", default=["unpruned", "fitprune", "visionzip"],
                         help="configurations also timed at --batch")
     parser.add_argument("--decode-tokens", type=int, default=64)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--budget-s", type=float, default=1e9, help="skip configurations once this much time is spent")
     parser.add_argument("--no-compile", action="store_true", help="eager engines only (quick CPU smoke runs)")

@@ -38,7 +38,7 @@ What one run does, on CPU:
     tiny model's reference recipe [143, 101, 44, 41, 18, 28, 0, 0].
 8.  Profiles every graph (ORT `enable_profiling`, fresh sessions, a few runs) and sums node kernel time per
     category: linear layers, attention core, FitPrune scoring + TopK (nodes whose dynamo stack trace is
-    `_surviving_rows`), row gathers (`_take_rows`), the rest; and counts matmul multiply-adds from the profiled
+    `surviving_rows`), row gathers (`_take_rows`), the rest; and counts matmul multiply-adds from the profiled
     shapes (a check of the FLOPs model) and linear-layer GFLOP/s by the number of token rows.
 
 Results: bench/results/prefill_latency.{json,md}.
@@ -319,7 +319,7 @@ def node_info(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def classify(op: str, trace: str, out_rank: int) -> str:
-    if "_surviving_rows" in trace or op in ("TopK", "ReduceMax"):
+    if "surviving_rows" in trace or op in ("TopK", "ReduceMax"):
         return CATEGORIES[2]
     if "_take_rows" in trace:
         return CATEGORIES[3]
@@ -689,7 +689,7 @@ def render_markdown(r: dict) -> str:
             "last visual ones (two Slices + Concat), so no head-max scoring, TopK or Gather. twin / unpruned is "
             "what the token-count reduction alone buys on this CPU; pruned / twin − 1 is the cost of FitPrune's "
             "in-graph selection. *Profile*: ORT node kernel time of the pruned graph in the scoring/TopK nodes "
-            "(those traced from `_surviving_rows`) and the row gathers (`_take_rows`); *linear time ratio*: "
+            "(those traced from `surviving_rows`) and the row gathers (`_take_rows`); *linear time ratio*: "
             "profiled q/k/v/o + MLP + head matmul time, pruned / unpruned; *profiled MACs ratio*: matmul "
             "multiply-adds counted from the profiled shapes, pruned / unpruned (checks the FLOPs model).",
             "",

@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 
 from calibrate.recipe import Recipe
-from exporter.pruned_lm import PrunedLlamaPrefill, StaticCacheDecodeStep
+from exporter.pruned_lm import PrunedLlamaPrefill, Regions, StaticCacheDecodeStep
 from visprune.errors import BackendUnavailableError, PromptError
 from visprune.manifests import OnnxSetManifest
 from visprune.methods import METHODS
@@ -174,8 +174,9 @@ class StaticTorchEngine:
         # one memory pool for every graph: they never run at once, and each keeps its outputs referenced
         pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         make = partial(GraphCall, pool=pool) if self.cuda_graphs else partial(DirectCall, warm=self.compiled)
-        prefill = self.prefill_fn = self._maybe_compile(self.prefill_module)
-        decode = self.decode_fn = self._maybe_compile(self.decode_module)
+        if self.compiled:
+            self.prefill_module.regions = self.decode_module.regions = compiled_regions()
+        prefill, decode = self.prefill_module, self.decode_module
         calls: dict[tuple, Any] = {}
         with torch.no_grad():
             for size in self.shapes.batch_sizes:
@@ -184,11 +185,6 @@ class StaticTorchEngine:
                                                           self._prefill_example(size, bucket))
                 calls["decode", size] = make(self._decode_into(decode, size), self._decode_example(size))
         return calls
-
-    def _maybe_compile(self, module: torch.nn.Module) -> Callable:
-        # dynamic: one compiled graph serves every bucket (and every batch size above 1); fullgraph: a graph break
-        # would mean a host round trip inside, which a CUDA graph cannot hold
-        return torch.compile(module, fullgraph=True, dynamic=True) if self.compiled else module
 
     def _prefill_into(self, prefill: Callable, size: int) -> Callable:
         cache = self.caches[size]
@@ -223,6 +219,25 @@ class StaticTorchEngine:
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         return [torch.zeros(size, heads, capacity, head_dim, dtype=self.dtype, device=self.device)
                 for capacity in self.capacity for _ in ("key", "value")]
+
+
+def compiled_regions() -> Regions:
+    """The prefill's and decode's per-layer pieces under torch.compile. fullgraph: a graph break would mean a host
+    round trip inside, which a CUDA graph cannot hold; dynamic: one compile serves every layer's length, every
+    bucket and every batch size above 1. The glue between pieces (row gathers) runs eagerly, inside the same
+    CUDA graph."""
+    configure_dynamo()
+    compiled = partial(torch.compile, fullgraph=True, dynamic=True)
+    return Regions(**{name: compiled(getattr(Regions, name)) for name in Regions.__dataclass_fields__})
+
+
+def configure_dynamo() -> None:
+    """Process-wide torch.compile settings the engine needs. specialize_float: under dynamic shapes dynamo would
+    lift float attributes (RMSNorm's epsilon, attention's scaling) to host scalars read with .item() at every call;
+    they are constants. cache_size_limit: a process that builds several engines (a benchmark) compiles the
+    selection once per method and keep count."""
+    torch._dynamo.config.specialize_float = True
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
 
 
 def check_torch_device(device: str) -> None:

@@ -21,7 +21,9 @@ K kept, T text tokens after the image, H heads, Hkv key/value heads, Dh head dim
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
+from typing import Callable
 
 import torch
 from torch import nn
@@ -41,6 +43,32 @@ from visprune.models.decoder import (
 )
 
 
+def surviving_rows(select: Callable, view: selection.SelectionInputs, seq: int, keep: int):
+    """Rows [B, S - n + keep] that survive when `select` keeps `keep` of the n visual tokens present, and their
+    image indices [B, keep]. Output slot j of a row whose image starts at p: j before the image, then the kept image
+    rows in their original order, then the text shifted by the n - keep removed."""
+    n = view.visual_ids.shape[1]
+    best = select(view, keep)
+    ascending = torch.topk(best, keep, dim=1, largest=False, sorted=True).values  # original order, no Sort op
+    slots = torch.arange(seq - n + keep, device=best.device).unsqueeze(0)  # [1, S']
+    p = view.image_starts[:, None]  # [B, 1]
+    image_rows = p + torch.gather(ascending, 1, (slots - p).clamp(0, keep - 1).expand(best.shape[0], -1))
+    rows = torch.where(slots < p, slots, torch.where(slots < p + keep, image_rows, slots + (n - keep)))
+    return rows, torch.gather(view.visual_ids, 1, ascending)
+
+
+@dataclass(frozen=True)
+class Regions:
+    """The per-layer pieces the prefill and decode loops call. An engine swaps in compiled versions (regional
+    compilation): one compile of a piece serves all 32 layers of a 7B model and every prompt length, where a
+    whole-model compile unrolls every layer and, with pruning's many lengths, ran past 3 minutes at 7B."""
+
+    attend: Callable = attend
+    attend_cached: Callable = attend_cached
+    finish: Callable = finish_layer
+    survivors: Callable = surviving_rows
+
+
 class PrunedLlamaPrefill(nn.Module):
     """inputs_embeds [B, S, D] (and, for methods scored in the vision tower, image_scores [B, N]) -> logits [B, V]
     (last position), present K/V per layer, kept indices per pruning point ([B, K], 0-based within the image,
@@ -56,6 +84,7 @@ class PrunedLlamaPrefill(nn.Module):
         self.removed_before_llm = recipe.removed_before_llm
         self.num_visual = recipe.num_visual_tokens
         self.image_start = image_start
+        self.regions = Regions()
         spec = METHODS[recipe.method]
         self.select = partial(getattr(selection, spec.selection), **spec.params) if spec.selection else None
         self.attention_rows = spec.attention_rows or None
@@ -80,7 +109,7 @@ class PrunedLlamaPrefill(nn.Module):
         presents, kept = [], []
         if self.removed_before_llm:  # pre-LLM: the image span shrinks before any layer sees it
             view = self._view(image_starts, visual_ids, hidden, image_scores=image_scores)
-            rows, visual_ids = self._surviving_rows(view, seq, self.num_visual - self.removed_before_llm)
+            rows, visual_ids = self.regions.survivors(self.select, view, seq, self.num_visual - self.removed_before_llm)
             kept.append(visual_ids)
             hidden, positions = _take_rows(hidden, rows), _take_rows(positions, rows)
         blocked = None
@@ -88,38 +117,25 @@ class PrunedLlamaPrefill(nn.Module):
             if blocked is None and pad_lengths is not None:  # once per KV stage: it changes only where rows go
                 blocked = padded_causal_blocked(hidden.shape[1], pad_lengths)
             columns = selection.visual_positions(image_starts, visual_ids.shape[1]) if removed else None
-            context, probs, key, value = attend(layer, self.rotary, hidden, positions, blocked, causal=True,
-                                                kernels=self.kernels, probs=self.attention_rows if removed else None,
-                                                columns=columns)
+            context, probs, key, value = self.regions.attend(
+                layer, self.rotary, hidden, positions, blocked, causal=True, kernels=self.kernels,
+                probs=self.attention_rows if removed else None, columns=columns)
             presents += [key, value]
             if removed:
                 normed = rms_norm(layer.input_layernorm, hidden, self.kernels)
                 view = self._view(image_starts, visual_ids, normed, probs, key)
-                rows, visual_ids = self._surviving_rows(view, hidden.shape[1], visual_ids.shape[1] - removed)
+                rows, visual_ids = self.regions.survivors(self.select, view, hidden.shape[1],
+                                                          visual_ids.shape[1] - removed)
                 kept.append(visual_ids)
                 hidden, context, positions = (_take_rows(t, rows) for t in (hidden, context, positions))
                 blocked = None
-            hidden = finish_layer(layer, hidden, context, self.kernels)
+            hidden = self.regions.finish(layer, hidden, context, self.kernels)
         logits = self.lm_head(rms_norm(self.norm, hidden[:, -1], self.kernels))  # left padding: -1 is every row's last
         return logits, presents, kept
 
     def _view(self, image_starts, visual_ids, hidden, probs=None, key=None, image_scores=None):
         return selection.SelectionInputs(image_starts, visual_ids, hidden, probs, key, self.random_scores,
                                          image_scores)
-
-    def _surviving_rows(self, view: selection.SelectionInputs, seq: int, keep: int):
-        """Rows [B, S - n + keep] that survive keeping `keep` of the n visual tokens present, and their image
-        indices [B, keep]. Output slot j of a row whose image starts at p: j before the image, then the kept
-        image rows in their original order, then the text shifted by the n - keep removed."""
-        n = view.visual_ids.shape[1]
-        best = self.select(view, keep)
-        ascending = torch.topk(best, keep, dim=1, largest=False, sorted=True).values  # original order, no Sort op
-        slots = torch.arange(seq - n + keep, device=best.device).unsqueeze(0)  # [1, S']
-        p = view.image_starts[:, None]  # [B, 1]
-        image_rows = p + torch.gather(ascending, 1, (slots - p).clamp(0, keep - 1).expand(best.shape[0], -1))
-        rows = torch.where(slots < p, slots, torch.where(slots < p + keep, image_rows, slots + (n - keep)))
-        return rows, torch.gather(view.visual_ids, 1, ascending)
-
 
 class LlamaDecodeStep(nn.Module):
     """One token: inputs_embeds [B, 1, D], position_ids [B, 1], pad_lengths [B] (or None), past K/V per layer ->
@@ -160,14 +176,16 @@ class StaticCacheDecodeStep(nn.Module):
         self.layers, self.norm, self.rotary = lm.layers, lm.norm, lm.rotary_emb
         self.lm_head = llava.lm_head
         self.shift = list(shift)
+        self.regions = Regions()
 
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, pad_lengths: torch.Tensor,
                 cache_position: torch.Tensor, cache: list[torch.Tensor]) -> torch.Tensor:
         hidden = inputs_embeds
         for i, layer in enumerate(self.layers):
-            context = attend_cached(layer, self.rotary, hidden, position_ids, (cache[2 * i], cache[2 * i + 1]),
-                                    cache_position - self.shift[i], pad_lengths, self.kernels)
-            hidden = finish_layer(layer, hidden, context, self.kernels)
+            context = self.regions.attend_cached(layer, self.rotary, hidden, position_ids,
+                                                 (cache[2 * i], cache[2 * i + 1]), cache_position - self.shift[i],
+                                                 pad_lengths, self.kernels)
+            hidden = self.regions.finish(layer, hidden, context, self.kernels)
         return self.lm_head(rms_norm(self.norm, hidden[:, -1], self.kernels))
 
 
