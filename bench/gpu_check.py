@@ -124,6 +124,8 @@ def engine_vs_eager(model, recipe, compile: bool, steps: int = 4) -> dict[str, A
 
 
 def compiled_engines() -> dict[str, Any]:
+    """Judged as parity reports judge (runtime/parity.py): logits only where both kept the same tokens, since a
+    float16 near-tie that flips one kept token legitimately moves the logits; else the kept-index overlap."""
     import torch
 
     from calibrate.recipe import Recipe
@@ -131,9 +133,11 @@ def compiled_engines() -> dict[str, Any]:
 
     recipe = Recipe("fitprune", 576, TINY_RECIPE_60)
     out = {}
-    for dtype, limit in ((torch.float32, 1e-3), (torch.float16, 0.1)):
+    for dtype, atol, overlap in ((torch.float32, 1e-3, 1.0), (torch.float16, 0.1, 0.9)):
         row = engine_vs_eager(tiny_model(dtype), recipe, compile=True)
-        row["passed"] = row["max_abs_logits_error"] <= limit and row["min_kept_overlap"] >= (1.0 if limit < 0.01 else 0.9)
+        row["logits_judged"] = row["kept_equal"]
+        row["passed"] = row["min_kept_overlap"] >= overlap and (not row["kept_equal"] or
+                                                                row["max_abs_logits_error"] <= atol)
         out[str(dtype).removeprefix("torch.")] = row
     if not all(row["passed"] for row in out.values()):
         raise AssertionError(f"compiled CUDA-graph engine differs from eager: {json.dumps(out)}")

@@ -91,6 +91,14 @@ def _interrupting_again(previous_hook: Callable[[Any], None]) -> Callable[[Any],
     return hook
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    """'640,704,1024' -> (640, 704, 1024), for argparse (a bad item is a usage error naming the flag)."""
+    try:
+        return tuple(int(item) for item in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token counts such as 640,704,1024, not {text!r}")
+
+
 def _add_force(p) -> None:
     p.add_argument("--force", action="store_true", help="replace --out even if it holds something other than what "
                                                         "this command writes (never an input of the command)")
@@ -215,7 +223,8 @@ def _run_export(args) -> int:
 def _add_build(commands) -> None:
     p = commands.add_parser("build", help="build engines from an exported ONNX set",
                             description="Build an engine folder: ONNX Runtime (CPU or CUDA), TensorRT (NVIDIA GPU) "
-                                        "or the PyTorch backend (eager or torch.compile).")
+                                        "or the PyTorch engine (static shapes; on CUDA compiled and replayed as "
+                                        "CUDA graphs).")
     p.add_argument("--onnx", type=Path, required=True, help="ONNX set folder from `visprune export`")
     p.add_argument("--out", type=Path, required=True, help="engine folder")
     p.add_argument("--backend", default="onnxruntime", help="onnxruntime, tensorrt, pytorch, or auto (TensorRT "
@@ -229,15 +238,23 @@ def _add_build(commands) -> None:
     ort.add_argument("--spinning", action="store_true",
                      help="intra-op threads spin after a run (one session at a time only: a spinning pool slows the "
                           "next graph's session)")
-    trt = p.add_argument_group("tensorrt")
+    trt = p.add_argument_group("tensorrt and pytorch: the shapes an engine is built for")
     trt.add_argument("--max-prompt-tokens", type=int, default=1024, help="longest prompt, image tokens included")
     trt.add_argument("--max-new-tokens", type=int, default=256, help="most tokens generated per request")
     trt.add_argument("--max-batch", type=int, default=8, help="most requests per batch (ONNX Runtime: any)")
+    trt = p.add_argument_group("tensorrt")
     trt.add_argument("--workspace-gib", type=float, help="cap TensorRT's workspace memory")
     trt.add_argument("--builder-optimization-level", type=int, default=3, help="0-5 (TensorRT's default: 3)")
     trt.add_argument("--timing-cache", type=Path, help="timing cache file to reuse and update across builds")
     torch_group = p.add_argument_group("pytorch")
-    torch_group.add_argument("--compile", action="store_true", help="torch.compile the prefill and decode modules")
+    torch_group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                             help="torch.compile the prefill and decode steps at build and load (default: on for "
+                                  "--device cuda, off for cpu)")
+    torch_group.add_argument("--prompt-buckets", type=_int_list,
+                             help="prompt lengths requests are padded up to, comma-separated, the largest being "
+                                  "--max-prompt-tokens (default: the shortest prompt plus 32, 64, 128, ... tokens)")
+    torch_group.add_argument("--no-cuda-graphs", action="store_true",
+                             help="run the compiled steps without replaying them as CUDA graphs")
     p.add_argument("--allow-tf32", action="store_true", help="CUDA: let float32 engines use TF32 matmuls and "
                                                               "convolutions (off by default; recorded in engine.json)")
     _add_force(p)
@@ -252,7 +269,8 @@ def _run_build(args) -> int:
                          workspace_gib=args.workspace_gib,
                          builder_optimization_level=args.builder_optimization_level, timing_cache=args.timing_cache,
                          intra_op_threads=args.intra_op_threads, spinning=args.spinning,
-                         torch_compile=args.compile, allow_tf32=args.allow_tf32)
+                         torch_compile=args.compile, cuda_graphs=not args.no_cuda_graphs,
+                         prompt_buckets=args.prompt_buckets, allow_tf32=args.allow_tf32)
     manifest = build_engine(config, args.onnx, args.out, force=args.force)
     version = manifest.onnxruntime_version or manifest.tensorrt_version or ""
     print(f"built {args.out}: {manifest.backend} {version} on {manifest.device}")

@@ -107,6 +107,21 @@ def test_onnxruntime_cuda_engine_matches_the_pytorch_reference(tmp_path, exporte
     assert verdict["reference"] == {"device": "cuda", "dtype": "float32"} and not manifest.tf32
     assert verdict["max_abs_logits_error"] <= 1e-3 and verdict["min_teacher_forced_top1"] == 1.0, json.dumps(verdict)
     assert verdict["min_kept_overlap"] >= 0.99
+    assert_every_heavy_node_on_cuda(tmp_path / "engine")
+
+
+def assert_every_heavy_node_on_cuda(engine):
+    """Per-node placement from an ORT profile of the CUDA prefill (the session's provider list would not show a
+    node ORT quietly put on the CPU, e.g. an opset-23 Attention without a CUDA kernel)."""
+    import numpy as np
+
+    from engines.build import check_node_placement, node_placement
+
+    feeds = {"inputs_embeds": np.zeros((1, 600, 64), np.float32), "image_starts": np.array([5]),
+             "pad_lengths": np.array([0])}
+    placement = node_placement(engine / "prefill.onnx", ["CUDAExecutionProvider", "CPUExecutionProvider"], feeds)
+    check_node_placement(placement, "cuda")
+    assert placement.get("CUDAExecutionProvider"), placement
 
 
 def test_polygraphy_parser_errors_are_collected_for_the_build_error():
