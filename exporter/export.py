@@ -23,7 +23,6 @@ from exporter.graphs import KERNELS, export_decode, export_prefill, export_visio
 from exporter.lint import lint_onnx
 from visprune.artifacts import atomic_write_json, tool_versions
 from visprune.errors import ConfigError, ExportError
-from visprune.methods import METHODS
 from visprune.manifests import ONNX_SET_SCHEMA, OnnxSetManifest, digest_files, kv_stages_of, seal
 from visprune.models import LlavaBundle, chat_prompt, encode_image_prompt, load_llava
 from visprune.models.llava import model_folder
@@ -100,12 +99,10 @@ def lint_exported_set(folder: Path, recipe: Recipe) -> None:
 
 
 def _unfused_attention_allowed(graph: str, recipe: Recipe) -> int | None:
-    """Attentions that may compute explicit probabilities: prefill's pruning layers whose score reads every row
-    (the vision tower keeps the checkpoint's own attention and is not checked)."""
-    if graph == "vision":
-        return None
-    every_row = METHODS[recipe.method].attention_rows == "all"
-    return sum(1 for removed in recipe.removed if removed) if graph == "prefill" and every_row else 0
+    """Attentions that may compute context from explicit probabilities: none in the language model (a FitPrune
+    layer's score is computed beside its fused attention); the vision tower keeps the checkpoint's own attention
+    and is not checked."""
+    return None if graph == "vision" else 0
 
 
 def _export_graph(graph: str, bundle: LlavaBundle, recipe: Recipe, image_start: int, config: ExportConfig,

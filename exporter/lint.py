@@ -10,8 +10,8 @@ Fused attention: TensorRT fuses MatMul -> [mask] -> Softmax -> MatMul into one a
 K (or both, by sqrt(scale)) are scaled *before* the first MatMul ("Fused Attention", TensorRT developer guide);
 ONNX Runtime runs the opset-23 `Attention` op fused. So a Softmax that feeds a MatMul (an attention whose
 context is computed from explicit probabilities) counts as unfused unless its first MatMul takes a Q or K
-scaled by a constant; only the layers that must expose probabilities (a pruning layer whose score reads all
-rows) may have one. The Softmax output is followed to its MatMul through Cast (fp16 eager layers cast the fp32
+scaled by a constant. The exporter allows none in the language model: a FitPrune layer keeps its fused
+attention and computes the visual keys' probabilities beside it (no probabilities feed a MatMul there). The Softmax output is followed to its MatMul through Cast (fp16 eager layers cast the fp32
 probabilities), Identity, and Where / IsNaN; a Where there (onnxscript's bool-mask SDPA at opset 18 writes
 `Where(IsNaN(p), 0, p)`) is its own violation, `attention-nan-guard`: TensorRT fuses softmax(QK^T+mask)V, not a
 guarded softmax, whatever the scaling. An additive float mask gives SDPA's decomposition no guard.
