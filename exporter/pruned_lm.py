@@ -85,6 +85,7 @@ class PrunedLlamaPrefill(nn.Module):
         self.num_visual = recipe.num_visual_tokens
         self.image_start = image_start
         self.regions = Regions()
+        self.scores_seen: list | None = None  # a reference sets a list: each score-based selection's scores
         spec = METHODS[recipe.method]
         self.select = partial(getattr(selection, spec.selection), **spec.params) if spec.selection else None
         self.attention_rows = spec.attention_rows or None
@@ -135,7 +136,7 @@ class PrunedLlamaPrefill(nn.Module):
 
     def _view(self, image_starts, visual_ids, hidden, probs=None, key=None, image_scores=None):
         return selection.SelectionInputs(image_starts, visual_ids, hidden, probs, key, self.random_scores,
-                                         image_scores)
+                                         image_scores, self.scores_seen)
 
 class LlamaDecodeStep(nn.Module):
     """One token: inputs_embeds [B, 1, D], position_ids [B, 1], pad_lengths [B] (or None), past K/V per layer ->

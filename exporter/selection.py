@@ -28,6 +28,14 @@ class SelectionInputs:
     key: torch.Tensor | None = None  # [B, Hkv, S, Dh] the layer's keys
     random_scores: torch.Tensor | None = None  # [N] a fixed seeded score per image index
     image_scores: torch.Tensor | None = None  # [B, N] the vision graph's score (VisionZip)
+    # a reference run's record of (visual_ids, scores) per score-based selection, for telling TopK ties from errors
+    scores_seen: list | None = None
+
+    def choose(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
+        """The `keep` best of `scores` [B, n] (recorded where a reference asks)."""
+        if self.scores_seen is not None:
+            self.scores_seen.append((self.visual_ids, scores.float()))
+        return top(scores, keep)
 
     def visual_rows(self) -> torch.Tensor:
         """[B, n] the sequence positions of the visual tokens present."""
@@ -60,20 +68,20 @@ def top(scores: torch.Tensor, keep: int) -> torch.Tensor:
 def fitprune_product(v: SelectionInputs, keep: int) -> torch.Tensor:
     """FitPrune (pruning_methods.md §1.5): a_self * a_cross from the head-max probabilities."""
     a_self, a_cross = _fitprune_terms(v.probs.amax(dim=1), v)
-    return top(a_self * a_cross, keep)
+    return v.choose(a_self * a_cross, keep)
 
 
 def fitprune_self(v: SelectionInputs, keep: int) -> torch.Tensor:
-    return top(_fitprune_terms(v.probs.amax(dim=1), v)[0], keep)
+    return v.choose(_fitprune_terms(v.probs.amax(dim=1), v)[0], keep)
 
 
 def fitprune_cross(v: SelectionInputs, keep: int) -> torch.Tensor:
-    return top(_fitprune_terms(v.probs.amax(dim=1), v)[1], keep)
+    return v.choose(_fitprune_terms(v.probs.amax(dim=1), v)[1], keep)
 
 
 def fitprune_head_mean(v: SelectionInputs, keep: int) -> torch.Tensor:
     a_self, a_cross = _fitprune_terms(v.probs.mean(dim=1), v)
-    return top(a_self * a_cross, keep)
+    return v.choose(a_self * a_cross, keep)
 
 
 def _fitprune_terms(combined: torch.Tensor, v: SelectionInputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,17 +95,17 @@ def _fitprune_terms(combined: torch.Tensor, v: SelectionInputs) -> tuple[torch.T
 
 def last_token(v: SelectionInputs, keep: int) -> torch.Tensor:
     """FastV (pruning_methods.md §2.2): the last prompt token's attention, heads averaged."""
-    return top(v.probs.mean(dim=1)[:, -1], keep)  # left padding: -1 is every row's last
+    return v.choose(v.probs.mean(dim=1)[:, -1], keep)  # left padding: -1 is every row's last
 
 
 def random(v: SelectionInputs, keep: int) -> torch.Tensor:
     """A fixed score per image index: nested random subsets from layer to layer."""
-    return top(v.random_scores[v.visual_ids], keep)
+    return v.choose(v.random_scores[v.visual_ids], keep)
 
 
 def visionzip(v: SelectionInputs, keep: int) -> torch.Tensor:
     """VisionZip's dominant tokens: the vision tower's [CLS] attention (computed in the vision graph)."""
-    return top(torch.gather(v.image_scores, 1, v.visual_ids), keep)
+    return v.choose(torch.gather(v.image_scores, 1, v.visual_ids), keep)
 
 
 def dart(v: SelectionInputs, keep: int, pivots: int = 8) -> torch.Tensor:

@@ -76,6 +76,8 @@ class Generation:
     timings: dict[str, float]
     kept_indices: dict[int, list[int]] = field(default_factory=dict)  # layer -> kept image indices
     step_logits: list[np.ndarray] = field(default_factory=list)  # [V] per generated token
+    # the PyTorch reference of a score-based method only: layer -> each image index's selection score [N]
+    selection_scores: dict[int, np.ndarray] | None = None
 
 
 class Pipeline:
@@ -204,7 +206,8 @@ class Pipeline:
         timings.update(decode_s_per_token=float(np.mean(seconds)) if seconds else 0.0, decode_tokens=len(seconds))
         return [Generation(row.final_text(), row.tokens, dict(timings, prompt_tokens=len(e.input_ids)),
                            _row_kept(first.kept, b),
-                           [logits[b] for logits in step_logits[:len(row.tokens)]] if keep_logits else [])
+                           [logits[b] for logits in step_logits[:len(row.tokens)]] if keep_logits else [],
+                           None if first.scores is None else {layer: s[b] for layer, s in first.scores.items()})
                 for b, (row, e) in enumerate(zip(rows, encoded))]
 
     def prefill_batch(self, encoded: list[EncodedRequest]):

@@ -46,6 +46,9 @@ class PrefillOutput:
     logits: np.ndarray  # [B, V] float32
     past: Any  # the backend's KV cache
     kept: dict[int, np.ndarray]  # pruning layer -> kept image indices [B, K] (ascending per row)
+    # the PyTorch reference only: pruning layer -> each image index's selection score [B, N] (NaN where the token
+    # was gone already), for score-based methods; parity tells TopK ties from errors with it
+    scores: dict[int, np.ndarray] | None = None
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ class TorchRunner:
         decode = LlamaDecodeStep(model, kernels).eval()
         self.session_facts = {"kernels": kernels.name, "torch_threads": torch.get_num_threads()}
         # dynamic=True: one graph for every prompt length and KV length instead of a recompile per shape
+        self.prefill_model = prefill
         self.prefill_module = torch.compile(prefill, dynamic=True) if compile else prefill
         self.decode_module = torch.compile(decode, dynamic=True) if compile else decode
         self.image_start, self.num_visual = image_start, recipe.num_visual_tokens
@@ -87,10 +88,23 @@ class TorchRunner:
     def prefill(self, inputs_embeds: np.ndarray, layout: RowLayout,
                 image_scores: np.ndarray | None = None) -> PrefillOutput:
         scores = None if image_scores is None else torch.from_numpy(image_scores).to(self.device, torch.float32)
+        seen = self.prefill_model.scores_seen = [] if not self.compiled else None
         logits, presents, kept = self.prefill_module(self._tensor(inputs_embeds), self._ints(layout.image_starts),
                                                      self._ints(layout.pad_lengths), scores)
         kept_by_layer = {layer: k.cpu().numpy() for layer, k in zip(self.pruning_layers, kept)}
-        return PrefillOutput(logits.float().cpu().numpy(), presents, kept_by_layer)
+        return PrefillOutput(logits.float().cpu().numpy(), presents, kept_by_layer,
+                             self._scores_by_layer(seen) if seen else None)
+
+    def _scores_by_layer(self, seen: list) -> dict[int, np.ndarray] | None:
+        """Each pruning point's selection scores per image index [B, N] (NaN: not present there), or None where
+        a selection is not score-based (DART, DivPrune: greedy)."""
+        if len(seen) != len(self.pruning_layers):
+            return None
+        out = {}
+        for layer, (ids, scores) in zip(self.pruning_layers, seen):
+            full = torch.full((ids.shape[0], self.num_visual), float("nan"), device=scores.device)
+            out[layer] = full.scatter(1, ids, scores).cpu().numpy()
+        return out
 
     @torch.no_grad()
     def decode(self, inputs_embeds: np.ndarray, positions: np.ndarray, layout: RowLayout,

@@ -328,6 +328,7 @@ class EngineVsReference(Strict):
     logits_judged_prompts: NonNegInt  # prompts whose kept sets agree, so their logits were judged
     min_kept_overlap: Fraction
     max_kept_mismatches: NonNegInt  # most reference-kept indices of one layer that the engine did not keep
+    tied_swaps: NonNegInt = 0  # swaps at a TopK tie (the reference's scores): counted as agreement
     min_teacher_forced_top1: Fraction
     decisive_flips: NonNegInt
     near_tie_flips: NonNegInt  # reported, not failed

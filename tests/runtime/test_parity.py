@@ -8,7 +8,7 @@ import pytest
 
 from engines import BuildConfig, build_engine
 from runtime import Pipeline
-from runtime.parity import (CRITERIA, ParityError, default_parity_prompts, kept_comparison, logits_within,
+from runtime.parity import (CRITERIA, ParityError, default_parity_prompts, kept_comparison, logits_within, tied_swaps,
                             parity_report, step_atol, top1_flips)
 from visprune.errors import ArtifactMismatchError
 
@@ -18,7 +18,8 @@ def test_parity_report_passes_and_describes_pruning(exported, tmp_path):
                            max_new_tokens=4)
     a, b = report["engine_vs_reference"], report["pruned_vs_unpruned"]
     assert a["passed"] and a["max_abs_logits_error"] <= 1e-4 and a["reference"] == {"device": "cpu", "dtype": "float32"}
-    assert a["criteria"] == {"logits_atol": 1e-4, "logits_rtol": 3e-5, "min_kept_overlap": 0.98, "min_top1": 1.0}
+    assert a["criteria"] == {"logits_atol": 1e-4, "logits_rtol": 3e-5, "min_kept_overlap": 1.0, "min_top1": 1.0,
+                             "score_rtol": 1e-5}
     assert a["min_kept_overlap"] == 1.0 and a["min_teacher_forced_top1"] == 1.0 and a["max_kept_mismatches"] == 0
     assert a["logits_judged_prompts"] == 3 and a["near_tie_flips"] == a["decisive_flips"] == 0
     assert report["schema_version"] == 3 and 0.0 <= a["max_logits_error_over_atol"] <= 1.0
@@ -174,6 +175,37 @@ def test_kept_mismatches_are_counted_per_layer():
     assert swapped["kept_mismatches"] == {"0": 1, "3": 1} and swapped["first_divergent_layer"] == 0
     assert swapped["kept_overlap"] == {"0": pytest.approx(0.8), "3": pytest.approx(2 / 3)}
     assert not swapped["kept_indices_equal"]
+    assert swapped["tied_swaps"] == 0 and swapped["kept_judged_overlap"] == swapped["kept_overlap"]  # no scores
+
+
+def test_a_swap_on_a_topk_tie_counts_as_agreement_and_a_decisive_one_does_not():
+    """The reference's scores tell them apart: at layer 0 the reference kept 0-4 and cut 5 with a score equal (to
+    rounding) to 4's; the engine keeping 5 for 4 is a tie, keeping 6 (far below the cut) for 4 is not. After a
+    tie the next layer chooses among other tokens and is not judged."""
+    reference = {0: [0, 1, 2, 3, 4], 3: [0, 1, 2]}
+    scores = {0: np.array([9.0, 8.0, 7.0, 6.0, 5.0, 5.0 - 1e-7, 1.0]), 3: np.array([3.0, 2.0, 1.0, 0.5, 0.1] + [np.nan] * 2)}
+    tied = kept_comparison({0: [0, 1, 2, 3, 5], 3: [0, 1, 3]}, reference, scores, score_rtol=1e-5)
+    assert tied["tied_swaps"] == 1 and tied["first_divergent_layer"] == 0
+    assert tied["kept_judged_overlap"] == {"0": 1.0, "3": None} and tied["kept_overlap"]["3"] == pytest.approx(2 / 3)
+    wrong = kept_comparison({0: [0, 1, 2, 3, 6], 3: [0, 1, 3]}, reference, scores, score_rtol=1e-5)
+    assert wrong["tied_swaps"] == 0 and wrong["kept_judged_overlap"]["0"] == pytest.approx(0.8)
+    assert tied_swaps([0, 1, 2, 3, 5], [0, 1, 2, 3, 4], scores[0], 0.0) == 0  # exact equality only at rtol 0
+
+
+def test_the_pytorch_reference_returns_its_selection_scores(exported, default_set):
+    """What the tie rule reads: per pruning layer, the score of every image index still present (NaN for those
+    gone), and the kept indices are the top of those scores."""
+    from runtime.torch_runner import TorchRunner
+
+    engine = Pipeline.from_engine_dir(exported["pruned"])
+    reference = engine.with_runner(TorchRunner.open(exported["pruned"], engine.manifest))
+    image = default_set.samples[0].image
+    generation = reference.generate(image, reference.chat_prompt("What is it?"), max_new_tokens=1)
+    assert set(generation.selection_scores) == set(generation.kept_indices)
+    for layer, kept in generation.kept_indices.items():
+        scores = generation.selection_scores[layer]
+        present = np.flatnonzero(~np.isnan(scores))
+        assert set(kept) == set(present[np.argsort(-scores[present], kind="stable")[:len(kept)]].tolist())
 
 
 def test_a_report_says_which_prompts_had_their_logits_judged(exported):
@@ -191,8 +223,10 @@ def test_a_report_says_which_prompts_had_their_logits_judged(exported):
     engine[second] += 5e-5
     atols = [step_atol(reference, rules)]
 
+    scores = {0: np.concatenate([np.linspace(2.0, 1.0, 99), [1.0, 1.0, 0.4, 0.3]])}  # 98, 99, 100 tie at the cut
+
     def case(kept_engine):
-        kept = kept_comparison(kept_engine, {0: list(range(100))})
+        kept = kept_comparison(kept_engine, {0: list(range(100))}, scores, rules.score_rtol)
         judged = kept["kept_indices_equal"]
         flips = top1_flips([engine], [reference], [int(first)], atols)
         return {"image": "a.png", "question": "Why?", "max_abs_logits_error": [5e-5], "logits_atol": atols,
@@ -206,11 +240,11 @@ def test_a_report_says_which_prompts_had_their_logits_judged(exported):
     ParityReport.model_validate(report)
     verdict = report["engine_vs_reference"]
     assert verdict["passed"] and verdict["logits_judged_prompts"] == 1 and verdict["near_tie_flips"] == 2
-    assert verdict["min_kept_overlap"] == pytest.approx(0.99) and verdict["max_kept_mismatches"] == 1
+    assert verdict["min_kept_overlap"] == 1.0 and verdict["max_kept_mismatches"] == 1 and verdict["tied_swaps"] == 1
     assert verdict["max_logits_error_over_atol"] == pytest.approx(0.5)
     markdown = _markdown(report)
     assert "Logits judged in 1 of 2 prompts" in markdown and "no: kept sets differ" in markdown
     assert "0 decisive, 2 near ties" in markdown and "1 (layer 0)" in markdown
     three_swaps = _summarize([case({0: list(range(97)) + [100, 101, 102]})], rules, onnx_set, reference_facts)
     assert three_swaps["engine_vs_reference"]["failures"] == [
-        "kept-index overlap down to 0.970 < 0.98 (up to 3 indices of a layer not kept)"]
+        "kept-index overlap down to 0.970 < 1 (up to 3 indices of a layer not kept)"]
