@@ -5,7 +5,7 @@ import pytest
 
 from engines import BuildConfig, build_engine
 from runtime import Pipeline
-from visprune.errors import BackendUnavailableError
+from visprune.errors import BackendUnavailableError, PromptError
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +55,44 @@ def test_torch_compile_gives_the_eager_results(exported, tmp_path, cat_image):
     compiled_gen, ort_gen = generate_both(compiled, exported["pruned"], cat_image, "Describe it.", new_tokens=4)
     assert compiled_gen.token_ids == ort_gen.token_ids and compiled_gen.kept_indices == ort_gen.kept_indices
     assert max(np.abs(a - b).max() for a, b in zip(compiled_gen.step_logits, ort_gen.step_logits)) <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def small_engine(exported, tmp_path_factory):
+    """A PyTorch engine built for short prompts and answers: buckets 600 and 640, at most 4 new tokens."""
+    out = tmp_path_factory.mktemp("small") / "engine"
+    build_engine(BuildConfig(backend="pytorch", max_prompt_tokens=640, max_new_tokens=4, max_batch=2,
+                             prompt_buckets=(600, 640)), exported["pruned-onnx"], out)
+    return out
+
+
+def test_the_engine_records_its_static_shapes(small_engine):
+    manifest = Pipeline.from_engine_dir(small_engine).manifest
+    assert manifest.static_shapes.prompt_buckets == [600, 640] and manifest.static_shapes.batch_sizes == [1, 2]
+    assert manifest.limits.max_prompt_tokens == 640 and manifest.limits.max_new_tokens == 4
+    assert not manifest.static_shapes.cuda_graphs and not manifest.torch_compile  # a CPU build: eager, no graphs
+
+
+def test_a_request_beyond_the_built_shapes_is_refused_with_the_rebuild_command(small_engine, cat_image):
+    pipe = Pipeline.from_engine_dir(small_engine)
+    with pytest.raises(PromptError, match="outside the shapes") as error:
+        pipe.generate(cat_image, pipe.chat_prompt("What animal is this?"), max_new_tokens=5)
+    assert "--max-new-tokens" in error.value.hint
+    assert len(pipe.generate(cat_image, pipe.chat_prompt("What animal is this?"), max_new_tokens=4).token_ids) <= 4
+
+
+def test_a_generation_whose_cache_a_later_prefill_reused_is_refused(small_engine, cat_image):
+    """Static buffers belong to the engine: two interleaved generations on one engine would read each other's
+    cache, so the older one stops with a clear error instead of answering wrong."""
+    from runtime.pipeline import Request
+
+    pipe = Pipeline.from_engine_dir(small_engine)
+    encoded = pipe.encode_request(Request(cat_image, pipe.chat_prompt("What animal is this?"), 4))
+    first, layout, _ = pipe.prefill_batch([encoded])
+    token = np.zeros((1, 1, pipe.embeddings.shape[1]), dtype=pipe.host_dtype)
+    positions = np.array([len(encoded.input_ids)])
+    pipe.runner.decode(token, positions, layout, first.past)  # its own cache: fine
+    pipe.prefill_batch([encoded])  # a second prefill of the same batch size takes the buffers over
+    with pytest.raises(PromptError, match="reused by a later prefill") as error:
+        pipe.runner.decode(token, positions + 1, layout, first.past)
+    assert "one generation at a time" in error.value.hint

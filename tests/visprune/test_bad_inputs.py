@@ -261,6 +261,12 @@ CASES = [
     Case("build-builder-level", "build --onnx {onnx} --out {ws}/e --builder-optimization-level 9", 2, "not in 0-5"),
     Case("build-negative-threads", "build --onnx {onnx} --out {ws}/e --intra-op-threads -1", 2, "is negative"),
     Case("build-zero-max-batch", "build --onnx {onnx} --out {ws}/e --max-batch 0", 2, "--max-batch must be at least 1"),
+    Case("build-pytorch-buckets-outside-limits", "build --onnx {onnx} --out {ws}/e --backend pytorch "
+         "--prompt-buckets 100,2000", 2, "must lie within 577 (the shortest prompt)"),
+    Case("build-pytorch-buckets-not-numbers", "build --onnx {onnx} --out {ws}/e --backend pytorch "
+         "--prompt-buckets six,seven", 2, "expected comma-separated token counts"),
+    Case("build-pytorch-buckets-empty-item", "build --onnx {onnx} --out {ws}/e --backend pytorch "
+         "--prompt-buckets 640,,700", 2, "expected comma-separated token counts"),
     # --- serve, export-triton ------------------------------------------------------------------------------
     Case("serve-missing-engine", "serve --engine {ws}/none", 8, "is not a folder"),
     Case("serve-port-zero", "serve --engine {engine} --http-port 0", 2, "must be a port number"),
