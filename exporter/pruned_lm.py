@@ -89,6 +89,7 @@ class PrunedLlamaPrefill(nn.Module):
         spec = METHODS[recipe.method]
         self.select = partial(getattr(selection, spec.selection), **spec.params) if spec.selection else None
         self.attention_rows = spec.attention_rows or None
+        self.reads_hidden = spec.reads_hidden
         if spec.needs_seed:  # one fixed score per image index; nested random subsets layer by layer
             scores = torch.rand(recipe.num_visual_tokens, generator=torch.Generator().manual_seed(recipe.seed))
             self.register_buffer("random_scores", scores.to(self.lm_head.weight.device), persistent=False)
@@ -117,14 +118,14 @@ class PrunedLlamaPrefill(nn.Module):
         for layer, removed in zip(self.layers, self.removed):
             if blocked is None and pad_lengths is not None:  # once per KV stage: it changes only where rows go
                 blocked = padded_causal_blocked(hidden.shape[1], pad_lengths)
-            columns = selection.visual_positions(image_starts, visual_ids.shape[1]) if removed else None
+            columns = selection.visual_positions(image_starts, visual_ids.shape[1]) if removed else None  # [B, n]
             context, probs, key, value = self.regions.attend(
                 layer, self.rotary, hidden, positions, blocked, causal=True, kernels=self.kernels,
                 probs=self.attention_rows if removed else None, columns=columns)
             presents += [key, value]
-            if removed:
-                normed = rms_norm(layer.input_layernorm, hidden, self.kernels)
-                view = self._view(image_starts, visual_ids, normed, probs, key)
+            if removed:  # the normalized input only for a selection that reads it (DART)
+                normed = rms_norm(layer.input_layernorm, hidden, self.kernels) if self.reads_hidden else hidden
+                view = self._view(image_starts, visual_ids, normed, probs, key, rows=columns)
                 rows, visual_ids = self.regions.survivors(self.select, view, hidden.shape[1],
                                                           visual_ids.shape[1] - removed)
                 kept.append(visual_ids)
@@ -134,9 +135,9 @@ class PrunedLlamaPrefill(nn.Module):
         logits = self.lm_head(rms_norm(self.norm, hidden[:, -1], self.kernels))  # left padding: -1 is every row's last
         return logits, presents, kept
 
-    def _view(self, image_starts, visual_ids, hidden, probs=None, key=None, image_scores=None):
+    def _view(self, image_starts, visual_ids, hidden, probs=None, key=None, image_scores=None, rows=None):
         return selection.SelectionInputs(image_starts, visual_ids, hidden, probs, key, self.random_scores,
-                                         image_scores, self.scores_seen)
+                                         image_scores, self.scores_seen, rows)
 
 class LlamaDecodeStep(nn.Module):
     """One token: inputs_embeds [B, 1, D], position_ids [B, 1], pad_lengths [B] (or None), past K/V per layer ->

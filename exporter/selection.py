@@ -30,6 +30,7 @@ class SelectionInputs:
     image_scores: torch.Tensor | None = None  # [B, N] the vision graph's score (VisionZip)
     # a reference run's record of (visual_ids, scores) per score-based selection, for telling TopK ties from errors
     scores_seen: list | None = None
+    rows: torch.Tensor | None = None  # [B, n] visual_rows() where the caller has it already
 
     def choose(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
         """The `keep` best of `scores` [B, n] (recorded where a reference asks)."""
@@ -39,7 +40,7 @@ class SelectionInputs:
 
     def visual_rows(self) -> torch.Tensor:
         """[B, n] the sequence positions of the visual tokens present."""
-        return visual_positions(self.image_starts, self.visual_ids.shape[1])
+        return self.rows if self.rows is not None else visual_positions(self.image_starts, self.visual_ids.shape[1])
 
     def after_image(self, seq: int) -> torch.Tensor:
         """[B, S] True at the positions after each row's image (its text)."""

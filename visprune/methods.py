@@ -38,6 +38,7 @@ class Method:
     needs_seed: bool = False
     ablation: bool = False  # a FitPrune variant that isolates one of its parts (docs/tradeoff/)
     vision_score: bool = False  # the selection reads a score the vision graph computes (`image_scores`)
+    reads_hidden: bool = False  # an in-LLM selection reads the layer's normalized input (otherwise not computed)
     params: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -64,7 +65,7 @@ _ALL = (
            "FitPrune's counts; a fixed seeded random score per image position", needs_seed=True),
     Method("dart", "DART", "one_layer", "dart",
            "one cut after layer 1; keep the tokens least similar to 8 pivots (largest key L1 norm)",
-           params={"pivots": 8}),
+           params={"pivots": 8}, reads_hidden=True),
     Method("divprune", "DivPrune", "pre_llm", "divprune",
            "before the LLM; greedy max-min cosine diversity over the projector's features"),
     Method("visionzip", "VisionZip (dominant)", "pre_llm", "visionzip",
