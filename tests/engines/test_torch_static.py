@@ -91,18 +91,24 @@ def topk_count(graphs: list[torch.fx.GraphModule]) -> int:
 
 @pytest.mark.parametrize("method", PRUNING_METHODS)
 def test_every_method_prefill_compiles_whole_with_no_host_work(two_layers, method):
+    """One graph (fullgraph would raise at a break), nothing built on or read back to the host, the eager results;
+    and a score-based method's pruning point runs at most two TopK: the selection and the ordering of the kept
+    tokens, nothing per head or per term (the 7B FitPrune prefill ran 52 for its 26 pruning layers before and
+    still does; DART and DivPrune are greedy by design, a TopK or ArgMax per pivot or pick)."""
     recipe = recipe_for(two_layers, method)
     embeds, starts, pads, scores = prefill_inputs(two_layers)
     module = PrunedLlamaPrefill(two_layers, recipe, START, SDPA).eval()
     args = (embeds, starts, pads, scores if METHODS[method].vision_score else None)
     compiled = []
     graphs = captured_graphs(module, *args, outputs=compiled)
-    assert len(graphs) == 1  # fullgraph would have raised at a break; one graph for the whole prefill
-    assert host_work(graphs) == []
+    assert len(graphs) == 1 and host_work(graphs) == []
     with torch.no_grad():
         logits, _, kept = module(*args)
     assert (logits - compiled[0][0]).abs().max() < 1e-5
     assert all(torch.equal(a, b) for a, b in zip(kept, compiled[0][2]))
+    points = sum(1 for r in recipe.removed if r) + bool(recipe.removed_before_llm)
+    if method in SCORE_BASED:
+        assert 1 <= points and topk_count(graphs) <= 2 * points
 
 
 def test_the_static_decode_step_compiles_whole_with_no_host_work(two_layers):
@@ -113,19 +119,6 @@ def test_the_static_decode_step_compiles_whole_with_no_host_work(two_layers):
     args = (torch.randn(2, 1, 64), torch.tensor([[600], [596]]), torch.tensor([0, 4]), torch.tensor([600]), cache)
     graphs = captured_graphs(module, *args)
     assert len(graphs) == 1 and host_work(graphs) == []
-
-
-@pytest.mark.parametrize("method", SCORE_BASED)
-def test_a_pruning_layer_runs_at_most_two_topk(two_layers, method):
-    """The selection and the ordering of the kept tokens; nothing per head or per term (the 7B FitPrune prefill
-    ran 52 TopK for its pruning layers before). DART and DivPrune are greedy by design (a TopK or ArgMax per
-    pivot or pick) and are left out."""
-    recipe = recipe_for(two_layers, method)
-    embeds, starts, pads, scores = prefill_inputs(two_layers)
-    module = PrunedLlamaPrefill(two_layers, recipe, START, SDPA).eval()
-    graphs = captured_graphs(module, embeds, starts, pads, scores if METHODS[method].vision_score else None)
-    points = sum(1 for r in recipe.removed if r) + bool(recipe.removed_before_llm)
-    assert 1 <= points and topk_count(graphs) <= 2 * points
 
 
 def test_fitprune_scores_without_an_eager_attention_at_its_pruning_layers(two_layers):
