@@ -26,15 +26,14 @@ from engines.torch_static import (
     engine_recipe,
     load_compile_cache,
 )
-from exporter.export import TORCH_DTYPES
 from exporter.graphs import VisionFeatures
 from runtime.runners import PrefillOutput, RowLayout, VisionOutput
-from visprune.errors import ArtifactMismatchError, PromptError
+from runtime.torch_runner import engine_bundle, vision_features
+from visprune.errors import PromptError
 from visprune.manifests import EngineManifest
 from visprune.methods import METHODS
-from visprune.models import LlavaBundle, load_llava
+from visprune.models import LlavaBundle
 from visprune.models.decoder import SDPA, Kernels
-from visprune.models.llava import EMBEDDED_MODELS
 from visprune.tensor_names import pruning_layers
 
 @dataclass(frozen=True)
@@ -72,11 +71,7 @@ class StaticTorchRunner:
         """The engine folder's model and recipe at its recorded shapes; the compile cache saved at build makes the
         load-time compile a cache hit."""
         onnx_set = manifest.onnx_set
-        model = onnx_set.model.name if onnx_set.model.name in EMBEDDED_MODELS else onnx_set.model.path
-        bundle = load_llava(model, device="cpu", dtype=TORCH_DTYPES[onnx_set.dtype])
-        if bundle.fingerprint != onnx_set.model.fingerprint:
-            raise ArtifactMismatchError(f"The checkpoint at {model} no longer matches the one {engine_dir} was built "
-                                        "from.", "Export and build again from the checkpoint you have now.")
+        bundle = engine_bundle(engine_dir, manifest)
         load_compile_cache(Path(engine_dir) / COMPILE_CACHE_FILE)
         static = manifest.static_shapes
         shapes = StaticShapes(tuple(static.prompt_buckets), tuple(static.batch_sizes), manifest.limits.max_new_tokens)
@@ -85,9 +80,7 @@ class StaticTorchRunner:
 
     @torch.no_grad()
     def image_features(self, pixel_values: np.ndarray) -> VisionOutput:
-        out = self.vision(torch.from_numpy(pixel_values).to(self.device, self.dtype))
-        features, scores = out if isinstance(out, tuple) else (out, None)
-        return VisionOutput(features.float().cpu().numpy(), None if scores is None else scores.cpu().numpy())
+        return vision_features(self.vision, pixel_values, self.device, self.dtype)
 
     @torch.no_grad()
     def prefill(self, inputs_embeds: np.ndarray, layout: RowLayout,

@@ -20,13 +20,31 @@ from exporter.graphs import VisionFeatures
 from exporter.pruned_lm import LlamaDecodeStep, PrunedLlamaPrefill
 from runtime.runners import PrefillOutput, RowLayout, VisionOutput
 from visprune.errors import ArtifactMismatchError, BackendUnavailableError
-from visprune.manifests import EngineManifest, OnnxSetManifest
+from visprune.manifests import EngineManifest
 from visprune.models import LlavaBundle, load_llava
 from visprune.methods import METHODS
 from visprune.models.decoder import EAGER, SDPA, Kernels
 from visprune.models.llava import EMBEDDED_MODELS
 from visprune.tensor_names import pruning_layers
 
+
+
+def engine_bundle(engine_dir: Path, manifest: EngineManifest) -> LlavaBundle:
+    """The checkpoint an engine folder was exported from, at its dtype; ArtifactMismatchError if it changed since."""
+    onnx_set = manifest.onnx_set
+    model = onnx_set.model.name if onnx_set.model.name in EMBEDDED_MODELS else onnx_set.model.path
+    bundle = load_llava(model, device="cpu", dtype=TORCH_DTYPES[onnx_set.dtype])
+    if bundle.fingerprint != onnx_set.model.fingerprint:
+        raise ArtifactMismatchError(f"The checkpoint at {model} no longer matches the one {engine_dir} was built "
+                                    "from.", "Export and build again from the checkpoint you have now.")
+    return bundle
+
+
+def vision_features(vision, pixel_values: np.ndarray, device: str, dtype: torch.dtype) -> VisionOutput:
+    """The vision module's features (and VisionZip's score) for host pixel values, back on the host."""
+    out = vision(torch.from_numpy(pixel_values).to(device, dtype))
+    features, scores = out if isinstance(out, tuple) else (out, None)
+    return VisionOutput(features.float().cpu().numpy(), None if scores is None else scores.cpu().numpy())
 
 
 class TorchRunner:
@@ -70,19 +88,12 @@ class TorchRunner:
     @classmethod
     def open(cls, engine_dir: Path, manifest: EngineManifest) -> "TorchRunner":
         onnx_set = manifest.onnx_set
-        model = onnx_set.model.name if onnx_set.model.name in EMBEDDED_MODELS else onnx_set.model.path
-        bundle = load_llava(model, device="cpu", dtype=TORCH_DTYPES[onnx_set.dtype])
-        if bundle.fingerprint != onnx_set.model.fingerprint:
-            raise ArtifactMismatchError(f"The checkpoint at {model} no longer matches the one {engine_dir} was built "
-                                        "from.", "Export and build again from the checkpoint you have now.")
-        return cls(bundle, engine_recipe(onnx_set), onnx_set.prompt.image_start, manifest.device,
-                   bool(manifest.torch_compile), manifest.tf32, SDPA)
+        return cls(engine_bundle(engine_dir, manifest), engine_recipe(onnx_set), onnx_set.prompt.image_start,
+                   manifest.device, bool(manifest.torch_compile), manifest.tf32, SDPA)
 
     @torch.no_grad()
     def image_features(self, pixel_values: np.ndarray) -> VisionOutput:
-        out = self.vision(torch.from_numpy(pixel_values).to(self.device, self.dtype))
-        features, scores = out if isinstance(out, tuple) else (out, None)
-        return VisionOutput(features.float().cpu().numpy(), None if scores is None else scores.cpu().numpy())
+        return vision_features(self.vision, pixel_values, self.device, self.dtype)
 
     @torch.no_grad()
     def prefill(self, inputs_embeds: np.ndarray, layout: RowLayout,
