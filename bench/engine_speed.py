@@ -9,7 +9,7 @@ and processor, a d = 1024, 8-layer, 16-head Llama decoder):
     an ONNX Runtime engine and a PyTorch engine from each (`build_engine`, CPU).
 3.  Times every engine **in its own process** (this script re-invoked with --measure): one request, scikit-image's
     `chelsea` photograph and one question, greedy, `--new-tokens` tokens; `--warmup` untimed requests then
-    `--runs` timed ones (runtime/latency.py's `time_request`: TTFT = vision + embed + prefill + first token).
+    `--runs` timed ones (reports/latency.py's `time_request`: TTFT = vision + embed + prefill + first token).
     The peer, transformers' `LlavaForConditionalGeneration` with `attn_implementation="sdpa"` (and `eager`), is
     timed the same way in its own process: TTFT = one forward over pixels + prompt to the first token, then one
     forward per new token with its DynamicCache. Peak memory: the process's VmHWM (resident high-water mark).
@@ -45,7 +45,7 @@ QUESTION = "What animal is in the picture, and what colour is it?"
 # --- measuring one engine or the peer, in this process -------------------------------------------------------
 
 def measure_engine(engine_dir: Path, warmup: int, runs: int, new_tokens: int) -> dict[str, Any]:
-    from runtime.latency import _request, summarize_requests, time_request
+    from reports.latency import _request, summarize_requests, time_request
     from runtime.pipeline import Pipeline
 
     pipe = Pipeline.from_engine_dir(engine_dir)
@@ -61,7 +61,7 @@ def measure_transformers(model_path: Path, attention: str, warmup: int, runs: in
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    from runtime.latency import LatencyStats, default_latency_image
+    from reports.latency import LatencyStats, default_latency_image
     from visprune.models import chat_prompt, load_llava
     from visprune.models.inputs import encode_image_prompt
 

@@ -124,7 +124,7 @@ def engine_vs_eager(model, recipe, compile: bool, steps: int = 4) -> dict[str, A
 
 
 def compiled_engines() -> dict[str, Any]:
-    """Judged as parity reports judge (runtime/parity.py): logits only where both kept the same tokens, since a
+    """Judged as parity reports judge (reports/parity.py): logits only where both kept the same tokens, since a
     float16 near-tie that flips one kept token legitimately moves the logits; else the kept-index overlap."""
     import torch
 
@@ -196,7 +196,7 @@ def exported_sets(work: Path) -> dict[str, Any]:
 
 def engine_folder_parity(work: Path, onnx: str, name: str, config, reference: str) -> dict[str, Any]:
     from engines import build_engine
-    from runtime.parity import default_parity_prompts, parity_report
+    from reports.parity import default_parity_prompts, parity_report
 
     start = time.perf_counter()
     build_engine(config, work / onnx, work / name)

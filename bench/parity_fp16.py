@@ -1,5 +1,5 @@
 """How far a float16 engine sits from the float32 reference, measured on CPU: the figures behind the float16
-parity criteria in runtime/parity.py (`CRITERIA`).
+parity criteria in reports/parity.py (`CRITERIA`).
 
 tiny with its 60 % recipe (tests' TINY_RECIPE_60) is exported in float32 and in float16 (float32 islands for
 norms, softmax and scores), both built for ONNX Runtime on the CPU, and each is compared with the float32
@@ -30,7 +30,7 @@ from conftest import TINY_RECIPE_60  # noqa: E402
 def measure(dtype: str, work: Path, prompts: int, new_tokens: int) -> dict:
     from engines import BuildConfig, build_engine
     from exporter import ExportConfig, export_onnx
-    from runtime.parity import default_parity_prompts, parity_report
+    from reports.parity import default_parity_prompts, parity_report
 
     recipe = work / "recipe.json"
     recipe.write_text(json.dumps({"method": "fitprune", "num_visual_tokens": 576, "removed": TINY_RECIPE_60}))

@@ -77,7 +77,7 @@ GOAL = 1.05
 # --- 1. the bench checkpoint ---------------------------------------------------------------------------------
 
 def bench_model_path() -> Path:
-    from visprune.models.llava import cache_root
+    from visprune.models.cache import cache_root
 
     return cache_root() / "bench-models" / f"llava-h{BENCH_TEXT_SHAPE['hidden_size']}-v{BENCH_MODEL_VERSION}"
 
@@ -87,7 +87,7 @@ def ensure_bench_model() -> tuple[Path, float | None]:
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    from visprune.artifacts import atomic_directory
+    from visprune.outputs import atomic_directory
     from visprune.models import tiny
 
     path = bench_model_path()
@@ -130,7 +130,7 @@ def calibrate_recipes(model_path: Path, reductions: list[float], samples: int, w
 
 def feeds_of(x):
     """The prefill graph's inputs for inputs_embeds x [1, S, D] (image at P = 4, as main() builds x)."""
-    from runtime.runners import RowLayout, prefill_feeds
+    from runtime.runner_api import RowLayout, prefill_feeds
 
     return prefill_feeds(x, RowLayout.unpadded(len(x), 4))  # P = 4: the tiny chat template
 

@@ -3,7 +3,7 @@ the tiny engines, with dynamic batching on and off: FitPrune 60 %, DivPrune 60 %
 unpruned.
 
 For each engine and scheduling: start `visprune serve` as its own process (the start time, command to ready, is
-recorded), then at concurrency 1, 4 and 16 run C clients x `--requests` requests each (runtime/loadgen.py: one
+recorded), then at concurrency 1, 4 and 16 run C clients x `--requests` requests each (serving/loadgen.py: one
 thread per client, HTTP, closed loop). Requests mix eight images of the default calibration set with four prompt
 layouts (the template, a system prompt, a chat turn before the image, a long question), greedy, `--new-tokens`
 tokens; one request per client in ten is provoked bad on purpose (an image that does not decode: HTTP 400
@@ -52,7 +52,7 @@ def request_mix(pipe, new_tokens: int) -> list[tuple[bytes, str, str]]:
 
 
 def clients_for(mix, concurrency: int, per_client: int, new_tokens: int) -> list[list[Any]]:
-    from runtime.loadgen import LoadRequest
+    from serving.loadgen import LoadRequest
 
     clients = []
     for c in range(concurrency):
@@ -99,7 +99,7 @@ def stop_server(process: subprocess.Popen) -> None:
 
 
 def run_config(engine: Path, batching: bool, mix, args) -> dict[str, Any]:
-    from runtime.loadgen import run_load
+    from serving.loadgen import run_load
 
     process, start_s = start_server(engine, batching, args.max_batch)
     try:

@@ -65,7 +65,7 @@ def build_checkpoint(out: Path, text_layers: int, vision_layers: int) -> None:
 
 def run_stage(name: str, args: list[str], log: Path) -> dict:
     """The CLI in a child process; its wall time and peak RSS (from the kernel's accounting of that child)."""
-    command = [sys.executable, "-c", "from visprune.cli import entry_point; entry_point()", *args]
+    command = [sys.executable, "-c", "from cli.main import entry_point; entry_point()", *args]
     start = time.perf_counter()
     with open(log, "ab") as out:
         out.write(f"\n$ visprune {' '.join(args)}\n".encode())
@@ -104,7 +104,7 @@ def main() -> None:
     recipe.write_text(json.dumps({"method": "fitprune", "num_visual_tokens": 576, "removed": removed}))
     image = work / "cat.png"
     if not image.exists():
-        from runtime.latency import default_latency_image
+        from reports.latency import default_latency_image
 
         default_latency_image().save(image)
     model = ["--model", str(checkpoint)]

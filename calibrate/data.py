@@ -14,9 +14,10 @@ import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from visprune.artifacts import atomic_directory, canonical_json, sha256_bytes, sha256_file
+from visprune.artifacts import canonical_json, sha256_bytes, sha256_file
+from visprune.outputs import atomic_directory
 from visprune.errors import CalibrationDataError
-from visprune.models.llava import cache_root
+from visprune.models.cache import cache_root
 
 DEFAULT_SET_VERSION = 1
 

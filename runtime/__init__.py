@@ -1,4 +1,4 @@
-"""Stage 4, runtime: generate text over engines, and report parity and latency.
+"""Stage 4, runtime: the inference API, image + prompt -> text over an engine folder (runners and the token loop).
 
     from runtime import Pipeline
     pipe = Pipeline.from_engine_dir("runs/demo/engine")

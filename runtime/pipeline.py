@@ -26,7 +26,8 @@ import numpy as np
 from engines.build import read_engine_set
 from engines.profiles import check_request_fits
 from runtime.generation import GREEDY, Sampling, iterate_tokens
-from runtime.runners import RowLayout, Runner, open_runner
+from runtime.runner_api import RowLayout, Runner
+from runtime.runners import open_runner
 from visprune.errors import ConfigError, ImageLoadError, PromptError
 from visprune.manifests import EngineManifest
 from visprune.models.inputs import check_single_image_placeholder, image_span, load_image

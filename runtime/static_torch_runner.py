@@ -27,7 +27,7 @@ from engines.torch_static import (
     load_compile_cache,
 )
 from exporter.graphs import VisionFeatures
-from runtime.runners import PrefillOutput, RowLayout, VisionOutput
+from runtime.runner_api import PrefillOutput, RowLayout, VisionOutput
 from runtime.torch_runner import engine_bundle, vision_features
 from visprune.errors import PromptError
 from visprune.manifests import EngineManifest

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from engines.tensorrt import check_engine_compatible, gpu_identity, import_tensorrt
-from runtime.runners import PrefillOutput, RowLayout, VisionOutput
+from runtime.runner_api import PrefillOutput, RowLayout, VisionOutput
 from visprune.errors import ArtifactMismatchError, PromptError
 from visprune.manifests import EngineManifest
 from visprune.tensor_names import (

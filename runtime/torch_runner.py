@@ -18,7 +18,7 @@ from engines.torch_static import engine_recipe
 from exporter.export import TORCH_DTYPES
 from exporter.graphs import VisionFeatures
 from exporter.pruned_lm import LlamaDecodeStep, PrunedLlamaPrefill
-from runtime.runners import PrefillOutput, RowLayout, VisionOutput
+from runtime.runner_api import PrefillOutput, RowLayout, VisionOutput
 from visprune.errors import ArtifactMismatchError, BackendUnavailableError
 from visprune.manifests import EngineManifest
 from visprune.models import LlavaBundle, load_llava

@@ -107,7 +107,7 @@ def exported(tmp_path_factory, tiny):
     import json
 
     from exporter import ExportConfig
-    from runtime.end_to_end import _export_and_build
+    from workflows.end_to_end import _export_and_build
     from two_processes import run_in_two_processes
 
     root = tmp_path_factory.mktemp("exported")

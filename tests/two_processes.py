@@ -11,7 +11,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Callable
 
-from runtime.end_to_end import InBackground
+from workflows.end_to_end import InBackground
 
 Job = tuple[Callable[..., Any], tuple]  # fn(*args); fn importable by name (a spawned process runs it)
 

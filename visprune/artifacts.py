@@ -64,15 +64,6 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, to_pretty_json(obj))
 
 
-def atomic_directory(path: Path):
-    """A staging folder next to `path` that replaces it only if the block succeeds (visprune.outputs); for the
-    cache's own folders, so what a killed build left there is cleaned first."""
-    from visprune.outputs import recover_interrupted, replacing
-
-    recover_interrupted(Path(path))
-    return replacing(Path(path), is_dir=True)
-
-
 def tool_versions(*packages: str) -> dict[str, str]:
     """Installed versions of the named distributions (plus visprune itself)."""
     names = ("visprune", *packages)

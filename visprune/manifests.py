@@ -25,7 +25,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from visprune.methods import METHOD_NAMES, method
 from visprune.artifacts import canonical_json, sha256_bytes, sha256_file
 from visprune.errors import ArtifactMismatchError
-from visprune.models.llava import LanguageModelShape, cache_root
+from visprune.models.cache import cache_root
+from visprune.models.llava import LanguageModelShape
 from visprune.tensor_names import (
     GRAPH_NAMES,
     graph_io_names,

@@ -301,3 +301,10 @@ def _alive(pid: int) -> bool:
 
 
 KINDS = (RECIPE, PLOT, ONNX_SET, ENGINE_SET, REPORT, EVAL, TRADEOFF, PIPELINE_RUN)
+
+
+def atomic_directory(path: Path):
+    """A staging folder next to `path` that replaces it only if the block succeeds; for the
+    cache's own folders, so what a killed build left there is cleaned first."""
+    recover_interrupted(Path(path))
+    return replacing(Path(path), is_dir=True)

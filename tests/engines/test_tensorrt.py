@@ -78,7 +78,7 @@ def test_tensorrt_fp16_engine_matches_the_pytorch_reference(tmp_path, exported):
     """fp16 export with float32 islands -> strongly typed TensorRT engine -> parity under the fp16 criteria against
     the fp16 CUDA reference."""
     from exporter import ExportConfig, export_onnx
-    from runtime.parity import parity_report
+    from reports.parity import parity_report
 
     export_onnx(ExportConfig(model="tiny", recipe=exported["recipe"], dtype="float16", target="tensorrt"),
                 tmp_path / "onnx", progress=False)
@@ -98,7 +98,7 @@ def test_onnxruntime_cuda_engine_matches_the_pytorch_reference(tmp_path, exporte
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("needs onnxruntime-gpu")
-    from runtime.parity import parity_report
+    from reports.parity import parity_report
 
     manifest = build_engine(BuildConfig(device="cuda"), exported["pruned-onnx"], tmp_path / "engine")
     assert manifest.providers[0] == "CUDAExecutionProvider"

@@ -10,7 +10,7 @@ import torch
 
 from calibrate.recipe import Recipe
 from conftest import TINY_RECIPE_60
-from runtime.runners import RowLayout, prefill_feeds
+from runtime.runner_api import RowLayout, prefill_feeds
 from exporter import ExportConfig, export_onnx
 from exporter.graphs import export_prefill
 from exporter.pruned_lm import PrunedLlamaPrefill

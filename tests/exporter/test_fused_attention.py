@@ -23,7 +23,7 @@ from exporter.export import lint_exported_set
 from exporter.graphs import KERNELS
 from exporter.lint import lint_onnx
 from exporter.pruned_lm import LlamaDecodeStep, PrunedLlamaPrefill
-from runtime.runners import RowLayout, prefill_feeds
+from runtime.runner_api import RowLayout, prefill_feeds
 from visprune.manifests import EXPORT_TARGETS
 from visprune.methods import METHODS
 from visprune.models.decoder import EAGER

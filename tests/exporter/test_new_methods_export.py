@@ -15,10 +15,10 @@ import torch
 
 from calibrate.recipe import save_recipe
 from calibrate.stage import budget_recipe
-from runtime.runners import RowLayout, prefill_feeds
+from runtime.runner_api import RowLayout, prefill_feeds
 from exporter.graphs import VisionFeatures
 from exporter.pruned_lm import PrunedLlamaPrefill
-from runtime.parity import default_parity_prompts, parity_report
+from reports.parity import default_parity_prompts, parity_report
 from runtime.pipeline import Pipeline
 from runtime.torch_runner import TorchRunner
 from visprune.methods import METHODS

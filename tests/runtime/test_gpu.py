@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engines import BuildConfig, build_engine
-from runtime.parity import default_parity_prompts, parity_report
+from reports.parity import default_parity_prompts, parity_report
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

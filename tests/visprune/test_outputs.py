@@ -173,7 +173,7 @@ def test_a_live_writer_is_not_disturbed(tmp_path):
 def test_a_sigterm_that_lands_in_a_finalizer_still_interrupts():
     """Python drops an exception raised in a `__del__`; a SIGTERM handled there used to be lost, and an export
     ran on to the end and exited 0 (seen once in the test below: regex's Group.__del__ took it)."""
-    from visprune.cli import sigterm_as_interrupt
+    from cli.main import sigterm_as_interrupt
 
     class SignalledWhileCollected:
         def __del__(self):
@@ -198,7 +198,7 @@ def test_sigterm_during_an_export_keeps_the_old_set_and_leaves_nothing(exported,
     target = tmp_path / "onnx"
     shutil.copytree(exported["pruned-onnx"], target)
     before = snapshot(tmp_path)
-    child = subprocess.Popen([sys.executable, "-c", "from visprune.cli import entry_point; entry_point()", "export",
+    child = subprocess.Popen([sys.executable, "-c", "from cli.main import entry_point; entry_point()", "export",
                               "--out", str(target), "--quiet"], stderr=subprocess.PIPE, text=True, cwd=REPO)
     deadline = time.monotonic() + 120
     while not any(".visprune-staging." in p.name for p in tmp_path.iterdir()):  # the export is under way

@@ -41,7 +41,7 @@ def unpruned_engine(tmp_path_factory):
 @pytest.mark.slow
 def test_unpruned_engine_accuracy_on_the_fixed_200_questions_is_the_recorded_one(unpruned_engine):
     """Regression guard: the runtime over the exported engine answers exactly as when the value was recorded."""
-    from runtime.evaluate import answers_from_engine
+    from reports.evaluate import answers_from_engine
 
     samples = make_split("test", 200)
     accuracy = accuracy_by_type(samples, answers_from_engine(unpruned_engine, samples, max_new_tokens=8))
@@ -50,7 +50,7 @@ def test_unpruned_engine_accuracy_on_the_fixed_200_questions_is_the_recorded_one
 
 @pytest.mark.slow
 def test_the_pytorch_reference_agrees_with_the_engine_on_every_answer(unpruned_engine):
-    from runtime.evaluate import EvalConfig, answers_from_engine, answers_from_recipe
+    from reports.evaluate import EvalConfig, answers_from_engine, answers_from_recipe
 
     samples = make_split("test", 60)
     engine = answers_from_engine(unpruned_engine, samples, max_new_tokens=8)

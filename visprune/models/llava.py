@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from visprune.artifacts import atomic_directory, canonical_json, sha256_bytes
+from visprune.artifacts import canonical_json, sha256_bytes
+from visprune.outputs import atomic_directory
 from visprune.errors import ModelLoadError
+from visprune.models.cache import cache_root
 
 EMBEDDED_MODELS = ("tiny", "tiny-vqa")
 
@@ -19,11 +20,6 @@ _NON_ARCHITECTURE_KEYS = {
     "_attn_implementation", "_attn_implementation_autoset", "attn_implementation", "output_attentions",
     "output_hidden_states", "return_dict", "_commit_hash", "chunk_size_feed_forward",
 }
-
-
-def cache_root() -> Path:
-    """Where built artifacts such as the tiny checkpoint live (`VISPRUNE_CACHE` overrides)."""
-    return Path(os.environ.get("VISPRUNE_CACHE", Path.home() / ".cache" / "visprune"))
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from visprune.artifacts import atomic_directory, sha256_file
+from visprune.artifacts import sha256_file
+from visprune.outputs import atomic_directory
 from visprune.errors import ModelLoadError
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -28,7 +29,7 @@ def tiny_vqa_record() -> dict[str, Any]:
 
 def ensure_tiny_vqa_checkpoint(weights: Path = WEIGHTS) -> Path:
     """The cache folder of tiny-vqa, built from `weights` once their hash matches the record."""
-    from visprune.models.llava import cache_root
+    from visprune.models.cache import cache_root
 
     expected = tiny_vqa_record()["sha256"]
     check_weights(weights, expected)

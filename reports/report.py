@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engines.build import read_engine_set
-from runtime.parity import ParityError
+from reports.parity import ParityError
 from visprune.errors import ConfigError
 from visprune.models.llava import model_folder
 from visprune.outputs import REPORT, check_output, replacing
@@ -27,7 +27,7 @@ class ReportConfig:
     new_tokens: int = 16
     warmup: int = 3
     rounds: int = 10
-    # parity criteria overriding the engine dtype's defaults (runtime/parity.py CRITERIA); None: the default
+    # parity criteria overriding the engine dtype's defaults (reports/parity.py CRITERIA); None: the default
     logits_atol: float | None = None
     logits_rtol: float | None = None
     min_kept_overlap: float | None = None
@@ -86,8 +86,8 @@ def write_reports(config: ReportConfig, engine_dir: Path, out_dir: Path, force: 
 
 
 def _write(config: ReportConfig, engine_dir: Path, out_dir: Path) -> None:
-    from runtime.latency import latency_report
-    from runtime.parity import parity_report
+    from reports.latency import latency_report
+    from reports.parity import parity_report
 
     if config.parity:
         parity_report(engine_dir, config.model, out_dir, max_new_tokens=config.max_new_tokens,

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import REPO, reseal_manifest, snapshot
-from visprune.cli import main
+from cli.main import main
 
 RECIPE_7B = REPO / "recipes" / "llava-1.5-7b" / "fitprune-60.json"
 

@@ -8,7 +8,7 @@ import pytest
 
 from engines import BuildConfig, build_engine
 from runtime import Pipeline
-from runtime.parity import (CRITERIA, ParityError, default_parity_prompts, kept_comparison, logits_within, tied_swaps,
+from reports.parity import (CRITERIA, ParityError, default_parity_prompts, kept_comparison, logits_within, tied_swaps,
                             parity_report, step_atol, top1_flips)
 from visprune.errors import ArtifactMismatchError
 
@@ -109,7 +109,7 @@ def test_a_float16_engine_is_judged_by_the_float16_criteria(exported, tmp_path):
     """A correct float16 engine against the float32 reference: passes its own criteria, where the float32 ones
     (and the old rule of identical kept indices and tokens) would fail it on expected rounding."""
     from exporter import ExportConfig, export_onnx
-    from runtime.parity import CRITERIA
+    from reports.parity import CRITERIA
 
     export_onnx(ExportConfig(model="tiny", recipe=exported["recipe"], dtype="float16"), tmp_path / "onnx",
                 progress=False)
@@ -212,7 +212,7 @@ def test_a_report_says_which_prompts_had_their_logits_judged(exported):
     """Two prompts through the real aggregation: one with identical kept sets and logits within tolerance, one
     whose kept sets differ by one tied index (logits not judged, not silently passed) with a near-tie flip."""
     from engines.build import read_engine_set
-    from runtime.parity import _markdown, _summarize
+    from reports.parity import _markdown, _summarize
     from visprune.manifests import ParityReport
 
     rules = CRITERIA["float32"]

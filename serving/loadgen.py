@@ -1,6 +1,6 @@
 """A closed-loop load generator for `visprune serve` (or any Triton serving our model): C client threads, each
 sending its own list of requests one after the other over HTTP or gRPC, every answer checked against the one
-expected. `bench/serve_load.py` runs it at several concurrencies; tests/runtime/test_serving.py runs a small one.
+expected. `bench/serve_load.py` runs it at several concurrencies; tests/serving/test_serving.py runs a small one.
 
 A request is `LoadRequest`: the encoded image, the prompt, a token budget, and either the answer expected (greedy
 answers are deterministic: the one-by-one answer of the same engine) or the 4xx status a request provoked on
@@ -105,10 +105,10 @@ def _send(client: Any, model: str, request: LoadRequest, protocol: str) -> tuple
 
 def infer_inputs(module: Any, rows: int = 1, **values: Any) -> list[Any]:
     """tritonclient InferInputs (`module`: tritonclient.http or .grpc) by input name, each value repeated over
-    `rows`, typed as the model's config declares (runtime/triton_repo.py INPUTS)."""
+    `rows`, typed as the model's config declares (serving/triton_repo.py INPUTS)."""
     from tritonclient.utils import np_to_triton_dtype
 
-    from runtime.triton_repo import INPUTS
+    from serving.triton_repo import INPUTS
 
     kinds = {spec.name: spec.numpy_type for spec in INPUTS}
     made = []

@@ -7,8 +7,8 @@ import pytest
 from conftest import reseal_manifest
 
 from runtime import Pipeline
-from runtime.latency import LatencyStats, Request, latency_report, measure, time_request
-from runtime.report import ReportConfig
+from reports.latency import LatencyStats, Request, latency_report, measure, time_request
+from reports.report import ReportConfig
 from visprune.errors import ArtifactMismatchError, ConfigError
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from visprune.errors import VispruneError
+from visprune.logs import quiet_third_party_logs
 from visprune.methods import MAIN_METHODS, PRUNING_METHODS
 
 INTERNAL_ERROR_EXIT = 70
@@ -351,7 +352,7 @@ def _add_report(commands) -> None:
 
 
 def _run_report(args) -> int:
-    from runtime.report import ReportConfig, write_reports
+    from reports.report import ReportConfig, write_reports
 
     config = ReportConfig(parity=not args.no_parity, model=args.model, recipe=args.recipe,
                           max_new_tokens=args.max_new_tokens, allow_parity_failure=args.allow_parity_failure,
@@ -390,7 +391,7 @@ def _add_pipeline(commands) -> None:
 
 
 def _run_pipeline(args) -> int:
-    from runtime.end_to_end import PipelineConfig, format_summary, run_pipeline
+    from workflows.end_to_end import PipelineConfig, format_summary, run_pipeline
 
     config = PipelineConfig(model=args.model, reduction=args.reduction, method=args.method, backend=args.backend,
                             device=args.device,
@@ -417,7 +418,7 @@ def _add_eval(commands) -> None:
 
 
 def _run_eval(args) -> int:
-    from runtime.evaluate import EvalConfig, eval_report
+    from reports.evaluate import EvalConfig, eval_report
 
     eval_report(args.out, EvalConfig(questions=args.questions), engine_dir=args.engine, recipe=args.recipe,
                 model=args.model, progress=not args.quiet, force=args.force, verify=args.verify)
@@ -446,7 +447,7 @@ def _add_tradeoff(commands) -> None:
 
 
 def _run_tradeoff(args) -> int:
-    from runtime.tradeoff import TradeoffConfig, tradeoff
+    from workflows.tradeoff import TradeoffConfig, tradeoff
 
     config = TradeoffConfig(model=args.model, reductions=tuple(args.reductions), methods=tuple(args.methods),
                             ablation_reductions=tuple(args.ablation_reductions), questions=args.questions,
@@ -467,7 +468,7 @@ def _add_model_settings(p) -> None:
 
 
 def _model_settings(args):
-    from runtime.triton_repo import ModelSettings
+    from serving.triton_repo import ModelSettings
 
     given = {"name": args.model_name, "max_batch": args.max_batch, "max_queue_delay_us": args.max_queue_delay_us,
              "instances": args.instances, "dynamic_batching": False if args.no_dynamic_batching else None}
@@ -493,7 +494,7 @@ def _add_serve(commands) -> None:
 
 
 def _run_serve(args) -> int:
-    from runtime.serving import ServeConfig, serve
+    from serving.server import ServeConfig, serve
 
     config = ServeConfig(args.http_port, args.grpc_port, args.metrics_port, _model_settings(args), args.log_file)
     serve(config, args.engine, args.repo, on_ready=lambda server: print(server.describe(), flush=True))
@@ -514,20 +515,11 @@ def _add_export_triton(commands) -> None:
 
 
 def _run_export_triton(args) -> int:
-    from runtime.triton_repo import export_triton
+    from serving.triton_repo import export_triton
 
     model = export_triton(args.engine, args.out, _model_settings(args), force=args.force)
     print(f"wrote {model} (config.pbtxt, 1/model.py, engine/); try it with `visprune serve --repo {args.out}`")
     return 0
-
-
-def quiet_third_party_logs(verbose: bool) -> None:
-    if verbose:
-        return
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def entry_point() -> None:

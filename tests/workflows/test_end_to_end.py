@@ -8,8 +8,8 @@ from collections import Counter
 import pytest
 
 from calibrate.recipe import load_recipe
-from runtime.end_to_end import SAMPLE_QUESTION
-from visprune.cli import main
+from workflows.end_to_end import SAMPLE_QUESTION
+from cli.main import main
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def vqa_run(tmp_path_factory):
 @pytest.mark.slow
 def test_vqa_pipeline_answers_a_held_out_question(vqa_run):
     """The sample request is a shapes-vqa test question; both engines answer it with a word of its type."""
-    from runtime.end_to_end import SAMPLE_TEST_INDEX
+    from workflows.end_to_end import SAMPLE_TEST_INDEX
     from visprune.tasks.shapes_vqa import make_sample, normalize_answer
 
     code, out, printed = vqa_run
@@ -122,7 +122,7 @@ def test_vqa_pipeline_answers_a_held_out_question(vqa_run):
 def test_vqa_pipeline_reports_pruned_and_unpruned_accuracy(vqa_run):
     """Both accuracies, on the requested number of held-out questions, each inside its own 95 % interval, and the
     pruned one is what `visprune eval --engine` computes for the same questions."""
-    from runtime.evaluate import EvalConfig, answers_from_engine
+    from reports.evaluate import EvalConfig, answers_from_engine
     from visprune.tasks.shapes_vqa import accuracy_by_type, make_split
 
     _, out, printed = vqa_run
@@ -144,7 +144,7 @@ def test_vqa_pipeline_reports_pruned_and_unpruned_accuracy(vqa_run):
 
 
 def test_pipeline_rejects_a_negative_accuracy_sample(tmp_path, capsys):
-    from runtime.end_to_end import PipelineConfig
+    from workflows.end_to_end import PipelineConfig
     from visprune.errors import ConfigError
 
     code = main(["pipeline", "--model", "tiny-vqa", "--accuracy-questions", "-1", "--out", str(tmp_path / "run")])
@@ -163,7 +163,7 @@ def test_the_pipeline_opens_each_engine_once_and_frees_them(exported, tmp_path):
     """The stages after the builds, on the session's engines (built by the pipeline's own `_export_and_build`):
     every stage takes the one open Pipeline of its engine, and nothing of the run (engines, the parity reference)
     outlives it."""
-    from runtime.end_to_end import PipelineConfig, PipelineResult, _engine_stages
+    from workflows.end_to_end import PipelineConfig, PipelineResult, _engine_stages
     from runtime.pipeline import ENGINE_OPENS, Pipeline
     from runtime.torch_runner import TorchRunner
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from visprune.cli import main
+from cli.main import main
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ import pytest
 from calibrate import CalibrationConfig, calibrate
 from calibrate.stage import budget_recipe
 from conftest import REPO
-from runtime.evaluate import EvalConfig, answers_from_recipe, eval_report
-from runtime.tradeoff import ABLATIONS, TradeoffConfig, accuracy_table, tradeoff, tradeoff_markdown
+from reports.evaluate import EvalConfig, answers_from_recipe, eval_report
+from workflows.tradeoff import ABLATIONS, TradeoffConfig, accuracy_table, tradeoff, tradeoff_markdown
 from visprune.errors import ConfigError
 from visprune.methods import MAIN_METHODS
 from visprune.models.llava import LanguageModelShape, load_llava_config

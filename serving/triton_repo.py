@@ -2,11 +2,11 @@
 
     REPO/visprune-triton.json          the marker: what wrote the repository, for which engine (Triton skips files)
     REPO/<model>/config.pbtxt          Python backend, the tensors below, dynamic batching
-    REPO/<model>/1/model.py            one line: runtime.serving's `TritonPythonModel` (Pipeline over the engine)
+    REPO/<model>/1/model.py            one line: serving.server's `TritonPythonModel` (Pipeline over the engine)
     REPO/<model>/engine/               the engine folder (`visprune export-triton`; `visprune serve` points at it)
 
 `visprune export-triton` writes one for NVIDIA's tritonserver containers; `visprune serve` writes one into a
-temporary folder and runs it on the tritonserver that nvidia-pytriton bundles (runtime/serving.py), so the
+temporary folder and runs it on the tritonserver that nvidia-pytriton bundles (serving/server.py), so the
 model that the tests serve is the model that is deployed.
 
 The model's tensors. Every input has Triton's batch dimension first: a request of n rows asks n questions.
@@ -64,7 +64,7 @@ _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 MODEL_PY = '''"""Triton Python-backend model written by `visprune export-triton`: a visprune engine behind Triton.
 Needs visprune installed in the Python that runs the backend (README: Serve)."""
 
-from runtime.serving import TritonPythonModel  # noqa: F401  (Triton looks this name up)
+from serving.server import TritonPythonModel  # noqa: F401  (Triton looks this name up)
 '''
 
 

@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 
 from conftest import snapshot
-from runtime.loadgen import infer_inputs
-from runtime.triton_repo import INPUTS, ModelSettings, export_triton
+from serving.loadgen import infer_inputs
+from serving.triton_repo import INPUTS, ModelSettings, export_triton
 from visprune.errors import BackendUnavailableError, ConfigError, ImageLoadError, InputDataError, PromptError
 from visprune.outputs import OutputLocationError
 
@@ -78,7 +78,7 @@ def repository(engine, tritonclient, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(repository):
     pytest.importorskip("pytriton")
-    from runtime.serving import ServeConfig, start_server
+    from serving.server import ServeConfig, start_server
 
     with start_server(ServeConfig(*free_ports(3)), repository=repository) as running:
         yield running
@@ -146,7 +146,7 @@ def expected(pipe, image: Path, question: str, **kwargs) -> str:
 
 
 def test_answer_batch_answers_good_requests_and_returns_each_bad_ones_error(pipe, photos):
-    from runtime.serving import answer_batch, error_status
+    from serving.server import answer_batch, error_status
 
     def request(image=None, prompt=None, **extra):
         values = {"image": image, "prompt": prompt, "max_new_tokens": NEW_TOKENS, **extra}
@@ -265,9 +265,9 @@ def test_health_and_metrics_endpoints_respond(server):
 
 
 def test_a_small_load_test_loses_nothing_and_answers_right(server, pipe, photos):
-    """bench/serve_load.py in small: 4 clients x 5 requests (runtime/loadgen.py), mixed images and prompt layouts
+    """bench/serve_load.py in small: 4 clients x 5 requests (serving/loadgen.py), mixed images and prompt layouts
     (a system prompt, a chat turn before the image), one provoked bad request per client."""
-    from runtime.loadgen import LoadRequest, run_load
+    from serving.loadgen import LoadRequest, run_load
 
     layouts = list(QUESTIONS) + ["SYSTEM: Be brief.\n" + pipe.chat_prompt(QUESTIONS[0]),
                                         "USER: Hi.\nASSISTANT: Hello!\nUSER: <image>\nWhat is it? ASSISTANT:"]
@@ -428,7 +428,7 @@ def test_bad_settings_are_config_errors():
 
 
 def test_without_pytriton_serving_says_how_to_install_it(engine, monkeypatch):
-    from runtime.serving import ServeConfig, start_server
+    from serving.server import ServeConfig, start_server
 
     monkeypatch.setitem(sys.modules, "pytriton.triton", None)  # what an environment without the extra sees
     with pytest.raises(BackendUnavailableError, match=r"pip install -e '\.\[serve\]'"):

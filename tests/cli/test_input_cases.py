@@ -12,10 +12,10 @@ from calibrate.data import read_calibration_jsonl
 from calibrate.recipe import unpruned_recipe
 from exporter.export import check_max_seq_fits
 from runtime import Pipeline
-from runtime.parity import check_engine_embeddings
-from runtime.report import ReportConfig
+from reports.parity import check_engine_embeddings
+from reports.report import ReportConfig
 from runtime.torch_runner import TorchRunner
-from visprune.cli import main
+from cli.main import main
 from visprune.errors import ArtifactMismatchError, BackendUnavailableError, ConfigError
 from visprune.models import load_llava
 from visprune.models.inputs import load_image

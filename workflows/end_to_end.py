@@ -100,7 +100,7 @@ def run_pipeline(config: PipelineConfig, out_dir: Path, progress: bool = True, f
     with writing_in_place(out):
         result = _run_stages(config, out, progress)
     if not result.figures["parity_passed"]:  # raised after the run is in place: its reports explain the failure
-        from runtime.parity import ParityError
+        from reports.parity import ParityError
 
         raise ParityError("The engine does not match the PyTorch reference.",
                           f"See {out / 'report' / 'parity.md'}; the rest of the run is in {out}.")
@@ -201,7 +201,7 @@ def _sample_request(config: PipelineConfig):
 
         sample = make_sample("test", SAMPLE_TEST_INDEX)
         return sample.image(), sample.question, sample.answer
-    from runtime.latency import default_latency_image
+    from reports.latency import default_latency_image
 
     return default_latency_image(), SAMPLE_QUESTION, None
 
@@ -209,7 +209,7 @@ def _sample_request(config: PipelineConfig):
 def _accuracy(config: PipelineConfig, pipes: dict[str, Any], progress: bool) -> dict[str, Any]:
     """Both engines' shapes-vqa accuracy (with 95 % intervals) on the same held-out test questions; `pipes`: the
     open "pruned" and "unpruned" Pipelines."""
-    from runtime.evaluate import EvalConfig, answers_from_engine
+    from reports.evaluate import EvalConfig, answers_from_engine
     from visprune.tasks.shapes_vqa import accuracy_by_type, make_split
 
     samples = make_split("test", config.accuracy_questions, start=ACCURACY_TEST_START)
@@ -235,8 +235,8 @@ def _engine_stages(config: PipelineConfig, result: PipelineResult, progress: boo
     accuracy or None). GPU memory at 7B: each engine is opened once and handed to every stage that uses it, and
     the parity reference (a float16 PyTorch copy of the model) is freed before the unpruned engine opens, so at
     most two of the three are resident at a time."""
-    from runtime.latency import latency_report
-    from runtime.parity import default_parity_prompts, parity_report
+    from reports.latency import latency_report
+    from reports.parity import default_parity_prompts, parity_report
     from runtime.pipeline import Pipeline
 
     out = result.out_dir
@@ -279,7 +279,7 @@ def free_device_memory() -> None:
 
 
 def _plots(pipe, out: Path, question: str, kept: dict[int, list[int]], parity: dict[str, Any]) -> None:
-    from runtime.plots import model_view, plot_kept_tokens, plot_parity
+    from reports.plots import model_view, plot_kept_tokens, plot_parity
 
     _, pixel_values = pipe.encode(out / "sample.png", pipe.chat_prompt(question))
     plot_kept_tokens(model_view(pixel_values, pipe.processor), kept, pipe.num_visual, out / "report" / "kept_tokens.png")
@@ -435,7 +435,7 @@ def _remove_staging(out: Path) -> None:
 
 
 def _call_and_send(send, fn: Callable, args: tuple) -> None:
-    from visprune.cli import quiet_third_party_logs
+    from visprune.logs import quiet_third_party_logs
 
     quiet_third_party_logs(verbose=False)
     try:

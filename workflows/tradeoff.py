@@ -3,7 +3,7 @@
 For each reduction, FitPrune calibrates a recipe on the model's calibration split; the methods built on its
 counts (random, the score ablations) reuse them; the others derive their counts from the same visual-only FLOPs
 budget (visprune/methods.py). Every recipe is written, and each is scored on the same held-out questions through
-the PyTorch reference (`runtime/evaluate.py`, the modules the engines are exported from; the parity tests tie
+the PyTorch reference (`reports/evaluate.py`, the modules the engines are exported from; the parity tests tie
 them to the engines), the vision tower run once for all. Every accuracy carries a 95 % Wilson interval.
 
 With `latency`, every recipe is also exported and built as an ONNX Runtime engine (CPU), and its prefill is
@@ -23,7 +23,7 @@ from calibrate import CalibrationConfig, calibrate
 from calibrate.baselines import counts_recipe
 from calibrate.recipe import Recipe, save_recipe
 from calibrate.stage import budget_recipe
-from runtime.evaluate import EvalConfig, PreparedQuestions, answers_from_recipe, prepare_questions
+from reports.evaluate import EvalConfig, PreparedQuestions, answers_from_recipe, prepare_questions
 from visprune.artifacts import atomic_write_bytes, atomic_write_json, tool_versions
 from visprune.errors import BudgetUnreachableError, ConfigError
 from visprune.figures import pyplot, save_figure
@@ -84,7 +84,7 @@ def _study(config: TradeoffConfig, out_dir: Path, progress: bool) -> dict[str, A
         rows.append(_row(name, reduction, recipes.get((reduction, name)), prepared, config, evaluation, timer))
     report = {"schema": TRADEOFF_SCHEMA[0], "schema_version": TRADEOFF_SCHEMA[1], "model": config.model,
               "config": {"version": config.VERSION, **asdict(config)}, "questions": config.questions,
-              "evaluated_through": "PyTorch reference (runtime/evaluate.py, batched greedy)", "rows": rows,
+              "evaluated_through": "PyTorch reference (reports/evaluate.py, batched greedy)", "rows": rows,
               "tools": tool_versions("torch", "transformers", "onnxruntime")}
     atomic_write_json(out_dir / "tradeoff.json", report)
     atomic_write_bytes(out_dir / "tradeoff.md", tradeoff_markdown(report).encode())

@@ -2,7 +2,7 @@
 gRPC endpoints, health and Prometheus metrics.
 
 The server is the tritonserver binary that nvidia-pytriton bundles (CPU or GPU, its Python backend included),
-started and stopped through pytriton. The model it serves is a Triton model repository (runtime/triton_repo.py;
+started and stopped through pytriton. The model it serves is a Triton model repository (serving/triton_repo.py;
 its docstring lists the tensors) whose Python-backend model is `TritonPythonModel` below: the same repository
 `visprune export-triton` writes for NVIDIA's containers. pytriton's own `bind()` path is not used because it
 fails a whole dynamic batch, with HTTP 500, when one request in it is bad; a Python-backend model answers each
@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from runtime.triton_repo import (INPUTS, OUTPUT, REQUIRED_INPUTS, SERVE_HINT, ModelSettings, engine_dir_of,
+from serving.triton_repo import (INPUTS, OUTPUT, REQUIRED_INPUTS, SERVE_HINT, ModelSettings, engine_dir_of,
                                  write_repository)
 from visprune.errors import BackendUnavailableError, ConfigError, InputDataError, VispruneError
 

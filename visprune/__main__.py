@@ -1,3 +1,0 @@
-from visprune.cli import entry_point
-
-entry_point()
