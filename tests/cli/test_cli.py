@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -138,8 +139,10 @@ def test_recipe_command_rejects_a_recipe_for_another_model(capsys):
 
 
 def test_console_script_is_installed():
-    result = subprocess.run([sys.executable, "-m", "visprune", "calibrate", "--help"], capture_output=True, text=True)
-    assert result.returncode == 0 and "--reduction" in result.stdout
+    script = Path(sys.executable).parent / "visprune"
+    for command in ([str(script)], [sys.executable, "-m", "cli"]):
+        result = subprocess.run([*command, "calibrate", "--help"], capture_output=True, text=True)
+        assert result.returncode == 0 and "--reduction" in result.stdout
 
 
 def test_run_and_report_commands(exported, capsys, tmp_path, default_set):
