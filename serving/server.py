@@ -38,6 +38,7 @@ from serving.triton_repo import (INPUTS, OUTPUT, REQUIRED_INPUTS, SERVE_HINT, Mo
 from visprune.errors import BackendUnavailableError, ConfigError, InputDataError, VispruneError
 
 DEFAULT_MAX_NEW_TOKENS = 32
+SETTING_INPUTS = tuple(spec.name for spec in INPUTS if spec.name not in REQUIRED_INPUTS)
 _EXIT_TIMEOUT_S = 10  # how long a stopping tritonserver lets requests in flight finish
 
 
@@ -73,6 +74,9 @@ def _request(pipe: Any, inputs: dict[str, np.ndarray], row: int) -> Any:
 
     value = lambda name, default=None: _value(inputs, name, row, default)  # noqa: E731
     question = _text(value("prompt"), "prompt")
+    if not question.strip():
+        raise InputDataError("The prompt input is empty.", "Send a question about the image, e.g. \"What is in "
+                             "the image?\", or a full prompt with exactly one <image>.")
     prompt = question if IMAGE_PLACEHOLDER in question else pipe.chat_prompt(question)
     sampling = Sampling(float(value("temperature", 0.0)), int(value("top_k", 0)), float(value("top_p", 1.0)),
                         None if value("seed") is None else int(value("seed")))
@@ -110,6 +114,16 @@ def _attempt(function: Callable, *args: Any) -> Any:
         return e
 
 
+def check_parameters(parameters: dict[str, Any]) -> None:
+    """A request's KServe v2 `parameters` (those Triton itself acts on, such as priority and timeout, never reach
+    the model): the model knows none, so any is refused; ignored, a client would believe e.g. its limit applied."""
+    if parameters:
+        raise InputDataError(f"This model knows no request parameter, got {', '.join(sorted(parameters))}.",
+                             f"Send generation settings as inputs instead: {', '.join(SETTING_INPUTS)} (e.g. "
+                             "max_new_tokens for a token limit); README: Serve lists them. Triton's own "
+                             "parameters (priority, timeout) are accepted.")
+
+
 def error_status(error: BaseException) -> str:
     """The pb_utils.TritonError code for a request's error: the client's mistake, or ours."""
     return "INVALID_ARG" if isinstance(error, (InputDataError, ConfigError)) else "INTERNAL"
@@ -137,11 +151,13 @@ class TritonPythonModel:
         import triton_python_backend_utils as pb_utils
 
         live = [r for r in requests if not r.is_cancelled()]  # a client that gave up costs no generation
+        answers = {id(r): e for r in live if (e := _attempt(check_parameters, json.loads(r.parameters())))}
+        live = [r for r in live if id(r) not in answers]
         try:
-            answers = dict(zip(map(id, live), answer_batch(self.pipe, [_inputs(pb_utils, r) for r in live])))
+            answers.update(zip(map(id, live), answer_batch(self.pipe, [_inputs(pb_utils, r) for r in live])))
         except Exception as e:  # the batch itself failed, not one request: all of them get the error
             pb_utils.Logger.log_error(traceback.format_exc())
-            answers = {id(r): e for r in live}
+            answers.update({id(r): e for r in live})
         return [_response(pb_utils, answers.get(id(r))) for r in requests]
 
 

@@ -87,20 +87,22 @@ def server(repository):
 # --- talking to it ----------------------------------------------------------------------------------------
 
 
-def ask_http(server, rows: int = 1, **values) -> list[str]:
-    """The answers (one per row) over HTTP; raises tritonclient's InferenceServerException for an error."""
+def ask_http(server, rows: int = 1, options: dict | None = None, **values) -> list[str]:
+    """The answers (one per row) over HTTP; raises tritonclient's InferenceServerException for an error.
+    `options`: more keyword arguments of tritonclient's `infer` (request `parameters`, `priority`, ...)."""
     import tritonclient.http as http
 
     with http.InferenceServerClient(server.http_url.removeprefix("http://")) as client:
-        result = client.infer(server.models[0], infer_inputs(http, rows, **values))
+        result = client.infer(server.models[0], infer_inputs(http, rows, **values), **(options or {}))
     return [t.decode() for t in result.as_numpy("text").reshape(-1)]
 
 
-def ask_grpc(server, **values) -> str:
+def ask_grpc(server, options: dict | None = None, **values) -> str:
     import tritonclient.grpc as grpc
 
     with grpc.InferenceServerClient(server.grpc_url.removeprefix("grpc://")) as client:
-        return client.infer(server.models[0], infer_inputs(grpc, **values)).as_numpy("text")[0, 0].decode()
+        result = client.infer(server.models[0], infer_inputs(grpc, **values), **(options or {}))
+    return result.as_numpy("text")[0, 0].decode()
 
 
 def http_error(server, **values) -> tuple[str, str]:
@@ -210,6 +212,8 @@ BAD_REQUESTS = {  # what is wrong -> (the request's values, words its message mu
     "negative temperature": ({"image": b"IMAGE", "prompt": "Hi", "temperature": -1.0}, "temperature"),
     "top_p above 1": ({"image": b"IMAGE", "prompt": "Hi", "top_p": 1.5}, "top_p"),
     "a prompt that is not UTF-8": ({"image": b"IMAGE", "prompt": b"\xff\xfe"}, "not UTF-8"),
+    "an empty prompt": ({"image": b"IMAGE", "prompt": ""}, "prompt input is empty"),
+    "a blank prompt": ({"image": b"IMAGE", "prompt": " \n"}, "prompt input is empty"),
 }
 
 
@@ -237,6 +241,30 @@ def test_the_http_status_is_400_on_the_wire_and_grpc_says_invalid_argument(serve
         with pytest.raises(InferenceServerException) as error:
             client.infer(server.models[0], infer_inputs(grpc, prompt="Hi"))
     assert error.value.status() == "StatusCode.INVALID_ARGUMENT" and "Hint:" in error.value.message()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_an_empty_prompt_and_an_unknown_request_parameter_are_refused_naming_the_fix(server, pipe, photos, protocol):
+    """From outside, as a KServe v2 client sends them: a request-level `parameters` the model does not know is
+    refused (ignored, the client would believe its limit applied); Triton's own (priority, timeout) still work."""
+    from tritonclient.utils import InferenceServerException
+
+    ask, refused = {"http": (ask_http, "400"), "grpc": (ask_grpc, "StatusCode.INVALID_ARGUMENT")}[protocol]
+    cat = photos["cat.png"]
+    values = {"image": cat.read_bytes(), "prompt": "Hi", "max_new_tokens": 2}
+    with pytest.raises(InferenceServerException) as empty:
+        ask(server, **{**values, "prompt": ""})
+    assert empty.value.status() == refused and "The prompt input is empty" in empty.value.message()
+    assert "Hint: Send a question about the image" in empty.value.message()
+    with pytest.raises(InferenceServerException) as unknown:
+        ask(server, options={"parameters": {"max_tokens": 4}}, **values)
+    message = unknown.value.message()
+    assert unknown.value.status() == refused and "no request parameter, got max_tokens" in message
+    assert "Hint: Send generation settings as inputs instead: max_new_tokens, temperature, top_k, top_p, seed, " \
+           "stop" in message
+    answer = pipe.generate(cat, pipe.chat_prompt("Hi"), max_new_tokens=2).text
+    got = ask(server, options={"priority": 1, "timeout": 60_000_000}, **values)
+    assert got == ([answer] if protocol == "http" else answer)
 
 
 def test_requests_sent_together_run_as_one_batch_and_bad_ones_fail_alone(server, pipe, photos):
