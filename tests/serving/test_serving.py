@@ -350,7 +350,7 @@ def test_serve_command_starts_prints_its_endpoints_and_stops_on_sigterm(engine, 
     pytest.importorskip("pytriton")
     http_port, grpc_port, metrics_port = free_ports(3)
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "visprune", "serve", "--engine", str(engine),
+    process = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--engine", str(engine),
                                 "--http-port", str(http_port), "--grpc-port", str(grpc_port),
                                 "--metrics-port", str(metrics_port), "--no-dynamic-batching"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -381,6 +381,84 @@ def test_serve_command_starts_prints_its_endpoints_and_stops_on_sigterm(engine, 
     assert "stopped" in process.stderr.read()
     with pytest.raises(OSError):  # nothing listens any more
         urllib.request.urlopen(f"http://localhost:{http_port}/v2/health/live", timeout=5)
+
+
+# The library's server in a process of its own, stopped by SIGTERM as `visprune serve` is; a 1 s exit timeout,
+# so that tritonserver exits while its Python-backend stub still runs a batch (with 10 s that takes more load).
+SERVE_SCRIPT = """
+import signal, sys
+from pathlib import Path
+from serving.server import ServeConfig, serve
+
+def interrupt(*_):
+    raise KeyboardInterrupt
+
+signal.signal(signal.SIGTERM, interrupt)
+config = ServeConfig(*map(int, sys.argv[2:5]), exit_timeout_s=1)
+serve(config, engine_dir=Path(sys.argv[1]), on_ready=lambda server: print(server.describe(), flush=True))
+"""
+
+
+def test_sigterm_under_load_leaves_no_process_of_the_servers_tree(engine, photos):
+    pytest.importorskip("pytriton")
+    ports = free_ports(3)
+    process = subprocess.Popen([sys.executable, "-c", SERVE_SCRIPT, str(engine), *map(str, ports)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server = SimpleNamespace(http_url=f"http://localhost:{ports[0]}", models=["visprune"])
+    answered, stop, image = [], threading.Event(), photos["cat.png"].read_bytes()
+
+    def client():
+        while not stop.is_set():
+            try:
+                answered.append(ask_http(server, image=image, prompt=QUESTIONS[0], max_new_tokens=120))
+            except Exception:  # noqa: BLE001 - the server stopped under it
+                return
+
+    clients = [threading.Thread(target=client) for _ in range(8)]
+    try:
+        _read_until(_lines(process.stdout), "Ctrl-C stops it.", deadline=time.perf_counter() + 120)
+        tree = _descendants(process.pid)
+        names = sorted(name for name, _ in tree.values())
+        assert names == ["triton_python_b", "tritonserver"], names  # the stub of the one model instance
+        for thread in clients:
+            thread.start()
+        deadline = time.perf_counter() + 120
+        while len(answered) < 2 and time.perf_counter() < deadline:
+            time.sleep(0.05)
+        assert len(answered) >= 2  # under load: batches keep running
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+        left = {pid: name for pid, (name, start) in tree.items() if _stat(pid)[2:] == (start,)}
+        assert left == {}, f"still there after the server exited: {left}"
+    finally:
+        stop.set()
+        process.terminate()
+        process.wait(60)
+        for thread in clients:
+            thread.join(60)
+
+
+def _descendants(root: int) -> dict[int, tuple[str, int]]:
+    """pid -> (command name, start time) of every process below `root`, from /proc."""
+    stats = {int(p.name): _stat(int(p.name)) for p in Path("/proc").iterdir() if p.name.isdigit()}
+    found, frontier = {}, [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, (name, ppid, start) in stats.items():
+            if ppid == parent and pid not in found:
+                found[pid] = (name, start)
+                frontier.append(pid)
+    return found
+
+
+def _stat(pid: int) -> tuple:
+    """(command name, parent pid, start time) of a process, any state (a zombie counts); () if gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ()
+    fields = text[text.rindex(")") + 2:].split()
+    return text[text.index("(") + 1:text.rindex(")")], int(fields[1]), int(fields[19])
 
 
 def _lines(stream) -> queue.Queue:
@@ -447,6 +525,24 @@ def test_export_of_a_broken_engine_writes_nothing(engine, tritonclient, tmp_path
     with pytest.raises(Exception, match="prefill.onnx"):
         export_triton(broken, tmp_path / "repo")
     assert not (tmp_path / "repo").exists() and [p.name for p in tmp_path.iterdir()] == ["engine"]
+
+
+def test_export_writes_the_repository_without_tritonclient_or_pytriton(engine, tmp_path):
+    """Writing a repository needs neither of the serving extra's packages: a process where importing them fails
+    writes the same repository as this one."""
+    script = ("import sys\n"
+              "for name in ('tritonclient', 'pytriton'):\n"
+              "    sys.modules[name] = None  # importing it (or anything under it) raises ImportError\n"
+              "from pathlib import Path\n"
+              "from serving.triton_repo import export_triton\n"
+              "export_triton(Path(sys.argv[1]), Path(sys.argv[2]))\n")
+    result = subprocess.run([sys.executable, "-c", script, str(engine), str(tmp_path / "blocked")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    export_triton(engine, tmp_path / "here")
+    for path in ("visprune/config.pbtxt", "visprune/1/model.py"):
+        assert (tmp_path / "blocked" / path).read_text() == (tmp_path / "here" / path).read_text()
+    assert (tmp_path / "blocked" / "visprune" / "engine" / "engine.json").is_file()
 
 
 def test_bad_settings_are_config_errors():
