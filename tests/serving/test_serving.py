@@ -64,12 +64,13 @@ def photos(default_set) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def tritonclient():
-    """Exporting needs tritonclient's model_config.proto (the `serve` extra); without it these tests skip."""
+    """Parsing an exported config.pbtxt needs tritonclient's compiled model_config.proto (the `serve` extra);
+    without it those tests skip (exporting itself needs neither tritonclient nor pytriton)."""
     return pytest.importorskip("tritonclient.grpc")
 
 
 @pytest.fixture(scope="module")
-def repository(engine, tritonclient, tmp_path_factory):
+def repository(engine, tmp_path_factory):
     out = tmp_path_factory.mktemp("triton") / "repo"
     export_triton(engine, out, ModelSettings(max_batch=4, max_queue_delay_us=300_000))
     return out
@@ -477,7 +478,7 @@ def _read_until(lines: queue.Queue, marker: str, deadline: float) -> str:
 # --- export-triton -----------------------------------------------------------------------------------------
 
 
-def test_exported_config_parses_as_tritons_model_config(repository):
+def test_exported_config_parses_as_tritons_model_config(repository, tritonclient):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
@@ -503,7 +504,7 @@ def test_export_copies_the_engine_and_without_batching_writes_no_batcher(engine,
     assert not config.HasField("dynamic_batching") and config.instance_group[0].count == 2
 
 
-def test_export_replaces_its_own_repository_but_nothing_else_without_force(engine, tritonclient, tmp_path):
+def test_export_replaces_its_own_repository_but_nothing_else_without_force(engine, tmp_path):
     out = tmp_path / "repo"
     export_triton(engine, out)
     export_triton(engine, out)  # its own, holding nothing else: replaced
@@ -516,7 +517,7 @@ def test_export_replaces_its_own_repository_but_nothing_else_without_force(engin
     assert sorted(p.name for p in out.iterdir()) == ["visprune", "visprune-triton.json"]
 
 
-def test_export_of_a_broken_engine_writes_nothing(engine, tritonclient, tmp_path):
+def test_export_of_a_broken_engine_writes_nothing(engine, tmp_path):
     import shutil
 
     broken = tmp_path / "engine"
