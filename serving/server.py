@@ -203,6 +203,9 @@ class ServeConfig:
         for flag, port in ports.items():
             if not 0 < port < 65536:
                 raise ConfigError(f"{flag} must be a port number (1-65535), got {port}.", f"Pass e.g. {flag} 8000.")
+        if self.exit_timeout_s < 0:
+            raise ConfigError(f"The exit timeout must be at least 0 s, got {self.exit_timeout_s}.",
+                              "Pass e.g. exit_timeout_s=10.")
         if len(set(ports.values())) < 3:
             raise ConfigError(f"The three endpoints need three ports, got {ports}.", "Give each its own port.")
 
@@ -282,7 +285,7 @@ def _stop(triton: Any, tritonserver: set[int]) -> None:
     """Stop tritonserver and every process under it. A tritonserver whose exit timeout ends while a Python-backend
     stub still runs a batch exits without it: the stub, orphaned, would run on. So this process adopts orphans
     meanwhile (a child subreaper), and ends and reaps whatever of the tree outlives tritonserver."""
-    tree = {pid: start for root in tritonserver for pid, start in process_tree(root).items()}
+    tree = {pid: start for root in tritonserver for pid, start in _process_tree(root).items()}
     adopting = _subreaper(True)
     try:
         triton.stop()
@@ -377,7 +380,7 @@ def _tritonserver_children() -> set[int]:
     return {pid for pid, (name, parent) in _processes().items() if name == "tritonserver" and parent == os.getpid()}
 
 
-def process_tree(root: int) -> dict[int, int]:
+def _process_tree(root: int) -> dict[int, int]:
     """`root` and every process below it: pid -> start time (which tells a pid reused since from the process)."""
     children: dict[int, list[int]] = {}
     for pid, (_, parent) in _processes().items():
