@@ -21,6 +21,7 @@ import _thread
 import contextlib
 import json
 import os
+import signal
 import socket
 import sysconfig
 import tempfile
@@ -38,7 +39,9 @@ from serving.triton_repo import (INPUTS, OUTPUT, REQUIRED_INPUTS, SERVE_HINT, Mo
 from visprune.errors import BackendUnavailableError, ConfigError, InputDataError, VispruneError
 
 DEFAULT_MAX_NEW_TOKENS = 32
-_EXIT_TIMEOUT_S = 10  # how long a stopping tritonserver lets requests in flight finish
+SETTING_INPUTS = tuple(spec.name for spec in INPUTS if spec.name not in REQUIRED_INPUTS)
+_PR_SET_CHILD_SUBREAPER, _PR_GET_CHILD_SUBREAPER = 36, 37  # prctl(2)
+_KILL_GRACE_S = 2.0  # how long a process left after tritonserver stopped gets between SIGTERM and SIGKILL
 
 
 # --- the model: requests in, answers out (Triton-independent, so it is tested directly too) -------------------
@@ -73,6 +76,9 @@ def _request(pipe: Any, inputs: dict[str, np.ndarray], row: int) -> Any:
 
     value = lambda name, default=None: _value(inputs, name, row, default)  # noqa: E731
     question = _text(value("prompt"), "prompt")
+    if not question.strip():
+        raise InputDataError("The prompt input is empty.", "Send a question about the image, e.g. \"What is in "
+                             "the image?\", or a full prompt with exactly one <image>.")
     prompt = question if IMAGE_PLACEHOLDER in question else pipe.chat_prompt(question)
     sampling = Sampling(float(value("temperature", 0.0)), int(value("top_k", 0)), float(value("top_p", 1.0)),
                         None if value("seed") is None else int(value("seed")))
@@ -110,6 +116,16 @@ def _attempt(function: Callable, *args: Any) -> Any:
         return e
 
 
+def check_parameters(parameters: dict[str, Any]) -> None:
+    """A request's KServe v2 `parameters` (those Triton itself acts on, such as priority and timeout, never reach
+    the model): the model knows none, so any is refused; ignored, a client would believe e.g. its limit applied."""
+    if parameters:
+        raise InputDataError(f"This model knows no request parameter, got {', '.join(sorted(parameters))}.",
+                             f"Send generation settings as inputs instead: {', '.join(SETTING_INPUTS)} (e.g. "
+                             "max_new_tokens for a token limit); README: Serve lists them. Triton's own "
+                             "parameters (priority, timeout) are accepted.")
+
+
 def error_status(error: BaseException) -> str:
     """The pb_utils.TritonError code for a request's error: the client's mistake, or ours."""
     return "INVALID_ARG" if isinstance(error, (InputDataError, ConfigError)) else "INTERNAL"
@@ -137,11 +153,13 @@ class TritonPythonModel:
         import triton_python_backend_utils as pb_utils
 
         live = [r for r in requests if not r.is_cancelled()]  # a client that gave up costs no generation
+        answers = {id(r): e for r in live if (e := _attempt(check_parameters, json.loads(r.parameters())))}
+        live = [r for r in live if id(r) not in answers]
         try:
-            answers = dict(zip(map(id, live), answer_batch(self.pipe, [_inputs(pb_utils, r) for r in live])))
+            answers.update(zip(map(id, live), answer_batch(self.pipe, [_inputs(pb_utils, r) for r in live])))
         except Exception as e:  # the batch itself failed, not one request: all of them get the error
             pb_utils.Logger.log_error(traceback.format_exc())
-            answers = {id(r): e for r in live}
+            answers.update({id(r): e for r in live})
         return [_response(pb_utils, answers.get(id(r))) for r in requests]
 
 
@@ -174,6 +192,7 @@ class ServeConfig:
     metrics_port: int = 8002
     settings: ModelSettings | None = None  # None: ModelSettings()'s defaults (an engine) or the repository's
     log_file: Path | None = None  # tritonserver's log (default: a temporary file, quoted in startup errors)
+    exit_timeout_s: int = 10  # how long a stopping tritonserver lets requests in flight finish
 
     def ports(self) -> dict[str, int]:
         """{CLI flag: port} of the three endpoints."""
@@ -184,6 +203,9 @@ class ServeConfig:
         for flag, port in ports.items():
             if not 0 < port < 65536:
                 raise ConfigError(f"{flag} must be a port number (1-65535), got {port}.", f"Pass e.g. {flag} 8000.")
+        if self.exit_timeout_s < 0:
+            raise ConfigError(f"The exit timeout must be at least 0 s, got {self.exit_timeout_s}.",
+                              "Pass e.g. exit_timeout_s=10.")
         if len(set(ports.values())) < 3:
             raise ConfigError(f"The three endpoints need three ports, got {ports}.", "Give each its own port.")
 
@@ -248,15 +270,28 @@ def start_server(config: ServeConfig, engine_dir: Path | None = None,
                     "Pass --log-file PATH to keep tritonserver's whole log (the lines above are its errors).")
         triton = triton_class(config=triton_config(
             model_repository=repo.resolve(), http_port=config.http_port, grpc_port=config.grpc_port,
-            metrics_port=config.metrics_port, log_file=log_file, exit_timeout_secs=_EXIT_TIMEOUT_S))
+            metrics_port=config.metrics_port, log_file=log_file, exit_timeout_secs=config.exit_timeout_s))
+        started, tritonserver = time.perf_counter(), set()
         try:
-            started = time.perf_counter()
-            _run_until_ready(triton, log_file, log_hint)
+            _run_until_ready(triton, log_file, log_hint, tritonserver)
             yield Server(f"http://localhost:{config.http_port}", f"grpc://localhost:{config.grpc_port}",
                          f"http://localhost:{config.metrics_port}", models_in(repo),
                          time.perf_counter() - started, triton, log_file, log_hint)
         finally:
-            triton.stop()
+            _stop(triton, tritonserver)
+
+
+def _stop(triton: Any, tritonserver: set[int]) -> None:
+    """Stop tritonserver and every process under it. A tritonserver whose exit timeout ends while a Python-backend
+    stub still runs a batch exits without it: the stub, orphaned, would run on. So this process adopts orphans
+    meanwhile (a child subreaper), and ends and reaps whatever of the tree outlives tritonserver."""
+    tree = {pid: start for root in tritonserver for pid, start in _process_tree(root).items()}
+    adopting = _subreaper(True)
+    try:
+        triton.stop()
+        _end(tree, spare=tritonserver)
+    finally:
+        _subreaper(adopting)
 
 
 def _pytriton() -> tuple[Any, Any]:
@@ -296,17 +331,20 @@ def models_in(repository: Path) -> list[str]:
     return models
 
 
-def _run_until_ready(triton: Any, log_file: Path, log_hint: str) -> None:
+def _run_until_ready(triton: Any, log_file: Path, log_hint: str, started: set[int]) -> None:
     """pytriton's `run()` (start tritonserver, wait until it and every model are ready), except that a
     tritonserver that exits while starting (a model that fails to load) ends the wait at once with the log's
-    errors, where pytriton would wait its full 120 s."""
+    errors, where pytriton would wait its full 120 s. Adds the tritonserver's pid to `started`."""
     starting, exited, lock = threading.Event(), threading.Event(), threading.Lock()
     starting.set()
     before = _tritonserver_children()
     threading.Thread(target=_watch_start, args=(before, starting, exited, lock), daemon=True).start()
     try:
         with _python_library_first():
-            triton.run()
+            try:
+                triton.run()
+            finally:
+                started.update(_tritonserver_children() - before)
     except BaseException as e:  # the watchdog's interrupt can surface as pytriton's timeout, so ask it first
         if exited.is_set():
             raise BackendUnavailableError(f"Triton Inference Server exited while starting.{_log_errors(log_file)}",
@@ -340,6 +378,60 @@ def _watch_start(before: set[int], starting: threading.Event, exited: threading.
 
 def _tritonserver_children() -> set[int]:
     return {pid for pid, (name, parent) in _processes().items() if name == "tritonserver" and parent == os.getpid()}
+
+
+def _process_tree(root: int) -> dict[int, int]:
+    """`root` and every process below it: pid -> start time (which tells a pid reused since from the process)."""
+    children: dict[int, list[int]] = {}
+    for pid, (_, parent) in _processes().items():
+        children.setdefault(parent, []).append(pid)
+    tree, frontier = {}, [root]
+    while frontier:
+        pid = frontier.pop()
+        start = _start_time(pid)
+        if start is not None:
+            tree[pid] = start
+            frontier += children.get(pid, [])
+    return tree
+
+
+def _end(tree: dict[int, int], spare: set[int]) -> None:
+    """SIGTERM every process of `tree` still running, SIGKILL any left after a grace, and reap those that are our
+    children (adopted orphans) until none is left, not even as a zombie; `spare`: pids pytriton waits for itself
+    (reaping them here would race it)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in _left(tree):
+            if _process_state(pid) != "Z":
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+        deadline = time.monotonic() + _KILL_GRACE_S
+        while _left(tree) and time.monotonic() < deadline:
+            for pid in set(_left(tree)) - spare:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+            time.sleep(0.02)
+
+
+def _left(tree: dict[int, int]) -> list[int]:
+    """The processes of `tree` that still exist, running or exited but not yet reaped."""
+    return [pid for pid, start in tree.items() if _start_time(pid) == start]
+
+
+def _start_time(pid: int) -> int | None:
+    try:
+        return int(_after_name(Path(f"/proc/{pid}/stat").read_text())[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _subreaper(on: bool) -> bool:
+    """Make this process adopt its orphaned descendants (Linux), or stop; returns whether it did before."""
+    import ctypes
+
+    libc, was = ctypes.CDLL(None, use_errno=True), ctypes.c_int(0)
+    libc.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(was), 0, 0, 0)
+    libc.prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0)
+    return bool(was.value)
 
 
 def _processes() -> dict[int, tuple[str, int]]:

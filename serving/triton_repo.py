@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from visprune.artifacts import tool_versions
-from visprune.errors import BackendUnavailableError, ConfigError
+from visprune.errors import ConfigError
 from visprune.outputs import ArtifactKind, check_output, replacing
 
 SERVE_HINT = "Install the serving extra: pip install -e '.[serve]' (nvidia-pytriton, tritonclient; NumPy 1.x)."
@@ -90,36 +90,32 @@ class ModelSettings:
                 raise ConfigError(f"{flag} must be at least {least}, got {value}.", f"Pass e.g. {flag} {least + 1}.")
 
 
-def model_config(settings: ModelSettings, engine: str) -> Any:
-    """config.pbtxt as model_config.proto's ModelConfig: Python backend, the module doc's tensors, one CPU-kind
-    instance group (the pipeline places itself on the device its engine was built for)."""
-    from google.protobuf import json_format
-
-    config: dict[str, Any] = {
-        "name": settings.name, "backend": "python", "max_batch_size": settings.max_batch,
-        "input": [{"name": t.name, "data_type": t.triton_type, "dims": [1], "optional": True} for t in INPUTS],
-        "output": [{"name": OUTPUT.name, "data_type": OUTPUT.triton_type, "dims": [1]}],
-        "instance_group": [{"kind": "KIND_CPU", "count": settings.instances}],
-        "parameters": {ENGINE_PARAMETER: {"string_value": engine}},
-    }
-    if settings.dynamic_batching:
-        config["dynamic_batching"] = {"max_queue_delay_microseconds": settings.max_queue_delay_us}
-    return json_format.ParseDict(config, model_config_pb2().ModelConfig())
-
-
-def model_config_pb2():
-    """tritonclient's compiled model_config.proto (the `serve` extra)."""
-    try:
-        from tritonclient.grpc import model_config_pb2 as module
-    except ImportError as e:
-        raise BackendUnavailableError(f"tritonclient[grpc] is not installed ({e}).", SERVE_HINT) from e
-    return module
-
-
 def config_text(settings: ModelSettings, engine: str) -> str:
-    from google.protobuf import text_format
+    """config.pbtxt (model_config.proto's ModelConfig in protobuf text format): Python backend, the module doc's
+    tensors, one CPU-kind instance group (the pipeline places itself on the device its engine was built for).
+    Written by hand, so that writing a repository needs neither tritonclient nor protobuf (the tests parse it
+    with tritonclient's compiled proto)."""
+    lines = [f"name: {_quoted(settings.name)}", 'backend: "python"', f"max_batch_size: {settings.max_batch}"]
+    for tensor in INPUTS:
+        lines += _block("input", [f"name: {_quoted(tensor.name)}", f"data_type: {tensor.triton_type}", "dims: 1",
+                                  "optional: true"])
+    lines += _block("output", [f"name: {_quoted(OUTPUT.name)}", f"data_type: {OUTPUT.triton_type}", "dims: 1"])
+    lines += _block("instance_group", [f"count: {settings.instances}", "kind: KIND_CPU"])
+    if settings.dynamic_batching:
+        lines += _block("dynamic_batching", [f"max_queue_delay_microseconds: {settings.max_queue_delay_us}"])
+    lines += _block("parameters", [f"key: {_quoted(ENGINE_PARAMETER)}",
+                                   *_block("value", [f"string_value: {_quoted(engine)}"])])
+    return "\n".join(lines) + "\n"
 
-    return text_format.MessageToString(model_config(settings, engine))
+
+def _block(name: str, fields: list[str]) -> list[str]:
+    return [f"{name} {{", *(f"  {line}" for line in fields), "}"]
+
+
+def _quoted(text: str) -> str:
+    """A text-format string literal (UTF-8 left as it is; the escapes protobuf's parser reads)."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
+    return f'"{escaped}"'
 
 
 def export_triton(engine_dir: Path, out: Path, settings: ModelSettings | None = None,
@@ -129,7 +125,6 @@ def export_triton(engine_dir: Path, out: Path, settings: ModelSettings | None = 
     from engines.build import read_engine_set
 
     settings = settings or ModelSettings()
-    model_config_pb2()  # without tritonclient nothing can be written: say so before copying the engine
     read_engine_set(Path(engine_dir))  # a missing or broken engine fails here, before anything is written
     check_output(Path(out), TRITON_REPO, inputs=[Path(engine_dir)], force=force or _is_our_repository(Path(out)))
     with replacing(Path(out)) as staging:

@@ -64,12 +64,13 @@ def photos(default_set) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def tritonclient():
-    """Exporting needs tritonclient's model_config.proto (the `serve` extra); without it these tests skip."""
+    """Parsing an exported config.pbtxt needs tritonclient's compiled model_config.proto (the `serve` extra);
+    without it those tests skip (exporting itself needs neither tritonclient nor pytriton)."""
     return pytest.importorskip("tritonclient.grpc")
 
 
 @pytest.fixture(scope="module")
-def repository(engine, tritonclient, tmp_path_factory):
+def repository(engine, tmp_path_factory):
     out = tmp_path_factory.mktemp("triton") / "repo"
     export_triton(engine, out, ModelSettings(max_batch=4, max_queue_delay_us=300_000))
     return out
@@ -87,20 +88,22 @@ def server(repository):
 # --- talking to it ----------------------------------------------------------------------------------------
 
 
-def ask_http(server, rows: int = 1, **values) -> list[str]:
-    """The answers (one per row) over HTTP; raises tritonclient's InferenceServerException for an error."""
+def ask_http(server, rows: int = 1, options: dict | None = None, **values) -> list[str]:
+    """The answers (one per row) over HTTP; raises tritonclient's InferenceServerException for an error.
+    `options`: more keyword arguments of tritonclient's `infer` (request `parameters`, `priority`, ...)."""
     import tritonclient.http as http
 
     with http.InferenceServerClient(server.http_url.removeprefix("http://")) as client:
-        result = client.infer(server.models[0], infer_inputs(http, rows, **values))
+        result = client.infer(server.models[0], infer_inputs(http, rows, **values), **(options or {}))
     return [t.decode() for t in result.as_numpy("text").reshape(-1)]
 
 
-def ask_grpc(server, **values) -> str:
+def ask_grpc(server, options: dict | None = None, **values) -> str:
     import tritonclient.grpc as grpc
 
     with grpc.InferenceServerClient(server.grpc_url.removeprefix("grpc://")) as client:
-        return client.infer(server.models[0], infer_inputs(grpc, **values)).as_numpy("text")[0, 0].decode()
+        result = client.infer(server.models[0], infer_inputs(grpc, **values), **(options or {}))
+    return result.as_numpy("text")[0, 0].decode()
 
 
 def http_error(server, **values) -> tuple[str, str]:
@@ -210,6 +213,8 @@ BAD_REQUESTS = {  # what is wrong -> (the request's values, words its message mu
     "negative temperature": ({"image": b"IMAGE", "prompt": "Hi", "temperature": -1.0}, "temperature"),
     "top_p above 1": ({"image": b"IMAGE", "prompt": "Hi", "top_p": 1.5}, "top_p"),
     "a prompt that is not UTF-8": ({"image": b"IMAGE", "prompt": b"\xff\xfe"}, "not UTF-8"),
+    "an empty prompt": ({"image": b"IMAGE", "prompt": ""}, "prompt input is empty"),
+    "a blank prompt": ({"image": b"IMAGE", "prompt": " \n"}, "prompt input is empty"),
 }
 
 
@@ -237,6 +242,30 @@ def test_the_http_status_is_400_on_the_wire_and_grpc_says_invalid_argument(serve
         with pytest.raises(InferenceServerException) as error:
             client.infer(server.models[0], infer_inputs(grpc, prompt="Hi"))
     assert error.value.status() == "StatusCode.INVALID_ARGUMENT" and "Hint:" in error.value.message()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_an_empty_prompt_and_an_unknown_request_parameter_are_refused_naming_the_fix(server, pipe, photos, protocol):
+    """From outside, as a KServe v2 client sends them: a request-level `parameters` the model does not know is
+    refused (ignored, the client would believe its limit applied); Triton's own (priority, timeout) still work."""
+    from tritonclient.utils import InferenceServerException
+
+    ask, refused = {"http": (ask_http, "400"), "grpc": (ask_grpc, "StatusCode.INVALID_ARGUMENT")}[protocol]
+    cat = photos["cat.png"]
+    values = {"image": cat.read_bytes(), "prompt": "Hi", "max_new_tokens": 2}
+    with pytest.raises(InferenceServerException) as empty:
+        ask(server, **{**values, "prompt": ""})
+    assert empty.value.status() == refused and "The prompt input is empty" in empty.value.message()
+    assert "Hint: Send a question about the image" in empty.value.message()
+    with pytest.raises(InferenceServerException) as unknown:
+        ask(server, options={"parameters": {"max_tokens": 4}}, **values)
+    message = unknown.value.message()
+    assert unknown.value.status() == refused and "no request parameter, got max_tokens" in message
+    assert "Hint: Send generation settings as inputs instead: max_new_tokens, temperature, top_k, top_p, seed, " \
+           "stop" in message
+    answer = pipe.generate(cat, pipe.chat_prompt("Hi"), max_new_tokens=2).text
+    got = ask(server, options={"priority": 1, "timeout": 60_000_000}, **values)
+    assert got == ([answer] if protocol == "http" else answer)
 
 
 def test_requests_sent_together_run_as_one_batch_and_bad_ones_fail_alone(server, pipe, photos):
@@ -322,7 +351,7 @@ def test_serve_command_starts_prints_its_endpoints_and_stops_on_sigterm(engine, 
     pytest.importorskip("pytriton")
     http_port, grpc_port, metrics_port = free_ports(3)
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "visprune", "serve", "--engine", str(engine),
+    process = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--engine", str(engine),
                                 "--http-port", str(http_port), "--grpc-port", str(grpc_port),
                                 "--metrics-port", str(metrics_port), "--no-dynamic-batching"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -355,6 +384,84 @@ def test_serve_command_starts_prints_its_endpoints_and_stops_on_sigterm(engine, 
         urllib.request.urlopen(f"http://localhost:{http_port}/v2/health/live", timeout=5)
 
 
+# The library's server in a process of its own, stopped by SIGTERM as `visprune serve` is; a 1 s exit timeout,
+# so that tritonserver exits while its Python-backend stub still runs a batch (with 10 s that takes more load).
+SERVE_SCRIPT = """
+import signal, sys
+from pathlib import Path
+from serving.server import ServeConfig, serve
+
+def interrupt(*_):
+    raise KeyboardInterrupt
+
+signal.signal(signal.SIGTERM, interrupt)
+config = ServeConfig(*map(int, sys.argv[2:5]), exit_timeout_s=1)
+serve(config, engine_dir=Path(sys.argv[1]), on_ready=lambda server: print(server.describe(), flush=True))
+"""
+
+
+def test_sigterm_under_load_leaves_no_process_of_the_servers_tree(engine, photos):
+    pytest.importorskip("pytriton")
+    ports = free_ports(3)
+    process = subprocess.Popen([sys.executable, "-c", SERVE_SCRIPT, str(engine), *map(str, ports)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server = SimpleNamespace(http_url=f"http://localhost:{ports[0]}", models=["visprune"])
+    answered, stop, image = [], threading.Event(), photos["cat.png"].read_bytes()
+
+    def client():
+        while not stop.is_set():
+            try:
+                answered.append(ask_http(server, image=image, prompt=QUESTIONS[0], max_new_tokens=120))
+            except Exception:  # noqa: BLE001 - the server stopped under it
+                return
+
+    clients = [threading.Thread(target=client) for _ in range(8)]
+    try:
+        _read_until(_lines(process.stdout), "Ctrl-C stops it.", deadline=time.perf_counter() + 120)
+        tree = _descendants(process.pid)
+        names = sorted(name for name, _ in tree.values())
+        assert names == ["triton_python_b", "tritonserver"], names  # the stub of the one model instance
+        for thread in clients:
+            thread.start()
+        deadline = time.perf_counter() + 120
+        while len(answered) < 2 and time.perf_counter() < deadline:
+            time.sleep(0.05)
+        assert len(answered) >= 2  # under load: batches keep running
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+        left = {pid: name for pid, (name, start) in tree.items() if _stat(pid)[2:] == (start,)}
+        assert left == {}, f"still there after the server exited: {left}"
+    finally:
+        stop.set()
+        process.terminate()
+        process.wait(60)
+        for thread in clients:
+            thread.join(60)
+
+
+def _descendants(root: int) -> dict[int, tuple[str, int]]:
+    """pid -> (command name, start time) of every process below `root`, from /proc."""
+    stats = {int(p.name): _stat(int(p.name)) for p in Path("/proc").iterdir() if p.name.isdigit()}
+    found, frontier = {}, [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, (name, ppid, start) in stats.items():
+            if ppid == parent and pid not in found:
+                found[pid] = (name, start)
+                frontier.append(pid)
+    return found
+
+
+def _stat(pid: int) -> tuple:
+    """(command name, parent pid, start time) of a process, any state (a zombie counts); () if gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ()
+    fields = text[text.rindex(")") + 2:].split()
+    return text[text.index("(") + 1:text.rindex(")")], int(fields[1]), int(fields[19])
+
+
 def _lines(stream) -> queue.Queue:
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in stream], daemon=True).start()
@@ -371,7 +478,7 @@ def _read_until(lines: queue.Queue, marker: str, deadline: float) -> str:
 # --- export-triton -----------------------------------------------------------------------------------------
 
 
-def test_exported_config_parses_as_tritons_model_config(repository):
+def test_exported_config_parses_as_tritons_model_config(repository, tritonclient):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
@@ -397,7 +504,7 @@ def test_export_copies_the_engine_and_without_batching_writes_no_batcher(engine,
     assert not config.HasField("dynamic_batching") and config.instance_group[0].count == 2
 
 
-def test_export_replaces_its_own_repository_but_nothing_else_without_force(engine, tritonclient, tmp_path):
+def test_export_replaces_its_own_repository_but_nothing_else_without_force(engine, tmp_path):
     out = tmp_path / "repo"
     export_triton(engine, out)
     export_triton(engine, out)  # its own, holding nothing else: replaced
@@ -410,7 +517,7 @@ def test_export_replaces_its_own_repository_but_nothing_else_without_force(engin
     assert sorted(p.name for p in out.iterdir()) == ["visprune", "visprune-triton.json"]
 
 
-def test_export_of_a_broken_engine_writes_nothing(engine, tritonclient, tmp_path):
+def test_export_of_a_broken_engine_writes_nothing(engine, tmp_path):
     import shutil
 
     broken = tmp_path / "engine"
@@ -419,6 +526,24 @@ def test_export_of_a_broken_engine_writes_nothing(engine, tritonclient, tmp_path
     with pytest.raises(Exception, match="prefill.onnx"):
         export_triton(broken, tmp_path / "repo")
     assert not (tmp_path / "repo").exists() and [p.name for p in tmp_path.iterdir()] == ["engine"]
+
+
+def test_export_writes_the_repository_without_tritonclient_or_pytriton(engine, tmp_path):
+    """Writing a repository needs neither of the serving extra's packages: a process where importing them fails
+    writes the same repository as this one."""
+    script = ("import sys\n"
+              "for name in ('tritonclient', 'pytriton'):\n"
+              "    sys.modules[name] = None  # importing it (or anything under it) raises ImportError\n"
+              "from pathlib import Path\n"
+              "from serving.triton_repo import export_triton\n"
+              "export_triton(Path(sys.argv[1]), Path(sys.argv[2]))\n")
+    result = subprocess.run([sys.executable, "-c", script, str(engine), str(tmp_path / "blocked")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    export_triton(engine, tmp_path / "here")
+    for path in ("visprune/config.pbtxt", "visprune/1/model.py"):
+        assert (tmp_path / "blocked" / path).read_text() == (tmp_path / "here" / path).read_text()
+    assert (tmp_path / "blocked" / "visprune" / "engine" / "engine.json").is_file()
 
 
 def test_bad_settings_are_config_errors():
