@@ -63,3 +63,17 @@ def test_recipe_plot_and_summary_show_the_pre_llm_drop(tiny, tmp_path):
     assert table_rows(divprune_section.split("\n", 1)[1])[BEFORE_LLM] == (
         divprune.removed_before_llm, 576 - divprune.removed_before_llm)
     assert f"plot: {tmp_path / 'plot.png'}" in summary
+
+
+def test_a_plot_path_that_is_refused_names_the_plot_option(tmp_path):
+    """`visprune recipe R --plot P`: the hints say --plot (the flag given), not --out (which `recipe` has not)."""
+    from visprune.outputs import OutputLocationError
+
+    recipe = tmp_path / "fitprune.json"
+    save_recipe(recipe_from_dict({"method": "fitprune", "num_visual_tokens": 576, "removed": TINY_RECIPE_60}), recipe)
+    (tmp_path / "notes.png").write_bytes(b"someone's picture")
+    for plot in (tmp_path / "notes.png", recipe, recipe / "plot.png"):
+        with pytest.raises(OutputLocationError) as info:
+            inspect_recipes([recipe], plot=plot)
+        assert "--plot" in info.value.hint and "--out" not in info.value.hint, info.value
+    assert (tmp_path / "notes.png").read_bytes() == b"someone's picture"
