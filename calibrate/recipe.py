@@ -136,8 +136,12 @@ def save_recipe(recipe: Recipe, path: Path) -> None:
     atomic_write_json(path, recipe.to_dict())
 
 
-def check_recipe_fits(recipe: Recipe, shape: LanguageModelShape, fingerprint: str | None = None) -> None:
-    """Raise unless the recipe's layer count, token count and (if recorded) model fingerprint fit the model."""
+def check_recipe_fits(recipe: Recipe, shape: LanguageModelShape, fingerprint: str | None = None,
+                      model: str | None = None, allow_other_model: bool = False) -> None:
+    """Raise unless the recipe's layer count, token count and (if recorded) model fingerprint fit the model, and,
+    given `model` (a checkpoint's name), unless the recipe was calibrated on that checkpoint or
+    `allow_other_model`. Checkpoints of one architecture (tiny, tiny-vqa) share a fingerprint, but the counts
+    were searched on one checkpoint's attention: on another they are a guess, which the user must ask for."""
     if recipe.num_layers != shape.num_layers or recipe.num_visual_tokens != shape.num_visual_tokens:
         raise RecipeError(
             f"The recipe is for {recipe.num_layers} layers and {recipe.num_visual_tokens} visual tokens; the model "
@@ -150,6 +154,20 @@ def check_recipe_fits(recipe: Recipe, shape: LanguageModelShape, fingerprint: st
             f"The recipe was calibrated on a model with fingerprint {recorded}, not {fingerprint}.",
             "Calibrate again on this model; the layer and token counts match but the architecture differs.",
         )
+    calibrated_on = recipe.model.get("name")
+    if model and calibrated_on and not _same_checkpoint(calibrated_on, model) and not allow_other_model:
+        raise RecipeError(
+            f"The recipe was calibrated on {calibrated_on}, not on {model} (same architecture, other weights).",
+            f"Calibrate on {model} (`visprune calibrate --model {model} ...`), or pass --allow-other-model to use "
+            "these counts anyway.",
+        )
+
+
+def _same_checkpoint(a: str, b: str) -> bool:
+    """Names are an embedded model's name, a folder's resolved path or a hub id: the last part names the
+    checkpoint, so a moved folder or a hub id (the shipped llava-hf/llava-1.5-7b-hf recipes) and a local
+    download of it still match."""
+    return Path(a).name == Path(b).name
 
 
 def achieved_reductions(recipe: Recipe, shape: LanguageModelShape, text_tokens: float) -> dict[str, float]:

@@ -104,6 +104,9 @@ def _dataset(config: CalibrationConfig) -> CalibrationSet:
     return select_samples(dataset, config.samples, config.seed)
 
 
+IMAGES_HINT = "Check the path, or the --images folder it is resolved against."
+
+
 def prepare_samples(bundle: LlavaBundle, dataset: CalibrationSet, batch_size: int,
                     progress: bool = False) -> list[SampleState]:
     """Read, template, tokenize and embed every sample once (the reference re-reads images at every layer)."""
@@ -111,7 +114,8 @@ def prepare_samples(bundle: LlavaBundle, dataset: CalibrationSet, batch_size: in
     for sample in tqdm(dataset.samples, desc="preparing samples", disable=not progress):
         try:
             prompt = sample.prompt if sample.prompt is not None else chat_prompt(bundle.processor, sample.question)
-            prompts.append(encode_image_prompt(bundle.processor, load_image(sample.image), prompt, bundle.image_token_id))
+            image = load_image(sample.image, IMAGES_HINT)
+            prompts.append(encode_image_prompt(bundle.processor, image, prompt, bundle.image_token_id))
         except InputDataError as e:
             raise type(e)(f"Calibration sample {sample.sample_id}: {e.message}", e.hint) from e
     states: list[SampleState] = []

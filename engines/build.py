@@ -36,7 +36,7 @@ from visprune.manifests import (
     read_sealed,
     seal,
 )
-from visprune.outputs import ENGINE_SET, check_output, replacing
+from visprune.outputs import ENGINE_SET, ONNX_SET, ArtifactKind, artifact_kind_at, check_output, replacing
 from visprune.tensor_names import GRAPH_NAMES
 
 BACKENDS = ("onnxruntime", "tensorrt", "pytorch", "auto")  # auto: TensorRT where available (and the set is
@@ -190,8 +190,25 @@ def auto_backend() -> str:
     return "tensorrt"
 
 
+def check_artifact_kind(folder: Path, expected: ArtifactKind) -> None:
+    """ArtifactMismatchError naming what `folder` is when it holds another visprune artifact: an ONNX set where
+    an engine belongs (or the reverse) is a mix-up with its own fix, not a broken artifact to make again."""
+    found = artifact_kind_at(Path(folder)) if Path(folder).is_dir() else None
+    if found is None or found is expected:
+        return
+    if (found, expected) == (ONNX_SET, ENGINE_SET):
+        hint = f"Build an engine from it with `visprune build --onnx {folder} --out ENGINE` and pass that engine."
+    elif (found, expected) == (ENGINE_SET, ONNX_SET):
+        hint = "Pass the ONNX set this engine was built from (`visprune export` writes one), not the engine."
+    else:
+        hint = ENGINE_HINT if expected is ENGINE_SET else ONNX_HINT
+    raise ArtifactMismatchError(f"{folder} is a visprune {found.name} (written by `{found.command}`), not "
+                                f"{'an' if expected.name[0] in 'aeiouAEIOU' else 'a'} {expected.name}.", hint)
+
+
 def read_onnx_set(onnx_dir: Path, verify: bool = False) -> OnnxSetManifest:
     """The ONNX set's manifest after checking its schema, seal, fields and files (hashes: see check_files)."""
+    check_artifact_kind(onnx_dir, ONNX_SET)
     manifest = read_sealed(OnnxSetManifest, onnx_dir, ONNX_MANIFEST_FILE, ONNX_SET_SCHEMA, "ONNX set", ONNX_HINT)
     check_files(onnx_dir, manifest.files, manifest.manifest_sha256, "ONNX set", ONNX_HINT, verify)
     return manifest
@@ -200,6 +217,7 @@ def read_onnx_set(onnx_dir: Path, verify: bool = False) -> OnnxSetManifest:
 def read_engine_set(engine_dir: Path, verify: bool = False) -> EngineManifest:
     """The engine's manifest after checking its schema, seal, fields, the embedded ONNX-set manifest's seal, and
     its files (sizes at every load; hashes at the first load of these files or with `verify`)."""
+    check_artifact_kind(engine_dir, ENGINE_SET)
     manifest = read_sealed(EngineManifest, engine_dir, ENGINE_FILE, ENGINE_SET_SCHEMA, "engine", ENGINE_HINT)
     if manifest.onnx_set.manifest_sha256 != seal(model_dump(manifest.onnx_set))["manifest_sha256"]:
         raise ArtifactMismatchError(f"The ONNX-set manifest inside {Path(engine_dir) / ENGINE_FILE} was edited.",

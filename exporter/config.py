@@ -21,6 +21,7 @@ class ExportConfig:
     target: str = "onnxruntime"  # the backend family the graphs are written for (visprune/manifests.py)
     opset: int | None = None  # None: the target's (TARGETS)
     max_seq: int = 2048  # longest prompt (text + image tokens) + generated tokens the graphs accept
+    allow_other_model: bool = False  # accept a recipe calibrated on another checkpoint of this architecture
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

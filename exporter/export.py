@@ -51,7 +51,7 @@ def export_onnx(config: ExportConfig, out_dir: Path, progress: bool = True, forc
     recipe = load_recipe(config.recipe) if config.recipe else None
     bundle = load_llava(config.model, device="cpu", dtype=TORCH_DTYPES[config.dtype])
     recipe = recipe or unpruned_recipe(bundle.shape)
-    check_recipe_fits(recipe, bundle.shape, bundle.fingerprint)
+    check_recipe_fits(recipe, bundle.shape, bundle.fingerprint, bundle.name, config.allow_other_model)
     image_start = template_image_start(bundle)
     check_max_seq_fits(config.max_seq, image_start, recipe.num_visual_tokens)
     with replacing(out_dir) as staging:

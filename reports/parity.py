@@ -108,14 +108,16 @@ def default_parity_prompts(count: int = 8) -> list[PromptCase]:
 
 def parity_report(engine: Path | Pipeline, model: str, out_dir: Path, prompts: list[PromptCase] | None = None,
                   max_new_tokens: int = 8, allow_failure: bool = False, recipe: Path | None = None,
-                  criteria: dict[str, float] | None = None, reference: str = "auto") -> dict[str, Any]:
+                  criteria: dict[str, float] | None = None, reference: str = "auto",
+                  progress: bool = True) -> dict[str, Any]:
     """Write parity.json and parity.md to `out_dir`; raise ParityError on failure unless `allow_failure`.
 
     `engine`: an engine folder, or a Pipeline already open on one (the whole-pipeline run hands over the one it
     uses for every stage rather than hold a second copy of the engine). `criteria` overrides fields of the engine
     dtype's `CRITERIA`. `reference`: "auto" (see `reference_precision`) or "cpu" (float32 on the CPU, e.g. for the
     PyTorch backend on CUDA, whose "auto" reference would be itself). With `recipe`, the engine must have been
-    exported from exactly that recipe.
+    exported from exactly that recipe. `progress`: a bar per prompt on stderr (each takes seconds: three
+    generations), shown only on a terminal.
     """
     pipe = engine if isinstance(engine, Pipeline) else Pipeline.from_engine_dir(engine)
     engine_dir, onnx_set = pipe.engine_dir, pipe.manifest.onnx_set
@@ -133,7 +135,7 @@ def parity_report(engine: Path | Pipeline, model: str, out_dir: Path, prompts: l
     unpruned = pipe.with_runner(TorchRunner(bundle, unpruned_recipe(bundle.shape), pipe.image_start, device))
     rules = replace(CRITERIA[onnx_set.dtype], **(criteria or {}))
     cases = [_compare_case(pipe, pruned, unpruned, case, max_new_tokens, rules)
-             for case in prompts or default_parity_prompts()]
+             for case in _progress(prompts or default_parity_prompts(), progress)]
     report = _summarize(cases, rules, onnx_set, {"device": device, "dtype": dtype})
     out_dir = Path(out_dir)
     ParityReport.model_validate(report)  # a writer's bug, not the user's: fails loudly before writing
@@ -393,3 +395,10 @@ def _judged_cell(case: dict[str, Any]) -> str:
 def _first_layer_cell(case: dict[str, Any]) -> str:
     layer = case["first_divergent_layer"]
     return "-" if layer is None else f"layer {layer}"
+
+
+def _progress(cases: list[PromptCase], enabled: bool):
+    from tqdm.auto import tqdm
+
+    # disable=None: tqdm's own test, off when stderr is not a terminal (logs, CI, pipes)
+    return tqdm(cases, desc="parity (prompts)", unit="prompt", disable=None if enabled else True)

@@ -64,10 +64,11 @@ def _check_at_least(flag: str, value: int, least: int) -> None:
 
 
 def write_reports(config: ReportConfig, engine_dir: Path, out_dir: Path, force: bool = False,
-                  verify: bool = False) -> list[Path]:
+                  verify: bool = False, progress: bool = True) -> list[Path]:
     """Write the requested reports into the report folder `out_dir` (checked before any work, staged and swapped
-    in at the end, see visprune/outputs.py); returns their Markdown files. A parity failure still writes the
-    folder, then raises. `verify` re-hashes the engines' files first."""
+    in at the end, see visprune/outputs.py); returns their Markdown files where they now lie (in `out_dir`, for a
+    `wrote PATH`). A parity failure still writes the folder, then raises. `verify` re-hashes the engines' files
+    first; `progress`: progress bars on a terminal."""
     out_dir = Path(out_dir)
     check_output(out_dir, REPORT, inputs=_inputs(config, engine_dir), force=force)
     for folder in (engine_dir, config.baseline if config.latency else None):
@@ -76,7 +77,7 @@ def write_reports(config: ReportConfig, engine_dir: Path, out_dir: Path, force: 
     failure = None
     with replacing(out_dir) as staging:
         try:
-            _write(config, engine_dir, staging)
+            _write(config, engine_dir, staging, progress)
         except ParityError as e:  # the report explains the failure: keep it
             failure = e
     if failure:
@@ -85,14 +86,14 @@ def write_reports(config: ReportConfig, engine_dir: Path, out_dir: Path, force: 
     return [out_dir / name for name in names]
 
 
-def _write(config: ReportConfig, engine_dir: Path, out_dir: Path) -> None:
+def _write(config: ReportConfig, engine_dir: Path, out_dir: Path, progress: bool) -> None:
     from reports.latency import latency_report
     from reports.parity import parity_report
 
     if config.parity:
         parity_report(engine_dir, config.model, out_dir, max_new_tokens=config.max_new_tokens,
                       allow_failure=config.allow_parity_failure, recipe=config.recipe, criteria=config.criteria(),
-                      reference=config.reference)
+                      reference=config.reference, progress=progress)
     if config.latency:
         latency_report(engine_dir, config.baseline, out_dir, image=config.image, new_tokens=config.new_tokens,
                        warmup=config.warmup, rounds=config.rounds)

@@ -41,6 +41,7 @@ class ArtifactKind:
     schemas: tuple[tuple[str, str], ...]  # (marker file, schema); "" as the file: the artifact itself is the marker
     entries: tuple[str, ...] = ()  # folder kinds: glob patterns of the entries such a folder may hold
     command: str = ""  # what writes it, for hints
+    flag: str = "--out"  # the option that says where it goes, for hints
 
     @property
     def is_dir(self) -> bool:
@@ -59,12 +60,16 @@ REPORT = ArtifactKind("report folder", (("parity.json", "visprune.parity_report"
 EVAL = ArtifactKind("evaluation", (("eval.json", "visprune.eval_report"),), ("eval.*",), "visprune eval")
 TRADEOFF = ArtifactKind("trade-off study", (("tradeoff.json", "visprune.tradeoff"),), ("tradeoff.*", "recipes"),
                         "visprune tradeoff")
-PLOT = ArtifactKind("plot", (("", "visprune.plot"),), command="visprune recipe --plot")
+PLOT = ArtifactKind("plot", (("", "visprune.plot"),), command="visprune recipe --plot", flag="--plot")
 PIPELINE_RUN = ArtifactKind("pipeline run", (("pipeline.json", "visprune.pipeline_run"),),
                             ("pipeline.json", "recipe.*", "onnx", "onnx-unpruned", "engine", "engine-unpruned",
                              "sample.png", "report", "report.md"), "visprune pipeline")
 
-FORCE_HINT = "Pass --force to replace it anyway (its contents are deleted), or choose another --out."
+
+def force_hint(flag: str = "--out") -> str:
+    return f"Pass --force to replace it anyway (its contents are deleted), or choose another {flag}."
+
+
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.visprune-(?P<role>staging|old|writing)\.(?P<pid>\d+)(\..*)?$")
 
 
@@ -75,19 +80,19 @@ def check_output(out: Path, kind: ArtifactKind, inputs: Iterable[Path | None] = 
     `siblings` are files written next to `out` (calibrate's plot and run record): they follow the same rule.
     """
     out = Path(out)
-    check_not_an_input(out, [Path(p) for p in inputs if p is not None])
-    recover_interrupted(out)
-    check_writable_parent(out)
+    check_not_an_input(out, [Path(p) for p in inputs if p is not None], kind.flag)
+    recover_interrupted(out, kind.flag)
+    check_writable_parent(out, kind.flag)
     replaces_artifact = _check_existing(out, kind, force)
     for sibling in siblings:
-        recover_interrupted(sibling)
+        recover_interrupted(sibling, kind.flag)
         ours = replaces_artifact or (_schema_of(sibling) or "").startswith("visprune.")  # a plot or run record
         if (sibling.exists() or sibling.is_symlink()) and not (ours or force):
             raise OutputLocationError(f"{sibling} exists and is not part of a visprune {kind.name} at {out}.",
-                                      FORCE_HINT)
+                                      force_hint(kind.flag))
 
 
-def check_not_an_input(out: Path, inputs: list[Path]) -> None:
+def check_not_an_input(out: Path, inputs: list[Path], flag: str = "--out") -> None:
     """An output may not be, contain or lie inside an input of the same command: not even --force allows it."""
     target = out.resolve()
     for source in inputs:
@@ -95,20 +100,20 @@ def check_not_an_input(out: Path, inputs: list[Path]) -> None:
         if target == source or source in target.parents or target in source.parents:
             relation = ("is" if target == source else "lies inside" if source in target.parents else "contains")
             raise OutputLocationError(f"The output {out} {relation} the input {source}; writing it would destroy "
-                                      "what the command reads.", "Choose an --out outside every input.")
+                                      "what the command reads.", f"Choose a {flag} outside every input.")
 
 
-def check_writable_parent(out: Path) -> None:
+def check_writable_parent(out: Path, flag: str = "--out") -> None:
     """The nearest existing ancestor must be a writable folder (missing folders below it are created)."""
     ancestor = out.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise OutputLocationError(f"Cannot create {out}: {ancestor} is a file, not a folder.",
-                                  "Choose an --out whose parent folders are folders.")
+                                  f"Choose a {flag} whose parent folders are folders.")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise OutputLocationError(f"Cannot write {out}: the folder {ancestor} is not writable.",
-                                  "Choose an --out in a folder you can write, or fix its permissions.")
+                                  f"Choose a {flag} in a folder you can write, or fix its permissions.")
 
 
 def _check_existing(out: Path, kind: ArtifactKind, force: bool) -> bool:
@@ -123,12 +128,14 @@ def _check_existing(out: Path, kind: ArtifactKind, force: bool) -> bool:
         if force:
             return False
         what = f"a visprune {found.name}" if found else ("a folder with other files" if out.is_dir() else "a file")
-        raise OutputLocationError(f"{out} already exists and is {what}, not a visprune {kind.name}.", FORCE_HINT)
+        raise OutputLocationError(f"{out} already exists and is {what}, not a visprune {kind.name}.",
+                                  force_hint(kind.flag))
     foreign = foreign_entries(out, kind) if kind.is_dir else []
     if foreign and not force:
         raise OutputLocationError(f"{out} is a visprune {kind.name} but also holds files visprune did not write: "
                                   f"{', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}.",
-                                  "Move those files elsewhere first, or " + FORCE_HINT[0].lower() + FORCE_HINT[1:])
+                                  "Move those files elsewhere first, or " + force_hint(kind.flag)[0].lower() +
+                                  force_hint(kind.flag)[1:])
     return True
 
 
@@ -252,13 +259,13 @@ def remove_path(path: Path) -> None:
 # --- recovery ------------------------------------------------------------------------------------------------
 
 
-def recover_interrupted(out: Path) -> None:
+def recover_interrupted(out: Path, flag: str = "--out") -> None:
     """Clean what a killed run left next to `out`: staging copies go, a partial in-place folder goes, and an
     old artifact that was renamed aside comes back unless a complete new one took its place."""
     leftovers = _leftovers(Path(out))
     for role in ("writing", "staging", "old"):  # the partial folder must go before the old one can return
         for path, pid in leftovers.get(role, []):
-            _check_not_running(out, pid)
+            _check_not_running(out, pid, flag)
             _recover(Path(out), path, role)
 
 
@@ -282,11 +289,11 @@ def _recover(out: Path, path: Path, role: str) -> None:
     remove_path(path)
 
 
-def _check_not_running(out: Path, pid: int) -> None:
+def _check_not_running(out: Path, pid: int, flag: str) -> None:
     if pid == os.getpid() or not _alive(pid):
         return
     raise OutputLocationError(f"Another visprune process (PID {pid}) is writing {out} right now.",
-                              f"Wait for it to finish, or choose another --out. If no such run is active, delete "
+                              f"Wait for it to finish, or choose another {flag}. If no such run is active, delete "
                               f"the hidden .{out.name}.visprune-* entries next to {out}.")
 
 

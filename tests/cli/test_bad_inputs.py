@@ -276,7 +276,10 @@ CASES = [
          "a folder with other files", user_folder),
     # --- run -----------------------------------------------------------------------------------------------
     Case("run-missing-engine", "run --engine {ws}/none --image {image} --prompt hi", 8, "is not a folder"),
-    Case("run-onnx-set-as-engine", "run --engine {onnx} --image {image} --prompt hi", 8, "No engine manifest"),
+    Case("run-onnx-set-as-engine", "run --engine {onnx} --image {image} --prompt hi", 8,
+         "is a visprune ONNX set (written by `visprune export`), not an engine"),
+    Case("build-engine-as-onnx-set", "build --onnx {engine} --out {ws}/e", 8,
+         "is a visprune engine (written by `visprune build`), not an ONNX set"),
     Case("run-missing-image", "run --engine {engine} --image {ws}/none.png --prompt hi", 4, "Image not found"),
     Case("run-image-not-an-image", "run --engine {engine} --image {ws}/notes.png --prompt hi", 4, "does not decode",
          user_file("notes.png")),

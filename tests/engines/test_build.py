@@ -192,3 +192,25 @@ def test_check_node_placement_names_the_heavy_ops_a_cuda_session_ran_on_the_cpu(
                   "CPUExecutionProvider": [n for n in cpu if n.output_types != ("float",)]}
     assert [n.op_type for n in shape_only["CPUExecutionProvider"]] == ["Shape", "Gather", "Unsqueeze", "Concat"]
     check_node_placement(shape_only, "cuda")
+
+
+def test_an_onnx_set_where_an_engine_belongs_is_named_with_the_build_command(exported):
+    """`visprune run --engine ONNX_SET`: the folder is fine, it is the wrong kind; building it is the fix."""
+    from runtime import Pipeline
+    from visprune.errors import ArtifactMismatchError
+
+    with pytest.raises(ArtifactMismatchError, match="is a visprune ONNX set .*not an engine") as info:
+        Pipeline.from_engine_dir(exported["pruned-onnx"])
+    assert info.value.hint.startswith(f"Build an engine from it with `visprune build --onnx {exported['pruned-onnx']} "
+                                      "--out ENGINE`")
+
+
+def test_an_engine_where_an_onnx_set_belongs_asks_for_the_set_it_was_built_from(exported, tmp_path):
+    """`visprune build --onnx ENGINE`: not "export it again"."""
+    from engines import build_engine
+    from visprune.errors import ArtifactMismatchError
+
+    with pytest.raises(ArtifactMismatchError, match="is a visprune engine .*not an ONNX set") as info:
+        build_engine(BuildConfig(), exported["pruned"], tmp_path / "engine")
+    assert "Pass the ONNX set this engine was built from" in info.value.hint and "again" not in info.value.hint
+    assert not (tmp_path / "engine").exists()

@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from calibrate.recipe import Recipe
+from calibrate.recipe import Recipe, check_recipe_fits, save_recipe
 from conftest import TINY_RECIPE_60
 from runtime.runner_api import RowLayout, prefill_feeds
 from exporter import ExportConfig, export_onnx
@@ -92,6 +92,32 @@ def test_a_recipe_for_another_model_is_rejected_before_anything_is_written(tmp_p
     with pytest.raises(RecipeError, match="32 layers"):
         export_onnx(ExportConfig(model="tiny", recipe=bad), tmp_path / "onnx", progress=False)
     assert not (tmp_path / "onnx").exists()
+
+
+def tinys_recipe(tiny) -> Recipe:
+    """TINY_RECIPE_60 with the provenance calibration records (calibrate/stage.py)."""
+    return Recipe("fitprune", 576, TINY_RECIPE_60, model={"name": tiny.name, "fingerprint": tiny.fingerprint})
+
+
+def test_a_recipe_calibrated_on_another_checkpoint_is_refused_unless_asked_for(tiny, tmp_path):
+    """tiny and tiny-vqa share an architecture (and fingerprint): only the recorded name tells them apart."""
+    recipe = tinys_recipe(tiny)
+    save_recipe(recipe, tmp_path / "recipe.json")
+    with pytest.raises(RecipeError, match="calibrated on tiny, not on tiny-vqa") as info:
+        export_onnx(ExportConfig(model="tiny-vqa", recipe=tmp_path / "recipe.json"), tmp_path / "onnx", progress=False)
+    assert "--allow-other-model" in info.value.hint and "visprune calibrate --model tiny-vqa" in info.value.hint
+    assert not (tmp_path / "onnx").exists()
+    check_recipe_fits(recipe, tiny.shape, tiny.fingerprint, "tiny-vqa", allow_other_model=True)  # the opt-in
+    check_recipe_fits(recipe, tiny.shape, tiny.fingerprint, "tiny")  # its own checkpoint
+    assert ExportConfig(model="tiny-vqa", allow_other_model=True).to_dict()["allow_other_model"] is True
+
+
+def test_a_hub_id_and_a_local_download_of_it_are_one_checkpoint(tiny):
+    """The shipped llava-1.5-7b recipes record the hub id; an export names a local folder by its path."""
+    recipe = Recipe("fitprune", 576, TINY_RECIPE_60, model={"name": "llava-hf/llava-1.5-7b-hf"})
+    check_recipe_fits(recipe, tiny.shape, tiny.fingerprint, "/models/llava-1.5-7b-hf")
+    with pytest.raises(RecipeError, match="calibrated on llava-hf/llava-1.5-7b-hf"):
+        check_recipe_fits(recipe, tiny.shape, tiny.fingerprint, "/models/llava-1.5-13b-hf")
 
 
 @pytest.mark.parametrize("kwargs, fragment", [

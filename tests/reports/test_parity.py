@@ -248,3 +248,41 @@ def test_a_report_says_which_prompts_had_their_logits_judged(exported):
     three_swaps = _summarize([case({0: list(range(97)) + [100, 101, 102]})], rules, onnx_set, reference_facts)
     assert three_swaps["engine_vs_reference"]["failures"] == [
         "kept-index overlap down to 0.970 < 1 (up to 3 indices of a layer not kept)"]
+
+
+def test_parity_shows_progress_on_a_terminal_unless_quiet(exported, tmp_path):
+    """The parity report takes ~35 s: a bar per prompt on stderr when it is a terminal (a real pty here), none
+    with progress=False (`--quiet`)."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    from conftest import REPO
+
+    call = (f"parity_report({str(exported['pruned'])!r}, 'tiny', {str(tmp_path)!r} + '/{{}}', "
+            "prompts=default_parity_prompts(2), max_new_tokens=1, progress={})")
+    script = ("import sys; from reports.parity import parity_report, default_parity_prompts; "
+              f"{call.format('a', True)}; print('--- quiet:', file=sys.stderr, flush=True); "
+              f"{call.format('b', False)}")
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty is 0 columns wide
+    process = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(REPO)},
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=follower)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the pty closes when the process exits
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    assert process.wait(timeout=300) == 0, b"".join(chunks).decode(errors="replace")[-2000:]
+    shown, quiet = b"".join(chunks).decode(errors="replace").split("--- quiet:")
+    assert "parity (prompts)" in shown and "2/2" in shown
+    assert "parity (prompts)" not in quiet

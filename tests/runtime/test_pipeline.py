@@ -100,6 +100,23 @@ def test_an_image_that_does_not_open_is_rejected(pruned, tmp_path):
         pruned.generate(tmp_path / "x.png", pruned.chat_prompt("Why?"), max_new_tokens=2)
 
 
+def test_a_missing_image_names_no_flag_the_caller_does_not_have(pruned, tmp_path):
+    """`visprune run --image missing.png` was told to check an --images folder, a calibration flag."""
+    with pytest.raises(ImageLoadError, match="Image not found") as info:
+        pruned.generate(tmp_path / "missing.png", pruned.chat_prompt("Why?"), max_new_tokens=2)
+    assert "--images" not in info.value.hint and "path" in info.value.hint
+
+
+def test_a_missing_calibration_image_points_to_the_images_folder(tiny, tmp_path):
+    from calibrate.data import read_calibration_jsonl
+    from calibrate.stage import prepare_samples
+
+    (tmp_path / "set.jsonl").write_text('{"image": "dog.png", "question": "q"}\n')
+    with pytest.raises(ImageLoadError, match="Image not found") as info:
+        prepare_samples(tiny, read_calibration_jsonl(tmp_path / "set.jsonl"), batch_size=1)
+    assert "--images folder" in info.value.hint
+
+
 def test_the_engine_path_needs_no_pytorch(exported, cat_image):
     """Generation works in a process where importing torch fails (transformers then skips it too)."""
     import subprocess

@@ -24,13 +24,14 @@ IMAGE_PLACEHOLDER = "<image>"
 _WIDE_GREY_WHITE = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
 
 
-def load_image(path: Path) -> Any:
-    """Open an image file as RGB, with an error that names the file."""
+def load_image(path: Path, missing_hint: str = "Check the image's path.") -> Any:
+    """Open an image file as RGB, with an error that names the file. `missing_hint` is the caller's, who knows
+    where the path came from (calibration resolves it against its --images folder; `run` takes --image)."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     if not path.is_file():
-        raise ImageLoadError(f"Image not found: {path}", "Check the path, or the --images folder it is resolved against.")
+        raise ImageLoadError(f"Image not found: {path}", missing_hint)
     try:
         with Image.open(path) as image:
             return to_rgb(image)
