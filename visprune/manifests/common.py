@@ -55,10 +55,10 @@ class FileDigest(Strict):
 # --- writing ---------------------------------------------------------------------------------------------------
 
 
-def sealed(model: type[M], **fields: Any) -> M:
-    """A manifest `model` built from `fields` (typed parts or plain values; everything but `manifest_sha256`),
+def sealed(schema: type[M], /, **fields: Any) -> M:
+    """A manifest of type `schema` built from `fields` (typed parts or plain values; all but `manifest_sha256`),
     validated, then sealed: `manifest_sha256` becomes the hash of the JSON of all its other fields."""
-    draft = model(**fields, manifest_sha256=UNSEALED)
+    draft = schema(**fields, manifest_sha256=UNSEALED)
     return draft.model_copy(update={"manifest_sha256": seal(model_dump(draft))["manifest_sha256"]})
 
 
