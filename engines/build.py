@@ -148,7 +148,8 @@ def build_engine(config: BuildConfig, onnx_dir: Path, out_dir: Path, force: bool
             (shutil.copytree if (onnx_dir / name).is_dir() else shutil.copy)(onnx_dir / name, staging / name)
         manifest = sealed(
             EngineManifest, backend=config.backend, **backend_facts,
-            upstream={"onnx_dir": str(onnx_dir.resolve()), "manifest_sha256": sha256_file(onnx_dir / ONNX_MANIFEST_FILE)},
+            upstream={"onnx_dir": str(onnx_dir.resolve()),
+                      "manifest_sha256": sha256_file(onnx_dir / ONNX_MANIFEST_FILE)},
             onnx_set=onnx_set, config=config.to_dict(), files=digest_files(staging, exclude=(ENGINE_FILE,)))
         write_model(staging / ENGINE_FILE, manifest)
     return manifest
