@@ -203,7 +203,7 @@ def engine_folder_parity(work: Path, onnx: str, name: str, config, reference: st
     build_s = round(time.perf_counter() - start, 1)
     report = parity_report(work / name, "tiny", work / f"report-{name}", prompts=default_parity_prompts(4),
                            max_new_tokens=6, allow_failure=True, reference=reference)
-    verdict = report["engine_vs_reference"]
+    verdict = report.engine_vs_reference.model_dump()
     return {"build_s": build_s, **{k: verdict[k] for k in ("passed", "failures", "reference", "max_abs_logits_error",
                                                             "min_kept_overlap", "min_teacher_forced_top1")}}
 

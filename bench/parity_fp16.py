@@ -38,7 +38,7 @@ def measure(dtype: str, work: Path, prompts: int, new_tokens: int) -> dict:
     build_engine(BuildConfig(), work / f"onnx-{dtype}", work / f"engine-{dtype}")
     report = parity_report(work / f"engine-{dtype}", "tiny", work / f"report-{dtype}", allow_failure=True,
                            prompts=default_parity_prompts(prompts), max_new_tokens=new_tokens)
-    verdict, cases = report["engine_vs_reference"], report["cases"]
+    verdict, cases = report.engine_vs_reference.model_dump(), report.cases
     return {
         "dtype": dtype, "passed": verdict["passed"], "failures": verdict["failures"], "criteria": verdict["criteria"],
         "reference": verdict["reference"], "max_abs_logits_error": verdict["max_abs_logits_error"],

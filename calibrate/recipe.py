@@ -20,12 +20,13 @@ from pydantic.dataclasses import dataclass
 from calibrate.flops import lm_flops_reduction, visual_flops_reduction, visual_tokens_entering
 from visprune.artifacts import atomic_write_json, canonical_json, sha256_bytes
 from visprune.errors import RecipeError
-from visprune.manifests import METHODS, Fraction, NonNegInt, PosInt, parse, read_json
+from visprune.manifests import schema_ids
+from visprune.manifests.common import Fraction, NonNegInt, PosInt, parse, read_json
+from visprune.methods import METHOD_NAMES
 from visprune.methods import METHODS as METHOD_REGISTRY
 from visprune.models.llava import LanguageModelShape
 
-RECIPE_SCHEMA = "visprune.recipe"
-RECIPE_SCHEMA_VERSION = 1
+RECIPE_SCHEMA, RECIPE_SCHEMA_VERSION = schema_ids.RECIPE.name, schema_ids.RECIPE.version
 RECIPE_HINT = 'A minimal recipe is {"method": "fitprune", "num_visual_tokens": 576, "removed": [...]} with one ' \
               "count per decoder layer; `visprune calibrate` writes complete ones."
 
@@ -35,7 +36,7 @@ class Recipe:
     """Every field type-checked on construction (strict: `true` is not a count); cross-field rules in
     `check_recipe`."""
 
-    method: Literal[METHODS]
+    method: Literal[METHOD_NAMES]
     num_visual_tokens: PosInt
     removed: list[NonNegInt]
     reduction_target: Fraction | None = None

@@ -5,6 +5,6 @@
     build_engine(BuildConfig(backend="onnxruntime"), "runs/demo/onnx", "runs/demo/engine")
 """
 
-from engines.build import BuildConfig, auto_backend, build_engine, read_engine_set, read_onnx_set
+from engines.build import BuildConfig, auto_backend, build_engine
 
-__all__ = ["BuildConfig", "auto_backend", "build_engine", "read_engine_set", "read_onnx_set"]
+__all__ = ["BuildConfig", "auto_backend", "build_engine"]

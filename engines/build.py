@@ -22,36 +22,25 @@ from pathlib import Path
 from typing import Any
 
 from engines.profiles import kv_capacity, prompt_length_range
-from visprune.artifacts import atomic_write_json, sha256_file, tool_versions
+from visprune.artifacts import sha256_file, tool_versions
 from visprune.errors import ArtifactMismatchError, BackendUnavailableError, ConfigError
-from visprune.manifests import (
-    ENGINE_SET_SCHEMA,
-    ONNX_SET_SCHEMA,
-    TARGET_BACKENDS,
-    EngineManifest,
-    OnnxSetManifest,
-    check_files,
-    digest_files,
-    model_dump,
-    read_sealed,
-    seal,
-)
-from visprune.outputs import ENGINE_SET, ONNX_SET, ArtifactKind, artifact_kind_at, check_output, replacing
+from visprune.backends import AUTO, BACKEND_CHOICES, TARGET_BACKENDS
+from visprune.dtypes import torch_dtype
+from visprune.manifests.common import digest_files, sealed, write_model
+from visprune.manifests.engine_set import ENGINE_FILE, EngineManifest
+from visprune.manifests.onnx_set import MANIFEST_FILE as ONNX_MANIFEST_FILE
+from visprune.manifests.onnx_set import OnnxSetManifest, read_onnx_set
+from visprune.outputs import ENGINE_SET, check_output, replacing
 from visprune.tensor_names import GRAPH_NAMES
 
-BACKENDS = ("onnxruntime", "tensorrt", "pytorch", "auto")  # auto: TensorRT where available (and the set is
-# exported for it), else onnxruntime
 DEVICES = ("cpu", "cuda")
 # "extended" optimizations are portable across machines; "all" adds layout changes for this CPU only.
 OPT_LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
               "all": "ORT_ENABLE_ALL"}
 ORT_PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 HOST_FILES = ("embed_tokens.npy", "processor")
-ENGINE_FILE, ONNX_MANIFEST_FILE = "engine.json", "manifest.json"
 EXTERNAL_DATA_ABOVE = 1_800_000_000  # bytes of a graph and its weights above which the optimized graph's weights go
 # to a side file (ONNX protobufs cap at 2 GB)
-ONNX_HINT = "Export it again with `visprune export ...`."
-ENGINE_HINT = "Build it again with `visprune build --onnx DIR --out DIR`."
 ORT_CUDA_HINT = ("For CUDA install onnxruntime-gpu instead of onnxruntime on a GPU host with CUDA 12 (README 'GPU "
                  "hosts'); if it is installed, its CUDA libraries did not load (see ONNX Runtime's log with "
                  "--verbose). Or build with --device cpu.")
@@ -99,8 +88,8 @@ class BuildConfig:
     allow_tf32: bool = False  # CUDA: let float32 matmuls and convolutions round their inputs to TF32
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"Unknown backend {self.backend!r}.", f"Use one of: {', '.join(BACKENDS)}.")
+        if self.backend not in BACKEND_CHOICES:
+            raise ConfigError(f"Unknown backend {self.backend!r}.", f"Use one of: {', '.join(BACKEND_CHOICES)}.")
         if self.device not in DEVICES:
             raise ConfigError(f"Unknown device {self.device!r}.", f"Use one of: {', '.join(DEVICES)}.")
         if self.optimization_level not in OPT_LEVELS:
@@ -138,7 +127,7 @@ def build_engine(config: BuildConfig, onnx_dir: Path, out_dir: Path, force: bool
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
     check_output(out_dir, ENGINE_SET, inputs=[onnx_dir, config.timing_cache], force=force)
     onnx_set = read_onnx_set(onnx_dir, verify=True)
-    if config.backend == "auto":  # TensorRT only for a set written for it
+    if config.backend == AUTO:  # TensorRT only for a set written for it
         backend = auto_backend()
         config = replace(config, backend=backend if backend in TARGET_BACKENDS[onnx_set.target] else "onnxruntime")
     if config.backend in ("tensorrt", "pytorch"):  # bad limits before any work: re-exporting would not help either
@@ -157,20 +146,17 @@ def build_engine(config: BuildConfig, onnx_dir: Path, out_dir: Path, force: bool
         backend_facts = build_graphs[config.backend](config, onnx_dir, onnx_set, staging)
         for name in HOST_FILES:
             (shutil.copytree if (onnx_dir / name).is_dir() else shutil.copy)(onnx_dir / name, staging / name)
-        manifest = seal({
-            "schema": ENGINE_SET_SCHEMA[0], "schema_version": ENGINE_SET_SCHEMA[1], "backend": config.backend,
-            **backend_facts,
-            "upstream": {"onnx_dir": str(onnx_dir.resolve()),
-                         "manifest_sha256": sha256_file(onnx_dir / ONNX_MANIFEST_FILE)},
-            "onnx_set": model_dump(onnx_set), "config": config.to_dict(),
-            "files": digest_files(staging, exclude=(ENGINE_FILE,)),
-        })
-        atomic_write_json(staging / ENGINE_FILE, manifest)
-    return EngineManifest.model_validate(manifest)
+        manifest = sealed(
+            EngineManifest, backend=config.backend, **backend_facts,
+            upstream={"onnx_dir": str(onnx_dir.resolve()),
+                      "manifest_sha256": sha256_file(onnx_dir / ONNX_MANIFEST_FILE)},
+            onnx_set=onnx_set, config=config.to_dict(), files=digest_files(staging, exclude=(ENGINE_FILE,)))
+        write_model(staging / ENGINE_FILE, manifest)
+    return manifest
 
 
 def check_target(onnx_set: OnnxSetManifest, backend: str, onnx_dir: Path) -> None:
-    """ArtifactMismatchError unless `backend` runs the ops of the set's export target (manifests.TARGET_BACKENDS)."""
+    """ArtifactMismatchError unless `backend` runs the ops of the set's export target (visprune/backends.py)."""
     if backend not in TARGET_BACKENDS[onnx_set.target]:
         raise ArtifactMismatchError(
             f"{onnx_dir} was exported for {onnx_set.target} (opset-23 Attention, RMSNormalization and "
@@ -188,42 +174,6 @@ def auto_backend() -> str:
     except BackendUnavailableError:
         return "onnxruntime"
     return "tensorrt"
-
-
-def check_artifact_kind(folder: Path, expected: ArtifactKind) -> None:
-    """ArtifactMismatchError naming what `folder` is when it holds another visprune artifact: an ONNX set where
-    an engine belongs (or the reverse) is a mix-up with its own fix, not a broken artifact to make again."""
-    found = artifact_kind_at(Path(folder)) if Path(folder).is_dir() else None
-    if found is None or found is expected:
-        return
-    if (found, expected) == (ONNX_SET, ENGINE_SET):
-        hint = f"Build an engine from it with `visprune build --onnx {folder} --out ENGINE` and pass that engine."
-    elif (found, expected) == (ENGINE_SET, ONNX_SET):
-        hint = "Pass the ONNX set this engine was built from (`visprune export` writes one), not the engine."
-    else:
-        hint = ENGINE_HINT if expected is ENGINE_SET else ONNX_HINT
-    raise ArtifactMismatchError(f"{folder} is a visprune {found.name} (written by `{found.command}`), not "
-                                f"{'an' if expected.name[0] in 'aeiouAEIOU' else 'a'} {expected.name}.", hint)
-
-
-def read_onnx_set(onnx_dir: Path, verify: bool = False) -> OnnxSetManifest:
-    """The ONNX set's manifest after checking its schema, seal, fields and files (hashes: see check_files)."""
-    check_artifact_kind(onnx_dir, ONNX_SET)
-    manifest = read_sealed(OnnxSetManifest, onnx_dir, ONNX_MANIFEST_FILE, ONNX_SET_SCHEMA, "ONNX set", ONNX_HINT)
-    check_files(onnx_dir, manifest.files, manifest.manifest_sha256, "ONNX set", ONNX_HINT, verify)
-    return manifest
-
-
-def read_engine_set(engine_dir: Path, verify: bool = False) -> EngineManifest:
-    """The engine's manifest after checking its schema, seal, fields, the embedded ONNX-set manifest's seal, and
-    its files (sizes at every load; hashes at the first load of these files or with `verify`)."""
-    check_artifact_kind(engine_dir, ENGINE_SET)
-    manifest = read_sealed(EngineManifest, engine_dir, ENGINE_FILE, ENGINE_SET_SCHEMA, "engine", ENGINE_HINT)
-    if manifest.onnx_set.manifest_sha256 != seal(model_dump(manifest.onnx_set))["manifest_sha256"]:
-        raise ArtifactMismatchError(f"The ONNX-set manifest inside {Path(engine_dir) / ENGINE_FILE} was edited.",
-                                    f"Do not edit manifests; {ENGINE_HINT[0].lower()}{ENGINE_HINT[1:]}")
-    check_files(engine_dir, manifest.files, manifest.manifest_sha256, "engine", ENGINE_HINT, verify)
-    return manifest
 
 
 def _build_onnxruntime(config: BuildConfig, onnx_dir: Path, onnx_set: OnnxSetManifest,
@@ -295,12 +245,11 @@ def _compile_static_engine(onnx_set: OnnxSetManifest, device: str, shapes, cuda_
     import torch
 
     from engines.torch_static import StaticTorchEngine, engine_recipe
-    from exporter.export import TORCH_DTYPES
     from visprune.models import load_llava
     from visprune.models.llava import EMBEDDED_MODELS
 
     model = onnx_set.model.name if onnx_set.model.name in EMBEDDED_MODELS else onnx_set.model.path
-    bundle = load_llava(model, device=device, dtype=TORCH_DTYPES[onnx_set.dtype])
+    bundle = load_llava(model, device=device, dtype=torch_dtype(onnx_set.dtype))
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     StaticTorchEngine(bundle.model, engine_recipe(onnx_set), onnx_set.prompt.image_start, device, shapes,

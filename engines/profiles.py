@@ -21,7 +21,8 @@ from __future__ import annotations
 from typing import Any
 
 from visprune.errors import ConfigError, PromptError
-from visprune.manifests import Limits, OnnxSetManifest
+from visprune.manifests.engine_set import Limits
+from visprune.manifests.onnx_set import OnnxSetManifest
 from visprune.tensor_names import BATCH_DIM, SEQ_DIM, past_len_dim
 
 OPT_TEXT_TOKENS = 64  # typical question + answer-prefix length the kernels are tuned for

@@ -23,7 +23,8 @@ from typing import Any
 from engines.profiles import derive_profiles, kv_capacity
 from visprune.artifacts import atomic_write_bytes, tool_versions
 from visprune.errors import ArtifactMismatchError, BackendUnavailableError, EngineBuildError
-from visprune.manifests import EngineManifest, OnnxSetManifest
+from visprune.manifests.engine_set import EngineManifest
+from visprune.manifests.onnx_set import OnnxSetManifest
 from visprune.tensor_names import GRAPH_NAMES
 
 INSTALL_HINT = ("On a host with an NVIDIA GPU: `pip install tensorrt` (TensorRT 10 or 11; see README 'GPU hosts'), "

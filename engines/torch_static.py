@@ -37,7 +37,7 @@ import torch
 from calibrate.recipe import Recipe
 from exporter.pruned_lm import PrunedLlamaPrefill, Regions, StaticCacheDecodeStep
 from visprune.errors import BackendUnavailableError, PromptError
-from visprune.manifests import OnnxSetManifest
+from visprune.manifests.onnx_set import OnnxSetManifest
 from visprune.methods import METHODS
 from visprune.models.decoder import SDPA, Kernels
 

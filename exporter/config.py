@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from visprune.errors import ConfigError
-from visprune.manifests import DTYPES
-from visprune.manifests import EXPORT_TARGETS as TARGETS
+from visprune.backends import EXPORT_TARGETS as TARGETS
+from visprune.dtypes import DTYPES
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,7 @@ class ExportConfig:
     model: str = "tiny"  # "tiny" or a local llava-hf checkpoint folder
     recipe: Path | None = None  # None: the unpruned model
     dtype: str = "float32"  # graph dtype; float16/bfloat16 keep norms, softmax and scores in float32
-    target: str = "onnxruntime"  # the backend family the graphs are written for (visprune/manifests.py)
+    target: str = "onnxruntime"  # the backend family the graphs are written for (visprune/backends.py)
     opset: int | None = None  # None: the target's (TARGETS)
     max_seq: int = 2048  # longest prompt (text + image tokens) + generated tokens the graphs accept
     allow_other_model: bool = False  # accept a recipe calibrated on another checkpoint of this architecture

@@ -9,28 +9,35 @@ every graph exported and passed the lint.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-import torch
 
 from calibrate.recipe import Recipe, check_recipe_fits, load_recipe, unpruned_recipe
 from exporter.config import ExportConfig
 from exporter.graphs import KERNELS, export_decode, export_prefill, export_vision
 from exporter.lint import lint_onnx
-from visprune.artifacts import atomic_write_json, tool_versions
+from visprune.artifacts import tool_versions
+from visprune.dtypes import host_dtype, torch_dtype
 from visprune.errors import ConfigError, ExportError
-from visprune.manifests import ONNX_SET_SCHEMA, OnnxSetManifest, digest_files, kv_stages_of, seal
+from visprune.manifests.common import digest_files, sealed, write_model
+from visprune.manifests.onnx_set import (
+    MANIFEST_FILE,
+    Embeddings,
+    GraphIO,
+    ModelRef,
+    OnnxSetManifest,
+    PromptLayout,
+    RecipeSummary,
+    kv_stages_of,
+)
 from visprune.models import LlavaBundle, chat_prompt, encode_image_prompt, load_llava
 from visprune.models.llava import model_folder
 from visprune.outputs import ONNX_SET, check_output, replacing
 from visprune.tensor_names import GRAPH_NAMES
-
-MANIFEST_FILE = "manifest.json"
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -49,7 +56,7 @@ def export_onnx(config: ExportConfig, out_dir: Path, progress: bool = True, forc
     out_dir = Path(out_dir)
     check_output(out_dir, ONNX_SET, inputs=[config.recipe, model_folder(config.model)], force=force)
     recipe = load_recipe(config.recipe) if config.recipe else None
-    bundle = load_llava(config.model, device="cpu", dtype=TORCH_DTYPES[config.dtype])
+    bundle = load_llava(config.model, device="cpu", dtype=torch_dtype(config.dtype))
     recipe = recipe or unpruned_recipe(bundle.shape)
     check_recipe_fits(recipe, bundle.shape, bundle.fingerprint, bundle.name, config.allow_other_model)
     image_start = template_image_start(bundle)
@@ -59,11 +66,11 @@ def export_onnx(config: ExportConfig, out_dir: Path, progress: bool = True, forc
             _export_graph(graph, bundle, recipe, image_start, config, staging / f"{graph}.onnx")
         lint_exported_set(staging, recipe)
         embeddings = bundle.model.get_input_embeddings().weight.detach().float().numpy()
-        np.save(staging / "embed_tokens.npy", embeddings.astype(_numpy_dtype(config.dtype)))
+        np.save(staging / "embed_tokens.npy", embeddings.astype(host_dtype(config.dtype)))
         bundle.processor.save_pretrained(staging / "processor")
         manifest = _manifest(config, bundle, recipe, image_start, staging, time.perf_counter() - start)
-        atomic_write_json(staging / MANIFEST_FILE, manifest)
-    return ExportResult(out_dir=out_dir, manifest=OnnxSetManifest.model_validate(manifest))
+        write_model(staging / MANIFEST_FILE, manifest)
+    return ExportResult(out_dir=out_dir, manifest=manifest)
 
 
 def template_image_start(bundle: LlavaBundle) -> int:
@@ -116,30 +123,29 @@ def _export_graph(graph: str, bundle: LlavaBundle, recipe: Recipe, image_start: 
 
 
 def _manifest(config: ExportConfig, bundle: LlavaBundle, recipe: Recipe, image_start: int, folder: Path,
-              seconds: float) -> dict[str, Any]:
+              seconds: float) -> OnnxSetManifest:
     tokenizer = bundle.processor.tokenizer
-    return seal({
-        "schema": ONNX_SET_SCHEMA[0],
-        "schema_version": ONNX_SET_SCHEMA[1],
-        "model": {"name": bundle.name, "path": str(bundle.path.resolve()), "fingerprint": bundle.fingerprint},
-        "recipe": {"sha256": recipe.content_hash(), "method": recipe.method, "removed": recipe.removed,
-                   "keep": recipe.keep, "num_visual_tokens": recipe.num_visual_tokens, "seed": recipe.seed,
-                   "removed_before_llm": recipe.removed_before_llm},
-        "prompt": {"image_start": image_start, "num_visual_tokens": recipe.num_visual_tokens,
-                   "max_seq": config.max_seq, "image_token_id": bundle.image_token_id,
-                   "eos_token_id": tokenizer.eos_token_id},
-        "dtype": config.dtype,
-        "target": config.target,
-        "language_model": asdict(bundle.shape),  # what FLOPs figures downstream need
-        "kv_stages": kv_stages_of(recipe.removed),
-        "graphs": {graph: {"file": f"{graph}.onnx", **describe_io(folder / f"{graph}.onnx")} for graph in GRAPH_NAMES},
-        "embeddings": {"file": "embed_tokens.npy", "shape": list(bundle.model.get_input_embeddings().weight.shape)},
-        "processor": "processor",
-        "config": config.to_dict(),
-        "tools": tool_versions("torch", "transformers", "onnx", "onnxscript"),
-        "export_seconds": round(seconds, 2),
-        "files": digest_files(folder, exclude=(MANIFEST_FILE,)),
-    })
+    return sealed(
+        OnnxSetManifest,
+        model=ModelRef(name=bundle.name, path=str(bundle.path.resolve()), fingerprint=bundle.fingerprint),
+        recipe=RecipeSummary(sha256=recipe.content_hash(), method=recipe.method, removed=list(recipe.removed),
+                             keep=recipe.keep, num_visual_tokens=recipe.num_visual_tokens, seed=recipe.seed,
+                             removed_before_llm=recipe.removed_before_llm),
+        prompt=PromptLayout(image_start=image_start, num_visual_tokens=recipe.num_visual_tokens,
+                            max_seq=config.max_seq, image_token_id=bundle.image_token_id,
+                            eos_token_id=tokenizer.eos_token_id),
+        dtype=config.dtype,
+        target=config.target,
+        language_model=bundle.shape,  # what FLOPs figures downstream need
+        kv_stages=kv_stages_of(recipe.removed),
+        graphs={graph: GraphIO(file=f"{graph}.onnx", **describe_io(folder / f"{graph}.onnx")) for graph in GRAPH_NAMES},
+        embeddings=Embeddings(file="embed_tokens.npy", shape=list(bundle.model.get_input_embeddings().weight.shape)),
+        processor="processor",
+        config=config.to_dict(),
+        tools=tool_versions("torch", "transformers", "onnx", "onnxscript"),
+        export_seconds=round(seconds, 2),
+        files=digest_files(folder, exclude=(MANIFEST_FILE,)),
+    )
 
 
 def describe_io(path: Path) -> dict[str, list[dict[str, Any]]]:
@@ -152,11 +158,6 @@ def describe_io(path: Path) -> dict[str, list[dict[str, Any]]]:
                 "shape": [d.dim_param or d.dim_value for d in tensor.shape.dim]}
 
     return {"inputs": [describe(v) for v in graph.input], "outputs": [describe(v) for v in graph.output]}
-
-
-def _numpy_dtype(dtype: str):
-    # numpy has no bfloat16: bfloat16 graphs take their embeddings as float32 and cast on the way in.
-    return np.float16 if dtype == "float16" else np.float32
 
 
 def _progress(items, enabled: bool):

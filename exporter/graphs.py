@@ -18,7 +18,7 @@ from torch.export import Dim
 
 from calibrate.recipe import Recipe
 from exporter.pruned_lm import LlamaDecodeStep, PrunedLlamaPrefill
-from visprune.manifests import kv_stages_of, recipe_io_names
+from visprune.manifests.onnx_set import kv_stages_of, recipe_io_names
 from visprune.methods import METHODS
 from visprune.models.decoder import EAGER, ONNX_OPS, SDPA, Kernels
 from visprune.tensor_names import (

@@ -20,17 +20,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from runtime.generation import run_tokens
-from visprune.artifacts import atomic_write_bytes, atomic_write_json
+from visprune.artifacts import atomic_write_bytes
 from visprune.errors import ConfigError
-from visprune.manifests import EvalReport
+from visprune.manifests.common import model_dump, write_model
+from visprune.manifests.reports import EVAL_SCHEMA, Accuracy, EvalReport
 from visprune.models.llava import model_folder
 from visprune.outputs import EVAL, check_output, replacing
 from visprune.tasks.shapes_vqa import ShapesSample, accuracy_by_type, make_split
 
 if TYPE_CHECKING:  # for the annotation only: the functions import it when called, as before
     from runtime.pipeline import Pipeline
-
-EVAL_SCHEMA = ("visprune.eval_report", 1)
 
 
 @dataclass(frozen=True)
@@ -160,7 +159,7 @@ class ModuleStep:
 
 def eval_report(out_dir: Path, config: EvalConfig, engine_dir: Path | None = None, recipe: Path | None = None,
                 model: str = "tiny-vqa", progress: bool = True, force: bool = False,
-                verify: bool = False) -> dict[str, Any]:
+                verify: bool = False) -> EvalReport:
     """Accuracy on the first `config.questions` test questions; writes eval.json and eval.md to the folder
     `out_dir` (checked before any work, see visprune/outputs.py). A recipe must fit `model`."""
     from calibrate.recipe import load_recipe
@@ -177,19 +176,19 @@ def eval_report(out_dir: Path, config: EvalConfig, engine_dir: Path | None = Non
     else:
         answers, subject = answers_from_recipe(model, load_recipe(recipe), samples, config, progress), str(recipe)
         path = "PyTorch reference"
-    report = {"schema": EVAL_SCHEMA[0], "schema_version": EVAL_SCHEMA[1], "subject": subject, "path": path,
-              "model": model, "task": "shapes-vqa test split", "config": {"version": config.VERSION, **config.__dict__},
-              "accuracy": accuracy_by_type(samples, answers),
-              "examples": [{"question": s.question, "expected": s.answer, "answer": a}
-                           for s, a in list(zip(samples, answers))[:10]]}
-    EvalReport.model_validate(report)  # a writer's bug, not the user's: fails loudly before writing
+    report = EvalReport(subject=subject, path=path, model=model, task="shapes-vqa test split",
+                        config={"version": config.VERSION, **config.__dict__},
+                        accuracy=Accuracy(**accuracy_by_type(samples, answers)),
+                        examples=[{"question": s.question, "expected": s.answer, "answer": a}
+                                  for s, a in list(zip(samples, answers))[:10]])
     with replacing(out_dir) as staging:
-        atomic_write_json(staging / "eval.json", report)
+        write_model(staging / EVAL_SCHEMA.file, report)
         atomic_write_bytes(staging / "eval.md", eval_markdown(report).encode())
     return report
 
 
-def eval_markdown(report: dict[str, Any]) -> str:
+def eval_markdown(evaluation: EvalReport) -> str:
+    report = model_dump(evaluation)
     accuracy = report["accuracy"]
     lines = [f"# shapes-vqa accuracy: {accuracy['overall']:.1%} of {accuracy['n']} questions", "",
              f"Subject `{report['subject']}` through the {report['path']}.", "",

@@ -27,15 +27,15 @@ from typing import Any, Callable
 
 import numpy as np
 
-from engines.build import read_engine_set
 from runtime.generation import run_tokens
 from runtime.pipeline import EngineStep, Pipeline
-from visprune.artifacts import atomic_write_bytes, atomic_write_json, tool_versions
+from visprune.artifacts import atomic_write_bytes, tool_versions
 from visprune.errors import ArtifactMismatchError, ConfigError
-from visprune.manifests import LatencyReport
+from visprune.manifests.common import model_dump, write_model
+from visprune.manifests.engine_set import read_engine_set
+from visprune.manifests.reports import LATENCY_SCHEMA, LatencyRatios, LatencyReport
 from visprune.figures import pyplot, save_figure
 
-LATENCY_SCHEMA = ("visprune.latency_report", 2)  # 2: memory as load_bytes and working_bytes, with their method
 Clock = Callable[[], float]
 
 
@@ -125,7 +125,7 @@ def summarize_requests(requests: list[dict[str, Any]]) -> dict[str, Any]:
 
 def latency_report(engine: Path | Pipeline, baseline: Path | Pipeline, out_dir: Path, image: Path | None = None,
                    question: str = "What is in the picture?", new_tokens: int = 16, warmup: int = 3, rounds: int = 10,
-                   clock: Clock = time.perf_counter) -> dict[str, Any]:
+                   clock: Clock = time.perf_counter) -> LatencyReport:
     """Measure `engine` against `baseline` on one request; write latency.json, latency.md, latency.png. Each is an
     engine folder or a Pipeline already open on one (the whole-pipeline run hands over its own rather than open a
     second copy; the memory its loading took is then not measured)."""
@@ -141,20 +141,17 @@ def latency_report(engine: Path | Pipeline, baseline: Path | Pipeline, out_dir: 
     del runtime_started  # held until the memory was measured: its freed memory would otherwise be counted as free
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     timed = measure_side_by_side(pipes, request, warmup=0, rounds=rounds, clock=clock)
-    report = {
-        "schema": LATENCY_SCHEMA[0], "schema_version": LATENCY_SCHEMA[1],
-        "request": {"image": str(image) if image else "default cat photograph", "question": question,
-                    "prompt_tokens": int(request.input_ids.shape[1]), "new_tokens": new_tokens,
-                    "visual_tokens": pipes["pruned"].num_visual},
-        "engines": {name: {"engine_dir": str(pipe.engine_dir.resolve()), **_engine_facts(pipe),
-                           **summarize_requests(timed[name]), "memory": memory[name]}
-                    for name, pipe in pipes.items()},
-        "method": _method(warmup, rounds, clock, load_before, pipes["pruned"]),
-    }
-    report["ratios"] = _ratios(report, pipes)
+    engines = {name: {"engine_dir": str(pipe.engine_dir.resolve()), **_engine_facts(pipe),
+                      **summarize_requests(timed[name]), "memory": memory[name]}
+               for name, pipe in pipes.items()}
+    prompt_tokens = int(request.input_ids.shape[1])
+    report = LatencyReport(
+        request={"image": str(image) if image else "default cat photograph", "question": question,
+                 "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "visual_tokens": pipes["pruned"].num_visual},
+        engines=engines, method=_method(warmup, rounds, clock, load_before, pipes["pruned"]),
+        ratios=_ratios(prompt_tokens, engines, pipes))
     out_dir = Path(out_dir)
-    LatencyReport.model_validate(report)  # a writer's bug, not the user's: fails loudly before writing
-    atomic_write_json(out_dir / "latency.json", report)
+    write_model(out_dir / LATENCY_SCHEMA.file, report)
     atomic_write_bytes(out_dir / "latency.md", latency_markdown(report).encode())
     plot_latency(report, out_dir / "latency.png")
     return report
@@ -277,11 +274,11 @@ def _engine_facts(pipe: Pipeline) -> dict[str, Any]:
             "session": getattr(pipe.runner, "session_facts", None)}
 
 
-def _ratios(report: dict[str, Any], pipes: dict[str, Pipeline]) -> dict[str, Any]:
+def _ratios(prompt_tokens: int, engines: dict[str, dict[str, Any]], pipes: dict[str, Pipeline]) -> LatencyRatios:
     from calibrate.flops import visual_flops
 
     shape = pipes["pruned"].manifest.onnx_set.language_model
-    text = report["request"]["prompt_tokens"] - shape.num_visual_tokens
+    text = prompt_tokens - shape.num_visual_tokens
     recipes = {name: pipe.manifest.onnx_set.recipe for name, pipe in pipes.items()}
 
     def flops(name: str, extra: float = 0.0) -> float:
@@ -289,16 +286,16 @@ def _ratios(report: dict[str, Any], pipes: dict[str, Pipeline]) -> dict[str, Any
 
     lm = flops("pruned", text) / flops("baseline", text)
     visual = flops("pruned") / flops("baseline")
-    e = report["engines"]
+    e = engines
     prefill = e["pruned"]["prefill"]["p50_ms"] / e["baseline"]["prefill"]["p50_ms"]
     decode = (e["pruned"]["decode_per_token"]["p50_ms"] / e["baseline"]["decode_per_token"]["p50_ms"]
               if e["pruned"]["decode_per_token"] else None)
-    return {"lm_flops_ratio": lm, "visual_flops_ratio": visual, "prefill_latency_ratio": prefill,
-            "prefill_latency_over_flops": prefill / lm, "prefill_speedup": 1 / prefill,
-            "ttft_ratio": e["pruned"]["ttft"]["p50_ms"] / e["baseline"]["ttft"]["p50_ms"],
-            "decode_latency_ratio": decode,
-            "kv_bytes_ratio": e["pruned"]["kv_bytes_prefill"] / e["baseline"]["kv_bytes_prefill"],
-            "lm_flops_text_tokens": text}
+    return LatencyRatios(lm_flops_ratio=lm, visual_flops_ratio=visual, prefill_latency_ratio=prefill,
+                         prefill_latency_over_flops=prefill / lm, prefill_speedup=1 / prefill,
+                         ttft_ratio=e["pruned"]["ttft"]["p50_ms"] / e["baseline"]["ttft"]["p50_ms"],
+                         decode_latency_ratio=decode,
+                         kv_bytes_ratio=e["pruned"]["kv_bytes_prefill"] / e["baseline"]["kv_bytes_prefill"],
+                         lm_flops_text_tokens=text)
 
 
 def _method(warmup: int, rounds: int, clock: Clock, load_before, pipe: Pipeline) -> dict[str, Any]:
@@ -333,7 +330,8 @@ def _cpu_model() -> str:
         return platform.processor() or "unknown"
 
 
-def latency_markdown(report: dict[str, Any]) -> str:
+def latency_markdown(latency: LatencyReport) -> str:
+    report = model_dump(latency)
     e, r, m, q = report["engines"], report["ratios"], report["method"], report["request"]
     rows = [("vision p50", "vision", "p50_ms"), ("prefill p50", "prefill", "p50_ms"),
             ("prefill p90", "prefill", "p90_ms"), ("TTFT p50", "ttft", "p50_ms"), ("TTFT p90", "ttft", "p90_ms")]
@@ -378,11 +376,11 @@ def _mib(value) -> str:
     return "n/a" if value is None else f"{value / 2**20:.1f}"
 
 
-def plot_latency(report: dict[str, Any], out: Path) -> None:
+def plot_latency(report: LatencyReport, out: Path) -> None:
     """Left: p50 per phase, pruned vs. baseline. Right: latency ratio vs. FLOPs ratio (the diagonal is 'as fast
     as the FLOPs say')."""
     plt = pyplot()
-    e, r = report["engines"], report["ratios"]
+    e, r = report.engines, model_dump(report.ratios)
     phases = [p for p in ("vision", "prefill", "ttft", "decode_per_token") if e["pruned"][p]]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
     x = np.arange(len(phases))

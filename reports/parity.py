@@ -29,10 +29,13 @@ import numpy as np
 
 from calibrate.recipe import Recipe, check_recipe_fits, load_recipe, unpruned_recipe
 from runtime.pipeline import Pipeline
-from runtime.torch_runner import TORCH_DTYPES, TorchRunner, engine_recipe
-from visprune.artifacts import atomic_write_bytes, atomic_write_json
+from runtime.torch_runner import TorchRunner, engine_recipe
+from visprune.artifacts import atomic_write_bytes
+from visprune.dtypes import torch_dtype
 from visprune.errors import ArtifactMismatchError, VispruneError
-from visprune.manifests import OnnxSetManifest, ParityReport
+from visprune.manifests.common import model_dump, write_model
+from visprune.manifests.onnx_set import OnnxSetManifest
+from visprune.manifests.reports import PARITY_SCHEMA, EngineVsReference, ParityReport, PrunedVsUnpruned
 from visprune.models import LlavaBundle, load_llava
 
 
@@ -82,7 +85,6 @@ NEAR_TIE_FACTOR = 2.0
 # How far the engine's saved token embeddings may sit from the model's float32 ones: the export rounds them to
 # its dtype (float16 keeps 11 significant bits, bfloat16 8; bfloat16 sets store the rounded values as float32).
 EMBEDDING_TOLERANCE = {"float32": (1e-6, 1e-8), "float16": (1e-3, 1e-7), "bfloat16": (1e-2, 1e-7)}  # (rtol, atol)
-PARITY_SCHEMA = ("visprune.parity_report", 3)  # 3: per-step scaled atol, near-tie flips, logits_judged, kept mismatches
 HELD_OUT_QUESTIONS = ["What is the dominant color here?", "Is this picture taken at night?",
                       "What shape is the biggest thing?", "Name one object in the photo."]
 
@@ -109,7 +111,7 @@ def default_parity_prompts(count: int = 8) -> list[PromptCase]:
 def parity_report(engine: Path | Pipeline, model: str, out_dir: Path, prompts: list[PromptCase] | None = None,
                   max_new_tokens: int = 8, allow_failure: bool = False, recipe: Path | None = None,
                   criteria: dict[str, float] | None = None, reference: str = "auto",
-                  progress: bool = True) -> dict[str, Any]:
+                  progress: bool = True) -> ParityReport:
     """Write parity.json and parity.md to `out_dir`; raise ParityError on failure unless `allow_failure`.
 
     `engine`: an engine folder, or a Pipeline already open on one (the whole-pipeline run hands over the one it
@@ -130,7 +132,7 @@ def parity_report(engine: Path | Pipeline, model: str, out_dir: Path, prompts: l
                                     "Pass the --model the engine was exported from, or export and build again.")
     check_engine_embeddings(pipe, bundle, model)
     device, dtype = reference_precision(pipe) if reference == "auto" else ("cpu", "float32")
-    bundle = bundle if dtype == "float32" else load_llava(model, dtype=TORCH_DTYPES[dtype])
+    bundle = bundle if dtype == "float32" else load_llava(model, dtype=torch_dtype(dtype))
     pruned = pipe.with_runner(TorchRunner(bundle, engine_recipe(onnx_set), pipe.image_start, device))
     unpruned = pipe.with_runner(TorchRunner(bundle, unpruned_recipe(bundle.shape), pipe.image_start, device))
     rules = replace(CRITERIA[onnx_set.dtype], **(criteria or {}))
@@ -138,11 +140,10 @@ def parity_report(engine: Path | Pipeline, model: str, out_dir: Path, prompts: l
              for case in _progress(prompts or default_parity_prompts(), progress)]
     report = _summarize(cases, rules, onnx_set, {"device": device, "dtype": dtype})
     out_dir = Path(out_dir)
-    ParityReport.model_validate(report)  # a writer's bug, not the user's: fails loudly before writing
-    atomic_write_json(out_dir / "parity.json", report)
+    write_model(out_dir / PARITY_SCHEMA.file, report)
     atomic_write_bytes(out_dir / "parity.md", _markdown(report).encode())
-    if not report["engine_vs_reference"]["passed"] and not allow_failure:
-        raise ParityError(f"The engine does not match the PyTorch reference: {report['engine_vs_reference']['failures']}",
+    if not report.engine_vs_reference.passed and not allow_failure:
+        raise ParityError(f"The engine does not match the PyTorch reference: {report.engine_vs_reference.failures}",
                           f"See {out_dir / 'parity.md'}; pass --allow-parity-failure to keep going anyway.")
     return report
 
@@ -321,22 +322,20 @@ def _failures(cases: list[dict[str, Any]], worst: dict[str, Any], rules: ParityC
 
 
 def _summarize(cases: list[dict[str, Any]], rules: ParityCriteria, onnx_set: OnnxSetManifest,
-               reference: dict[str, str]) -> dict[str, Any]:
+               reference: dict[str, str]) -> ParityReport:
     worst = _worst(cases)
     failures = _failures(cases, worst, rules)
-    return {
-        "schema": PARITY_SCHEMA[0], "schema_version": PARITY_SCHEMA[1],
-        "engine": {"recipe_sha256": onnx_set.recipe.sha256, "dtype": onnx_set.dtype, "model": onnx_set.model.name},
-        "engine_vs_reference": {
-            "passed": not failures, "failures": failures, "criteria": asdict(rules), "reference": reference,
-            "tolerance": rules.logits_atol, "near_tie_factor": NEAR_TIE_FACTOR, **worst, "prompts": len(cases)},
-        "pruned_vs_unpruned": {
-            "first_token_top1_agreement": float(np.mean([c["first_token_top1_agree"] for c in cases])),
-            "mean_first_token_kl": float(np.mean([c["first_token_kl"] for c in cases])),
-            "answer_exact_match_rate": float(np.mean([c["answer_exact_match"] for c in cases])),
-        },
-        "cases": cases,
-    }
+    return ParityReport(
+        engine={"recipe_sha256": onnx_set.recipe.sha256, "dtype": onnx_set.dtype, "model": onnx_set.model.name},
+        engine_vs_reference=EngineVsReference(
+            passed=not failures, failures=failures, criteria=asdict(rules), reference=reference,
+            tolerance=rules.logits_atol, near_tie_factor=NEAR_TIE_FACTOR, **worst, prompts=len(cases)),
+        pruned_vs_unpruned=PrunedVsUnpruned(
+            first_token_top1_agreement=float(np.mean([c["first_token_top1_agree"] for c in cases])),
+            mean_first_token_kl=float(np.mean([c["first_token_kl"] for c in cases])),
+            answer_exact_match_rate=float(np.mean([c["answer_exact_match"] for c in cases]))),
+        cases=cases,
+    )
 
 
 def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
@@ -346,7 +345,8 @@ def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
     return float(np.sum(np.exp(log_p) * (log_p - log_q)))
 
 
-def _markdown(report: dict[str, Any]) -> str:
+def _markdown(parity: ParityReport) -> str:
+    report = model_dump(parity)
     a, b = report["engine_vs_reference"], report["pruned_vs_unpruned"]
     c = a["criteria"]
     lines = [

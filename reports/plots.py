@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from visprune.figures import pyplot, save_figure
+from visprune.manifests.reports import ParityReport
 
 
 def model_view(pixel_values: np.ndarray, processor: Any) -> np.ndarray:
@@ -42,19 +43,19 @@ def plot_kept_tokens(image: np.ndarray, kept_indices: dict[int, list[int]], num_
     save_figure(fig, out)
 
 
-def plot_parity(report: dict[str, Any], out: Path) -> None:
+def plot_parity(report: ParityReport, out: Path) -> None:
     """Max abs logits error of the engine vs. the PyTorch reference, per generated token and prompt, with each
     step's atol."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 4), dpi=110)
-    for case in report["cases"]:
+    for case in report.cases:
         errors = np.maximum(case["max_abs_logits_error"], 1e-12)
         judged = "" if case["logits_judged"] else " (not judged: kept sets differ)"
         line, = ax.plot(range(len(errors)), errors, marker="o", alpha=0.7,
                         label=f"{case['image']}: {case['question'][:24]}{judged}")
         # each step's own atol (it scales with the step's largest logit), in the case's colour
         ax.plot(range(len(errors)), case["logits_atol"], color=line.get_color(), linestyle=":", alpha=0.6)
-    tolerance = report["engine_vs_reference"]["tolerance"]
+    tolerance = report.engine_vs_reference.tolerance
     ax.axhline(tolerance, color="red", linestyle="--", label=f"atol floor {tolerance:.0e} (dotted: each step's atol)")
     ax.set_yscale("log")
     ax.set_xlabel("generated token")

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from engines.build import read_engine_set
 from reports.parity import ParityError
 from visprune.errors import ConfigError
+from visprune.manifests.engine_set import read_engine_set
 from visprune.models.llava import model_folder
 from visprune.outputs import REPORT, check_output, replacing
 

@@ -23,13 +23,13 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from engines.build import read_engine_set
 from engines.profiles import check_request_fits
 from runtime.generation import GREEDY, Sampling, iterate_tokens
 from runtime.runner_api import RowLayout, Runner
 from runtime.runners import open_runner
+from visprune.dtypes import host_dtype
 from visprune.errors import ConfigError, ImageLoadError, PromptError
-from visprune.manifests import EngineManifest
+from visprune.manifests.engine_set import EngineManifest, read_engine_set
 from visprune.models.inputs import check_single_image_placeholder, image_span, load_image
 
 
@@ -96,8 +96,7 @@ class Pipeline:
         self.image_start, self.num_visual = prompt.image_start, prompt.num_visual_tokens  # the template's offset
         self.max_seq, self.eos_token_id = prompt.max_seq, prompt.eos_token_id
         self.image_token_id = prompt.image_token_id
-        # numpy has no bfloat16: such sets take float32 on the host and the backend casts
-        self.host_dtype = np.float16 if manifest.onnx_set.dtype == "float16" else np.float32
+        self.host_dtype = host_dtype(manifest.onnx_set.dtype)  # bfloat16 sets: float32, the backend casts
         self.max_batch = manifest.limits.max_batch if manifest.limits else None  # TensorRT profiles; else any
 
     @classmethod

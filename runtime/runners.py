@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 
 from runtime.runner_api import PrefillOutput, RowLayout, Runner, VisionOutput, prefill_feeds
+from visprune.dtypes import DTYPE_TABLE
 from visprune.errors import ConfigError
-from visprune.manifests import EngineManifest
+from visprune.manifests.engine_set import EngineManifest
 from visprune.tensor_names import (GRAPH_NAMES, INPUTS_EMBEDS, LOGITS, PAD_LENGTHS, PIXEL_VALUES, POSITION_IDS,
                                    kept_layer, kv_names)
 
@@ -96,4 +97,4 @@ class OrtRunner:
         return [values[name] for name in kv_names("present", self.num_layers)]
 
 
-_ORT_ITEMSIZE = {"tensor(float)": 4, "tensor(float16)": 2, "tensor(bfloat16)": 2, "tensor(int64)": 8}
+_ORT_ITEMSIZE = {**{d.ort: d.itemsize for d in DTYPE_TABLE.values()}, "tensor(int64)": 8}

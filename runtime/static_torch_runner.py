@@ -30,7 +30,7 @@ from exporter.graphs import VisionFeatures
 from runtime.runner_api import PrefillOutput, RowLayout, VisionOutput
 from runtime.torch_runner import engine_bundle, vision_features
 from visprune.errors import PromptError
-from visprune.manifests import EngineManifest
+from visprune.manifests.engine_set import EngineManifest
 from visprune.methods import METHODS
 from visprune.models import LlavaBundle
 from visprune.models.decoder import SDPA, Kernels

@@ -19,8 +19,9 @@ import numpy as np
 
 from engines.tensorrt import check_engine_compatible, gpu_identity, import_tensorrt
 from runtime.runner_api import PrefillOutput, RowLayout, VisionOutput
+from visprune.dtypes import DTYPE_TABLE, torch_dtype
 from visprune.errors import ArtifactMismatchError, PromptError
-from visprune.manifests import EngineManifest
+from visprune.manifests.engine_set import EngineManifest
 from visprune.tensor_names import (
     IMAGE_FEATURES,
     IMAGE_SCORES,
@@ -93,10 +94,9 @@ class TensorRTRunner:
 
         self.graphs, self.manifest = graphs, manifest
         self.stream = torch.cuda.Stream()
-        self.torch_dtypes = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
+        self.torch_dtypes = {**{getattr(trt, d.name): d.torch for d in DTYPE_TABLE.values()},  # trt.float16, ...
                              trt.int64: torch.int64, trt.int32: torch.int32}
-        self.dtype = {"float32": torch.float32, "float16": torch.float16,
-                      "bfloat16": torch.bfloat16}[manifest.onnx_set.dtype]
+        self.dtype = torch_dtype(manifest.onnx_set.dtype)
         self.num_layers = manifest.onnx_set.num_layers
         self.max_batch = manifest.limits.max_batch
         self.kv_shape = _kv_shape(manifest)

@@ -15,12 +15,12 @@ import torch
 
 from calibrate.recipe import Recipe, check_recipe_fits, unpruned_recipe
 from engines.torch_static import engine_recipe
-from exporter.export import TORCH_DTYPES
 from exporter.graphs import VisionFeatures
 from exporter.pruned_lm import LlamaDecodeStep, PrunedLlamaPrefill
 from runtime.runner_api import PrefillOutput, RowLayout, VisionOutput
+from visprune.dtypes import torch_dtype
 from visprune.errors import ArtifactMismatchError, BackendUnavailableError
-from visprune.manifests import EngineManifest
+from visprune.manifests.engine_set import EngineManifest
 from visprune.models import LlavaBundle, load_llava
 from visprune.methods import METHODS
 from visprune.models.decoder import EAGER, SDPA, Kernels
@@ -33,7 +33,7 @@ def engine_bundle(engine_dir: Path, manifest: EngineManifest) -> LlavaBundle:
     """The checkpoint an engine folder was exported from, at its dtype; ArtifactMismatchError if it changed since."""
     onnx_set = manifest.onnx_set
     model = onnx_set.model.name if onnx_set.model.name in EMBEDDED_MODELS else onnx_set.model.path
-    bundle = load_llava(model, device="cpu", dtype=TORCH_DTYPES[onnx_set.dtype])
+    bundle = load_llava(model, device="cpu", dtype=torch_dtype(onnx_set.dtype))
     if bundle.fingerprint != onnx_set.model.fingerprint:
         raise ArtifactMismatchError(f"The checkpoint at {model} no longer matches the one {engine_dir} was built "
                                     "from.", "Export and build again from the checkpoint you have now.")
@@ -79,7 +79,7 @@ class TorchRunner:
         """Load `model` ('tiny' or a checkpoint folder) and prune it as `recipe` says (None: unpruned)."""
         from exporter.export import template_image_start
 
-        bundle = load_llava(model, device="cpu", dtype=TORCH_DTYPES[dtype])
+        bundle = load_llava(model, device="cpu", dtype=torch_dtype(dtype))
         if recipe is not None:
             check_recipe_fits(recipe, bundle.shape, bundle.fingerprint)
         image_start = template_image_start(bundle) if image_start is None else image_start

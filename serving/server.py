@@ -315,7 +315,7 @@ def _check_port_free(flag: str, port: int) -> None:
 
 
 def _temporary_repository(engine_dir: Path, settings: ModelSettings, tmp: str) -> Path:
-    from engines.build import read_engine_set
+    from visprune.manifests.engine_set import read_engine_set
 
     read_engine_set(engine_dir)  # a missing or broken engine fails here, not in tritonserver's log
     repo = Path(tmp) / "repository"

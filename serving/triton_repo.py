@@ -36,6 +36,7 @@ from typing import Any
 
 from visprune.artifacts import tool_versions
 from visprune.errors import ConfigError
+from visprune.manifests.schema_ids import TRITON_REPO as TRITON_REPO_SCHEMA
 from visprune.outputs import ArtifactKind, check_output, replacing
 
 SERVE_HINT = "Install the serving extra: pip install -e '.[serve]' (nvidia-pytriton, tritonclient; NumPy 1.x)."
@@ -55,9 +56,8 @@ INPUTS = (TensorSpec("image", "TYPE_STRING", "object"), TensorSpec("prompt", "TY
 REQUIRED_INPUTS = ("image", "prompt")
 OUTPUT = TensorSpec("text", "TYPE_STRING", "object")
 ENGINE_PARAMETER = "engine_dir"  # config.pbtxt parameter: the engine folder, relative to the model's folder
-MARKER = "visprune-triton.json"
-SCHEMA = "visprune.triton_repo"
-TRITON_REPO = ArtifactKind("Triton model repository", ((MARKER, SCHEMA),), (MARKER, "*"), "visprune export-triton")
+MARKER, SCHEMA = TRITON_REPO_SCHEMA.file, TRITON_REPO_SCHEMA.name
+TRITON_REPO = ArtifactKind("Triton model repository", (TRITON_REPO_SCHEMA,), (MARKER, "*"), "visprune export-triton")
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 # Triton's Python backend imports this file and takes its `TritonPythonModel`; the logic stays in the package.
@@ -122,7 +122,7 @@ def export_triton(engine_dir: Path, out: Path, settings: ModelSettings | None = 
                   force: bool = False) -> Path:
     """Write a model repository at `out` with a copy of `engine_dir` inside (staged, then renamed into place);
     returns the model's folder. An existing `out` that is not such a repository is kept unless `force`."""
-    from engines.build import read_engine_set
+    from visprune.manifests.engine_set import read_engine_set
 
     settings = settings or ModelSettings()
     read_engine_set(Path(engine_dir))  # a missing or broken engine fails here, before anything is written

@@ -87,7 +87,7 @@ def reseal_manifest(path: Path, change) -> None:
     this way (e.g. an engine of another model), not a tampered one."""
     import json
 
-    from visprune.manifests import seal
+    from visprune.manifests.common import seal
 
     data = json.loads(path.read_text())
     change(data)

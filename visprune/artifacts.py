@@ -1,5 +1,5 @@
 """Artifact plumbing shared by every stage: atomic writes, content hashes, tool versions. (Artifact schemas:
-visprune/manifests.py; output locations: visprune/outputs.py.)
+visprune/manifests/; output locations: visprune/outputs.py.)
 
 Writes go to a temporary file in the destination folder and are renamed into place, so a crash or an error
 never leaves a half-written artifact that a later stage could mistake for a valid one.

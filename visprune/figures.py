@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from visprune.artifacts import atomic_write_bytes
+from visprune.manifests.schema_ids import PLOT
 
-PNG_SCHEMA_KEY, PLOT_SCHEMA = "visprune-schema", "visprune.plot"
+PNG_SCHEMA_KEY, PLOT_SCHEMA = "visprune-schema", PLOT.name
 
 
 def pyplot():

@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from visprune.errors import ConfigError
+from visprune.manifests import schema_ids as ids
+from visprune.manifests.schema_ids import SchemaId
 
 
 class OutputLocationError(ConfigError):
@@ -38,7 +40,7 @@ class ArtifactKind:
     """What visprune writes at one `--out`: a file or a folder, recognised by a marker naming its schema."""
 
     name: str  # for messages: "recipe", "ONNX set", ...
-    schemas: tuple[tuple[str, str], ...]  # (marker file, schema); "" as the file: the artifact itself is the marker
+    schemas: tuple[SchemaId, ...]  # their files are the markers; "" as the file: the artifact itself is the marker
     entries: tuple[str, ...] = ()  # folder kinds: glob patterns of the entries such a folder may hold
     command: str = ""  # what writes it, for hints
     flag: str = "--out"  # the option that says where it goes, for hints
@@ -48,21 +50,19 @@ class ArtifactKind:
         return bool(self.entries)
 
 
-RECIPE = ArtifactKind("recipe", (("", "visprune.recipe"),), command="visprune calibrate")
-ONNX_SET = ArtifactKind("ONNX set", (("manifest.json", "visprune.onnx_set"),),
-                        ("manifest.json", "*.onnx", "*.data", "embed_tokens.npy", "processor"), "visprune export")
-ENGINE_SET = ArtifactKind("engine", (("engine.json", "visprune.engine_set"),),
-                          ("engine.json", "*.onnx", "*.data", "*.plan", "timing.cache", "embed_tokens.npy",
+RECIPE = ArtifactKind("recipe", (ids.RECIPE,), command="visprune calibrate")
+ONNX_SET = ArtifactKind("ONNX set", (ids.ONNX_SET,),
+                        (ids.ONNX_SET.file, "*.onnx", "*.data", "embed_tokens.npy", "processor"), "visprune export")
+ENGINE_SET = ArtifactKind("engine", (ids.ENGINE_SET,),
+                          (ids.ENGINE_SET.file, "*.onnx", "*.data", "*.plan", "timing.cache", "embed_tokens.npy",
                            "processor"), "visprune build")
-REPORT = ArtifactKind("report folder", (("parity.json", "visprune.parity_report"),
-                                        ("latency.json", "visprune.latency_report")),
+REPORT = ArtifactKind("report folder", (ids.PARITY_REPORT, ids.LATENCY_REPORT),
                       ("parity.*", "latency.*", "kept_tokens.png"), "visprune report")
-EVAL = ArtifactKind("evaluation", (("eval.json", "visprune.eval_report"),), ("eval.*",), "visprune eval")
-TRADEOFF = ArtifactKind("trade-off study", (("tradeoff.json", "visprune.tradeoff"),), ("tradeoff.*", "recipes"),
-                        "visprune tradeoff")
-PLOT = ArtifactKind("plot", (("", "visprune.plot"),), command="visprune recipe --plot", flag="--plot")
-PIPELINE_RUN = ArtifactKind("pipeline run", (("pipeline.json", "visprune.pipeline_run"),),
-                            ("pipeline.json", "recipe.*", "onnx", "onnx-unpruned", "engine", "engine-unpruned",
+EVAL = ArtifactKind("evaluation", (ids.EVAL_REPORT,), ("eval.*",), "visprune eval")
+TRADEOFF = ArtifactKind("trade-off study", (ids.TRADEOFF,), ("tradeoff.*", "recipes"), "visprune tradeoff")
+PLOT = ArtifactKind("plot", (ids.PLOT,), command="visprune recipe --plot", flag="--plot")
+PIPELINE_RUN = ArtifactKind("pipeline run", (ids.PIPELINE_RUN,),
+                            (ids.PIPELINE_RUN.file, "recipe.*", "onnx", "onnx-unpruned", "engine", "engine-unpruned",
                              "sample.png", "report", "report.md"), "visprune pipeline")
 
 
@@ -142,10 +142,10 @@ def _check_existing(out: Path, kind: ArtifactKind, force: bool) -> bool:
 def artifact_kind_at(path: Path) -> ArtifactKind | None:
     """The kind of visprune artifact at `path`, read from its marker file; None for anything else."""
     for kind in KINDS:
-        for marker, schema in kind.schemas:
-            if path.is_dir() != bool(marker):
+        for schema in kind.schemas:
+            if path.is_dir() != bool(schema.file):
                 continue
-            if _schema_of(path / marker if marker else path) == schema:
+            if _schema_of(path / schema.file if schema.file else path) == schema.name:
                 return kind
     return None
 

@@ -30,7 +30,10 @@ from calibrate.stage import resolve_device
 from engines import BuildConfig, auto_backend, build_engine
 from exporter import ExportConfig, export_onnx
 from visprune.artifacts import atomic_write_bytes, atomic_write_json
+from visprune.backends import BACKEND_CHOICES
 from visprune.errors import ConfigError
+from visprune.manifests import schema_ids
+from visprune.manifests.reports import LatencyReport, ParityReport
 from visprune.models.llava import model_folder, resolve_model_path
 from visprune.outputs import PIPELINE_RUN, check_output, writing_in_place
 
@@ -38,7 +41,7 @@ SAMPLE_QUESTION = "What animal is this?"
 SAMPLE_TEST_INDEX = 0  # shapes-vqa models: the sample request is this test-split sample
 ACCURACY_TEST_START = 0  # shapes-vqa models: the accuracy sample starts at this test-split index
 SHAPES_VQA_MODELS = ("tiny-vqa",)
-PIPELINE_SCHEMA = ("visprune.pipeline_run", 1)
+PIPELINE_SCHEMA = schema_ids.PIPELINE_RUN
 
 
 @dataclass(frozen=True)
@@ -59,8 +62,8 @@ class PipelineConfig:
     accuracy_questions: int = 100  # held-out shapes-vqa test questions per engine (shapes-vqa models only); 0: none
 
     def __post_init__(self) -> None:
-        if self.backend not in ("auto", "onnxruntime", "tensorrt", "pytorch"):
-            raise ConfigError(f"Unknown backend {self.backend!r}.", "Use auto, onnxruntime, tensorrt or pytorch.")
+        if self.backend not in BACKEND_CHOICES:
+            raise ConfigError(f"Unknown backend {self.backend!r}.", f"Use one of: {', '.join(BACKEND_CHOICES)}.")
         CalibrationConfig(model=self.model, method=self.method, reduction=self.reduction, device=self.device,
                           samples=self.samples)
         for name in ("max_new_tokens", "latency_rounds", "parity_prompts"):
@@ -131,7 +134,7 @@ def _run_stages(config: PipelineConfig, out: Path, progress: bool) -> PipelineRe
         with _stage(result, "build (unpruned, after the pruned one)"):
             _build(backend, out / "onnx-unpruned", out / "engine-unpruned")
     _run_and_report(config, result, progress)
-    atomic_write_json(out / "pipeline.json", {"schema": PIPELINE_SCHEMA[0], "schema_version": PIPELINE_SCHEMA[1],
+    atomic_write_json(out / PIPELINE_SCHEMA.file, {"schema": PIPELINE_SCHEMA[0], "schema_version": PIPELINE_SCHEMA[1],
                                               "config": config.to_dict(), "backend": backend, "answer": result.answer,
                                               "sample": _sample_record(result), "stage_seconds": result.stage_seconds,
                                               "figures": result.figures})
@@ -278,7 +281,7 @@ def free_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _plots(pipe, out: Path, question: str, kept: dict[int, list[int]], parity: dict[str, Any]) -> None:
+def _plots(pipe, out: Path, question: str, kept: dict[int, list[int]], parity: ParityReport) -> None:
     from reports.plots import model_view, plot_kept_tokens, plot_parity
 
     _, pixel_values = pipe.encode(out / "sample.png", pipe.chat_prompt(question))
@@ -286,24 +289,24 @@ def _plots(pipe, out: Path, question: str, kept: dict[int, list[int]], parity: d
     plot_parity(parity, out / "report" / "parity.png")
 
 
-def _headline(out: Path, parity: dict[str, Any], latency: dict[str, Any]) -> dict[str, Any]:
+def _headline(out: Path, parity: ParityReport, latency: LatencyReport) -> dict[str, Any]:
     from calibrate.recipe import load_recipe
 
     recipe = load_recipe(out / "recipe.json")
-    ratios = latency["ratios"]
+    ratios = latency.ratios
     return {
         "visual_tokens": f"{recipe.num_visual_tokens} -> {recipe.keep[-1]}",
         "visual_flops_reduction": recipe.achieved["visual_flops_reduction"],
-        "lm_flops_ratio": ratios["lm_flops_ratio"], "prefill_latency_ratio": ratios["prefill_latency_ratio"],
-        "prefill_speedup": ratios["prefill_speedup"], "kv_bytes_ratio": ratios["kv_bytes_ratio"],
-        "parity_passed": parity["engine_vs_reference"]["passed"],
-        "max_abs_logits_error": parity["engine_vs_reference"]["max_abs_logits_error"],
-        "first_token_top1_agreement": parity["pruned_vs_unpruned"]["first_token_top1_agreement"],
+        "lm_flops_ratio": ratios.lm_flops_ratio, "prefill_latency_ratio": ratios.prefill_latency_ratio,
+        "prefill_speedup": ratios.prefill_speedup, "kv_bytes_ratio": ratios.kv_bytes_ratio,
+        "parity_passed": parity.engine_vs_reference.passed,
+        "max_abs_logits_error": parity.engine_vs_reference.max_abs_logits_error,
+        "first_token_top1_agreement": parity.pruned_vs_unpruned.first_token_top1_agreement,
     }
 
 
-def report_markdown(result: PipelineResult, parity: dict[str, Any], latency: dict[str, Any]) -> str:
-    f, e = result.figures, latency["engines"]["pruned"]
+def report_markdown(result: PipelineResult, parity: ParityReport, latency: LatencyReport) -> str:
+    f, e = result.figures, latency.engines["pruned"]
     stages = "\n".join(f"| {name} | {seconds:.1f} |" for name, seconds in result.stage_seconds.items())
     return f"""# visprune pipeline report
 

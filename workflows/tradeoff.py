@@ -27,12 +27,13 @@ from reports.evaluate import EvalConfig, PreparedQuestions, answers_from_recipe,
 from visprune.artifacts import atomic_write_bytes, atomic_write_json, tool_versions
 from visprune.errors import BudgetUnreachableError, ConfigError
 from visprune.figures import pyplot, save_figure
+from visprune.manifests import schema_ids
 from visprune.methods import MAIN_METHODS, METHODS, PRUNING_METHODS
 from visprune.models.llava import model_folder
 from visprune.outputs import TRADEOFF, check_output, replacing
 from visprune.tasks.shapes_vqa import QUESTION_TYPES, accuracy_by_type, make_split
 
-TRADEOFF_SCHEMA = ("visprune.tradeoff", 2)
+TRADEOFF_SCHEMA = schema_ids.TRADEOFF
 ABLATIONS = tuple(m for m in PRUNING_METHODS if METHODS[m].ablation)
 
 
@@ -86,7 +87,7 @@ def _study(config: TradeoffConfig, out_dir: Path, progress: bool) -> dict[str, A
               "config": {"version": config.VERSION, **asdict(config)}, "questions": config.questions,
               "evaluated_through": "PyTorch reference (reports/evaluate.py, batched greedy)", "rows": rows,
               "tools": tool_versions("torch", "transformers", "onnxruntime")}
-    atomic_write_json(out_dir / "tradeoff.json", report)
+    atomic_write_json(out_dir / TRADEOFF_SCHEMA.file, report)
     atomic_write_bytes(out_dir / "tradeoff.md", tradeoff_markdown(report).encode())
     plot_tradeoff(report, out_dir / "tradeoff.png")
     if timer:

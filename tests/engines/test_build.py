@@ -45,7 +45,8 @@ def test_session_options_are_recorded_and_used(exported):
 def test_tensorrt_refuses_a_set_exported_for_onnxruntime(exported, tmp_path):
     """The default export target uses opset-23 ops TensorRT's parser does not promise: build_engine refuses it
     (after checking that TensorRT is installed at all) with the export command that fixes it."""
-    from engines.build import check_target, read_onnx_set
+    from engines.build import check_target
+    from visprune.manifests.onnx_set import read_onnx_set
     from visprune.errors import ArtifactMismatchError
 
     onnx_set = read_onnx_set(exported["pruned-onnx"])

@@ -14,7 +14,7 @@ from visprune.errors import ConfigError
 
 @pytest.fixture(scope="module")
 def onnx_set(exported):
-    from engines.build import read_onnx_set
+    from visprune.manifests.onnx_set import read_onnx_set
 
     return read_onnx_set(exported["pruned-onnx"])
 

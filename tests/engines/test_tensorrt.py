@@ -86,7 +86,7 @@ def test_tensorrt_fp16_engine_matches_the_pytorch_reference(tmp_path, exported):
                             tmp_path / "onnx", tmp_path / "engine")
     assert manifest.precision == "float16" and manifest.profiles["prefill"]["inputs_embeds"]["max"][1] == 700
     report = parity_report(tmp_path / "engine", "tiny", tmp_path / "report", max_new_tokens=8, allow_failure=True)
-    verdict = report["engine_vs_reference"]
+    verdict = report.engine_vs_reference.model_dump()
     assert verdict["passed"], json.dumps(verdict)
     assert verdict["reference"] == {"device": "cuda", "dtype": "float16"}
 
@@ -103,7 +103,7 @@ def test_onnxruntime_cuda_engine_matches_the_pytorch_reference(tmp_path, exporte
     manifest = build_engine(BuildConfig(device="cuda"), exported["pruned-onnx"], tmp_path / "engine")
     assert manifest.providers[0] == "CUDAExecutionProvider"
     report = parity_report(tmp_path / "engine", "tiny", tmp_path / "report", max_new_tokens=8, allow_failure=True)
-    verdict = report["engine_vs_reference"]
+    verdict = report.engine_vs_reference.model_dump()
     assert verdict["reference"] == {"device": "cuda", "dtype": "float32"} and not manifest.tf32
     assert verdict["max_abs_logits_error"] <= 1e-3 and verdict["min_teacher_forced_top1"] == 1.0, json.dumps(verdict)
     assert verdict["min_kept_overlap"] >= 0.99

@@ -24,7 +24,7 @@ from exporter.graphs import KERNELS
 from exporter.lint import lint_onnx
 from exporter.pruned_lm import LlamaDecodeStep, PrunedLlamaPrefill
 from runtime.runner_api import RowLayout, prefill_feeds
-from visprune.manifests import EXPORT_TARGETS
+from visprune.backends import EXPORT_TARGETS
 from visprune.methods import METHODS
 from visprune.models.decoder import EAGER
 from visprune.tensor_names import kept_layer

@@ -75,7 +75,7 @@ def test_kv_stages_sharing_a_dim_name_are_caught(tmp_path):
 @pytest.mark.parametrize("graph", ["vision", "prefill", "decode"])
 def test_the_real_export_is_clean(exported, graph):
     from conftest import TINY_RECIPE_60
-    from visprune.manifests import kv_stages_of
+    from visprune.manifests.onnx_set import kv_stages_of
 
     stages = kv_stages_of(TINY_RECIPE_60) if graph != "vision" else None
     assert lint_onnx(exported["pruned-onnx"] / f"{graph}.onnx", stages) == []

@@ -105,11 +105,11 @@ def test_parity_report_passes(built, tmp_path):
     """The library's parity report (engine vs. reference, and the pruned-vs-unpruned figures) on the new methods."""
     name, _, _, engine_dir = built
     report = parity_report(engine_dir, "tiny", tmp_path, prompts=default_parity_prompts(2), max_new_tokens=3)
-    verdict = report["engine_vs_reference"]
-    assert verdict["passed"] and verdict["max_abs_logits_error"] <= 1e-4, verdict
-    assert verdict["min_kept_overlap"] == 1.0 and verdict["min_teacher_forced_top1"] == 1.0
+    verdict = report.engine_vs_reference
+    assert verdict.passed and verdict.max_abs_logits_error <= 1e-4, verdict
+    assert verdict.min_kept_overlap == 1.0 and verdict.min_teacher_forced_top1 == 1.0
     expected = {str(PRE_LLM)} if METHODS[name].pre_llm else {"1"}
-    assert all(set(case["kept_overlap"]) == expected for case in report["cases"])
+    assert all(set(case["kept_overlap"]) == expected for case in report.cases)
 
 
 def test_batched_prefill_graph_matches_pytorch(built, tiny, default_set):

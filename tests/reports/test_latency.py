@@ -10,6 +10,7 @@ from runtime import Pipeline
 from reports.latency import LatencyStats, Request, latency_report, measure, time_request
 from reports.report import ReportConfig
 from visprune.errors import ArtifactMismatchError, ConfigError
+from visprune.manifests.common import model_dump
 
 
 class FakeClock:
@@ -67,7 +68,8 @@ def report(exported, tmp_path_factory):
 
 
 def test_latency_report_schema_and_files(report):
-    out, data = report
+    out, latency = report
+    data = model_dump(latency)
     assert json.loads((out / "latency.json").read_text()) == data
     assert data["schema"] == "visprune.latency_report" and data["schema_version"] == 2
     assert (out / "latency.png").read_bytes()[:4] == b"\x89PNG"
@@ -84,7 +86,7 @@ def test_latency_report_schema_and_files(report):
 def test_latency_report_says_what_memory_it_measured(report, exported):
     _, data = report
     for name, folder in (("pruned", exported["pruned"]), ("baseline", exported["unpruned"])):
-        memory = data["engines"][name]["memory"]
+        memory = data.engines[name]["memory"]
         assert memory["engine_file_bytes"] == sum(p.stat().st_size for p in folder.glob("*.onnx"))
         assert isinstance(memory["load_bytes"], int) and memory["working_bytes"] >= 0
         assert memory["method"].startswith("process resident memory")
@@ -111,15 +113,16 @@ def test_loading_memory_is_measured_in_a_started_runtime_for_both_engines(export
 
 def test_latency_report_figures_are_sane(report):
     _, data = report
-    ratios = data["ratios"]
-    assert 0 < ratios["lm_flops_ratio"] < 1 and 0 < ratios["visual_flops_ratio"] < ratios["lm_flops_ratio"]
-    assert ratios["visual_flops_ratio"] == pytest.approx(0.4, abs=0.01)  # TINY_RECIPE_60
+    ratios = data.ratios
+    assert 0 < ratios.lm_flops_ratio < 1 and 0 < ratios.visual_flops_ratio < ratios.lm_flops_ratio
+    assert ratios.visual_flops_ratio == pytest.approx(0.4, abs=0.01)  # TINY_RECIPE_60
     # KV bytes: the pruned cache holds (prompt - pruned) tokens per layer; both float32 with the same heads
-    pruned, base = data["engines"]["pruned"], data["engines"]["baseline"]
-    prompt = data["request"]["prompt_tokens"]
+    pruned, base = data.engines["pruned"], data.engines["baseline"]
+    prompt = data.request["prompt_tokens"]
     expected = sum(prompt - p for p in (0, 143, 244, 288, 329, 347, 375, 375)) / (8 * prompt)
     assert pruned["kv_bytes_prefill"] / base["kv_bytes_prefill"] == pytest.approx(expected)
-    assert ratios["prefill_latency_ratio"] > 0 and ratios["prefill_speedup"] == pytest.approx(1 / ratios["prefill_latency_ratio"])
+    assert ratios.prefill_latency_ratio > 0
+    assert ratios.prefill_speedup == pytest.approx(1 / ratios.prefill_latency_ratio)
 
 
 def test_engines_of_different_models_are_not_compared(exported, tmp_path):

@@ -11,33 +11,34 @@ from runtime import Pipeline
 from reports.parity import (CRITERIA, ParityError, default_parity_prompts, kept_comparison, logits_within, tied_swaps,
                             parity_report, step_atol, top1_flips)
 from visprune.errors import ArtifactMismatchError
+from visprune.manifests.common import model_dump
 
 
 def test_parity_report_passes_and_describes_pruning(exported, tmp_path):
     report = parity_report(exported["pruned"], "tiny", tmp_path / "report", prompts=default_parity_prompts(3),
                            max_new_tokens=4)
-    a, b = report["engine_vs_reference"], report["pruned_vs_unpruned"]
-    assert a["passed"] and a["max_abs_logits_error"] <= 1e-4 and a["reference"] == {"device": "cpu", "dtype": "float32"}
-    assert a["criteria"] == {"logits_atol": 1e-4, "logits_rtol": 3e-5, "min_kept_overlap": 1.0, "min_top1": 1.0,
-                             "score_rtol": 1e-5}
-    assert a["min_kept_overlap"] == 1.0 and a["min_teacher_forced_top1"] == 1.0 and a["max_kept_mismatches"] == 0
-    assert a["logits_judged_prompts"] == 3 and a["near_tie_flips"] == a["decisive_flips"] == 0
-    assert report["schema_version"] == 3 and 0.0 <= a["max_logits_error_over_atol"] <= 1.0
-    for case in report["cases"]:
+    a, b = report.engine_vs_reference, report.pruned_vs_unpruned
+    assert a.passed and a.max_abs_logits_error <= 1e-4 and a.reference == {"device": "cpu", "dtype": "float32"}
+    assert a.criteria == {"logits_atol": 1e-4, "logits_rtol": 3e-5, "min_kept_overlap": 1.0, "min_top1": 1.0,
+                          "score_rtol": 1e-5}
+    assert a.min_kept_overlap == 1.0 and a.min_teacher_forced_top1 == 1.0 and a.max_kept_mismatches == 0
+    assert a.logits_judged_prompts == 3 and a.near_tie_flips == a.decisive_flips == 0
+    assert report.schema_version == 3 and 0.0 <= a.max_logits_error_over_atol <= 1.0
+    for case in report.cases:
         assert case["kept_indices_equal"] and case["tokens_equal"] and case["engine_tokens"] == case["reference_tokens"]
         assert set(case["kept_overlap"]) == {"0", "1", "2", "3", "4", "5"}  # TINY_RECIPE_60 prunes at layers 0-5
         assert case["logits_judged"] and case["logits_within"] and case["first_divergent_layer"] is None
         assert all(1e-4 <= atol < 2e-4 for atol in case["logits_atol"])  # tiny's |logit| ~3-6: at or near the floor
-    assert 0.0 <= b["first_token_top1_agreement"] <= 1.0 and b["mean_first_token_kl"] >= 0.0
-    assert json.loads((tmp_path / "report" / "parity.json").read_text())["engine_vs_reference"]["passed"]
+    assert 0.0 <= b.first_token_top1_agreement <= 1.0 and b.mean_first_token_kl >= 0.0
+    assert json.loads((tmp_path / "report" / "parity.json").read_text()) == model_dump(report)
     assert "PASSED" in (tmp_path / "report" / "parity.md").read_text()
 
 
 def test_unpruned_engine_agrees_perfectly_with_unpruned_reference(exported, tmp_path):
     report = parity_report(exported["unpruned"], "tiny", tmp_path, prompts=default_parity_prompts(2),
                            max_new_tokens=3)
-    assert report["pruned_vs_unpruned"]["first_token_top1_agreement"] == 1.0
-    assert report["pruned_vs_unpruned"]["mean_first_token_kl"] == pytest.approx(0.0, abs=1e-9)
+    assert report.pruned_vs_unpruned.first_token_top1_agreement == 1.0
+    assert report.pruned_vs_unpruned.mean_first_token_kl == pytest.approx(0.0, abs=1e-9)
 
 
 def test_parity_failure_is_an_error_unless_allowed(exported, tmp_path):
@@ -48,7 +49,7 @@ def test_parity_failure_is_an_error_unless_allowed(exported, tmp_path):
                       criteria=strict)
     report = parity_report(exported["pruned"], "tiny", tmp_path / "b", prompts=default_parity_prompts(1),
                            max_new_tokens=2, allow_failure=True, criteria=strict)
-    assert not report["engine_vs_reference"]["passed"] and report["engine_vs_reference"]["criteria"]["logits_atol"] == 1e-12
+    assert not report.engine_vs_reference.passed and report.engine_vs_reference.criteria["logits_atol"] == 1e-12
 
 
 def test_teacher_forcing_feeds_the_given_tokens(exported, default_set):
@@ -101,7 +102,7 @@ def test_an_engine_from_another_recipe_is_rejected(exported, tmp_path):
     assert not (tmp_path / "r").exists()
     report = parity_report(exported["pruned"], "tiny", tmp_path / "ok", recipe=exported["recipe"],
                            prompts=default_parity_prompts(1), max_new_tokens=2)
-    assert report["engine_vs_reference"]["passed"]
+    assert report.engine_vs_reference.passed
 
 
 @pytest.mark.slow
@@ -116,14 +117,14 @@ def test_a_float16_engine_is_judged_by_the_float16_criteria(exported, tmp_path):
     build_engine(BuildConfig(), tmp_path / "onnx", tmp_path / "engine")
     report = parity_report(tmp_path / "engine", "tiny", tmp_path / "r", prompts=default_parity_prompts(8),
                            max_new_tokens=8, allow_failure=True)
-    verdict = report["engine_vs_reference"]
-    assert verdict["passed"] and verdict["criteria"] == vars(CRITERIA["float16"]), json.dumps(verdict)
-    assert verdict["reference"] == {"device": "cpu", "dtype": "float32"}
-    same = [c for c in report["cases"] if c["kept_indices_equal"]]
+    verdict = report.engine_vs_reference
+    assert verdict.passed and verdict.criteria == vars(CRITERIA["float16"]), verdict.model_dump_json()
+    assert verdict.reference == {"device": "cpu", "dtype": "float32"}
+    same = [c for c in report.cases if c["kept_indices_equal"]]
     assert same and max(max(c["max_abs_logits_error"]) for c in same) < 0.05  # float16 rounding alone
-    assert verdict["logits_judged_prompts"] == len(same)  # the others are said to be unjudged, not passed silently
-    assert all(c["logits_within"] is None and not c["logits_judged"] for c in report["cases"] if c not in same)
-    assert verdict["max_abs_logits_error"] > CRITERIA["float32"].logits_atol  # the float32 rule would fail it
+    assert verdict.logits_judged_prompts == len(same)  # the others are said to be unjudged, not passed silently
+    assert all(c["logits_within"] is None and not c["logits_judged"] for c in report.cases if c not in same)
+    assert verdict.max_abs_logits_error > CRITERIA["float32"].logits_atol  # the float32 rule would fail it
 
 
 # --- the criteria on real arrays ------------------------------------------------------------------------------
@@ -211,9 +212,8 @@ def test_the_pytorch_reference_returns_its_selection_scores(exported, default_se
 def test_a_report_says_which_prompts_had_their_logits_judged(exported):
     """Two prompts through the real aggregation: one with identical kept sets and logits within tolerance, one
     whose kept sets differ by one tied index (logits not judged, not silently passed) with a near-tie flip."""
-    from engines.build import read_engine_set
+    from visprune.manifests.engine_set import read_engine_set
     from reports.parity import _markdown, _summarize
-    from visprune.manifests import ParityReport
 
     rules = CRITERIA["float32"]
     reference = logits(3.0)
@@ -237,16 +237,15 @@ def test_a_report_says_which_prompts_had_their_logits_judged(exported):
     cases = [case({0: list(range(100))}), case({0: list(range(99)) + [100]})]
     onnx_set, reference_facts = read_engine_set(exported["pruned"]).onnx_set, {"device": "cpu", "dtype": "float32"}
     report = _summarize(cases, rules, onnx_set, reference_facts)
-    ParityReport.model_validate(report)
-    verdict = report["engine_vs_reference"]
-    assert verdict["passed"] and verdict["logits_judged_prompts"] == 1 and verdict["near_tie_flips"] == 2
-    assert verdict["min_kept_overlap"] == 1.0 and verdict["max_kept_mismatches"] == 1 and verdict["tied_swaps"] == 1
-    assert verdict["max_logits_error_over_atol"] == pytest.approx(0.5)
+    verdict = report.engine_vs_reference
+    assert verdict.passed and verdict.logits_judged_prompts == 1 and verdict.near_tie_flips == 2
+    assert verdict.min_kept_overlap == 1.0 and verdict.max_kept_mismatches == 1 and verdict.tied_swaps == 1
+    assert verdict.max_logits_error_over_atol == pytest.approx(0.5)
     markdown = _markdown(report)
     assert "Logits judged in 1 of 2 prompts" in markdown and "no: kept sets differ" in markdown
     assert "0 decisive, 2 near ties" in markdown and "1 (layer 0)" in markdown
     three_swaps = _summarize([case({0: list(range(97)) + [100, 101, 102]})], rules, onnx_set, reference_facts)
-    assert three_swaps["engine_vs_reference"]["failures"] == [
+    assert three_swaps.engine_vs_reference.failures == [
         "kept-index overlap down to 0.970 < 1 (up to 3 indices of a layer not kept)"]
 
 

@@ -31,7 +31,7 @@ def test_pytorch_cuda_backend_meets_the_criteria_of_its_dtype(exported, float16_
     assert manifest.device == "cuda" and not manifest.tf32
     report = parity_report(tmp_path / "engine", "tiny", tmp_path / "report", prompts=default_parity_prompts(8),
                            max_new_tokens=8, allow_failure=True, reference="cpu")
-    verdict = report["engine_vs_reference"]
+    verdict = report.engine_vs_reference.model_dump()
     assert verdict["reference"] == {"device": "cpu", "dtype": "float32"}
     assert verdict["passed"], verdict
 

@@ -496,7 +496,7 @@ def test_export_copies_the_engine_and_without_batching_writes_no_batcher(engine,
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    from engines.build import read_engine_set
+    from visprune.manifests.engine_set import read_engine_set
 
     model = export_triton(engine, tmp_path / "repo", ModelSettings(name="vqa", dynamic_batching=False, instances=2))
     read_engine_set(model / "engine", verify=True)  # every file re-hashed against the engine's manifest

@@ -82,7 +82,7 @@ def test_recipe_mutations_give_only_recipe_errors(tiny):
 
 
 def write_manifest(path, data, rng, nested=None):
-    from visprune.manifests import seal
+    from visprune.manifests.common import seal
 
     if rng.random() < 0.8 and isinstance(data, dict):  # most are sealed again: the field checks must catch them
         if nested and isinstance(data.get(nested), dict):
@@ -92,7 +92,7 @@ def write_manifest(path, data, rng, nested=None):
 
 
 def test_onnx_set_manifest_mutations_give_only_typed_errors(exported, tmp_path):
-    from engines.build import read_onnx_set
+    from visprune.manifests.onnx_set import read_onnx_set
     from engines.profiles import derive_profiles
 
     folder = tmp_path / "onnx"
@@ -111,7 +111,7 @@ def test_onnx_set_manifest_mutations_give_only_typed_errors(exported, tmp_path):
 def test_engine_manifest_mutations_give_only_typed_errors(exported, tmp_path):
     import numpy as np
 
-    from engines.build import read_engine_set
+    from visprune.manifests.engine_set import read_engine_set
     from runtime.pipeline import Pipeline
 
     folder = tmp_path / "engine"

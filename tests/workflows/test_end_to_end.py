@@ -177,9 +177,9 @@ def test_the_pipeline_opens_each_engine_once_and_frees_them(exported, tmp_path):
     parity, latency, accuracy = _engine_stages(config, PipelineResult(out), progress=False)
     assert ENGINE_OPENS - opens_before == Counter({str(exported["pruned"].resolve()): 1,
                                                    str(exported["unpruned"].resolve()): 1})
-    assert parity["engine_vs_reference"]["passed"] and accuracy is None
-    assert latency["engines"]["pruned"]["memory"]["load_bytes"] is None  # open already: its loading not measured
-    assert "load: not measured" in latency["engines"]["baseline"]["memory"]["method"]
+    assert parity.engine_vs_reference.passed and accuracy is None
+    assert latency.engines["pruned"]["memory"]["load_bytes"] is None  # open already: its loading not measured
+    assert "load: not measured" in latency.engines["baseline"]["memory"]["method"]
     gc.collect()
     assert _alive(TorchRunner) == references_before
     assert not [p for p in _alive(Pipeline) if out in p.engine_dir.parents]

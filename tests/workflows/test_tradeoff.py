@@ -97,6 +97,6 @@ def test_bad_study_configs_are_refused():
 @pytest.mark.slow
 def test_eval_report_on_a_recipe(fitprune_60, tmp_path):
     report = eval_report(tmp_path, EvalConfig(questions=25), recipe=fitprune_60.recipe_path, progress=False)
-    assert report["schema"] == "visprune.eval_report" and report["accuracy"]["n"] == 25
-    assert set(report["accuracy"]["per_type"]) == {"colour", "shape", "count", "exists", "side"}
+    assert report.schema_ == "visprune.eval_report" and report.accuracy.n == 25
+    assert set(report.accuracy.per_type) == {"colour", "shape", "count", "exists", "side"}
     assert (tmp_path / "eval.md").read_text().startswith("# shapes-vqa accuracy")
