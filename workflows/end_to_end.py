@@ -23,15 +23,17 @@ import multiprocessing
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 from calibrate import CalibrationConfig, calibrate
 from calibrate.stage import resolve_device
 from engines import BuildConfig, auto_backend, build_engine
+from engines.build import BACKENDS, DEFAULT_BACKEND
 from exporter import ExportConfig, export_onnx
 from visprune.artifacts import atomic_write_bytes, atomic_write_json
 from visprune.errors import ConfigError
-from visprune.models.llava import model_folder, resolve_model_path
+from visprune.methods import PRUNING_METHODS
+from visprune.models.llava import DEFAULT_MODEL, model_folder, resolve_model_path
 from visprune.outputs import PIPELINE_RUN, check_output, writing_in_place
 
 SAMPLE_QUESTION = "What animal is this?"
@@ -44,11 +46,12 @@ PIPELINE_SCHEMA = ("visprune.pipeline_run", 1)
 @dataclass(frozen=True)
 class PipelineConfig:
     VERSION = 1
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"backend": BACKENDS, "method": PRUNING_METHODS}
 
-    model: str = "tiny"
+    model: str = DEFAULT_MODEL
     reduction: float = 0.6
     method: str = "fitprune"  # any pruning method of visprune/methods.py
-    backend: str = "auto"  # auto | onnxruntime | tensorrt | pytorch
+    backend: str = DEFAULT_BACKEND  # engines/build.py BACKENDS
     device: str = "auto"  # calibration device
     data: Path | None = None
     images: Path | None = None
@@ -59,8 +62,8 @@ class PipelineConfig:
     accuracy_questions: int = 100  # held-out shapes-vqa test questions per engine (shapes-vqa models only); 0: none
 
     def __post_init__(self) -> None:
-        if self.backend not in ("auto", "onnxruntime", "tensorrt", "pytorch"):
-            raise ConfigError(f"Unknown backend {self.backend!r}.", "Use auto, onnxruntime, tensorrt or pytorch.")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"Unknown backend {self.backend!r}.", f"Use one of: {', '.join(BACKENDS)}.")
         CalibrationConfig(model=self.model, method=self.method, reduction=self.reduction, device=self.device,
                           samples=self.samples)
         for name in ("max_new_tokens", "latency_rounds", "parity_prompts"):
