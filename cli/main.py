@@ -262,7 +262,8 @@ def _add_recipe(p) -> None:
                                    "check)")
     p.add_argument("--text-tokens", type=float, help="non-visual prompt tokens for the whole-LM FLOPs "
                                                                "figure (default: the recipe's calibration mean)")
-    p.add_argument("--plot", type=Path, help="write visual tokens per layer of all recipes to this PNG")
+    p.add_argument("--plot", type=Path, help="write visual tokens per layer of all recipes to this PNG (default: "
+                                             "no plot)")
     _add_force(p)
 
 

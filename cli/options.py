@@ -33,6 +33,10 @@ def add_config_flags(p, config: type, help: dict[str, str], *, flags: dict[str, 
             options["choices"] = getattr(config, "CHOICES", {}).get(name)
             if typing.get_origin(kind) is tuple and name not in (parse or {}):
                 options["nargs"] = (nargs or {}).get(name, "+")
+        choices = options.get("choices")
+        if choices:  # listed in the help, not the usage line (the method list is long)
+            text = f"{text}; one of: {', '.join(choices)}"
+            options["metavar"] = name.removesuffix("s").upper()
         options["help"] = text if name in required or kind is bool and default is not None else _shown(name, text,
                                                                                                        default)
         p.add_argument(flag, **options)
