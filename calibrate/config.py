@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from visprune.errors import ConfigError
-from visprune.methods import method
+from visprune.methods import PRUNING_METHODS, method
+from visprune.models.llava import DEFAULT_MODEL
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -18,8 +19,9 @@ class CalibrationConfig:
     """Everything that decides a recipe. Defaults reproduce the README's demo on the embedded model."""
 
     VERSION = 1
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"method": PRUNING_METHODS}
 
-    model: str = "tiny"  # "tiny", "tiny-vqa" or a local llava-hf checkpoint folder
+    model: str = DEFAULT_MODEL  # "tiny", "tiny-vqa" or a local llava-hf checkpoint folder
     method: str = "fitprune"  # any pruning method of visprune/methods.py
     reduction: float = 0.6  # target fraction of visual-token FLOPs removed, in (0, 1)
     data: Path | None = None  # calibration JSONL; None: the embedded default set

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from calibrate.plots import format_recipe_summary, plot_tokens_per_layer
 from calibrate.recipe import Recipe, achieved_reductions, check_recipe_fits, load_recipe
+from visprune.errors import ConfigError
 from visprune.models.llava import LanguageModelShape, architecture_fingerprint, load_llava_config
 from visprune.outputs import PLOT, check_output
 
@@ -18,6 +19,9 @@ def inspect_recipes(paths: list[Path], model: str | None = None, plot: Path | No
     `text_tokens` is the prompt's non-visual length for the whole-LM figure (default: the recipe's own
     calibration mean, else 0). Returns the recipes and a printable summary; writes a PNG to `plot` if given.
     """
+    if text_tokens is not None and not text_tokens >= 0:
+        raise ConfigError(f"--text-tokens must be 0 or more, got {text_tokens}.",
+                          "Give the prompt's non-visual token count, e.g. --text-tokens 40, or leave it out.")
     if plot:
         check_output(Path(plot), PLOT, inputs=paths, force=force)
     recipes = [load_recipe(p) for p in paths]

@@ -24,7 +24,7 @@ from visprune.artifacts import to_pretty_json, tool_versions
 from visprune.errors import BackendUnavailableError, InputDataError
 from visprune.methods import METHODS
 from visprune.models import LlavaBundle, chat_prompt, encode_image_prompt, load_image, load_llava
-from visprune.models.llava import model_folder
+from visprune.models.llava import LanguageModelShape, load_llava_config, model_folder
 from visprune.outputs import RECIPE, check_output, replacing
 
 
@@ -48,6 +48,9 @@ def calibrate(config: CalibrationConfig, out: Path, plot: bool = True, progress:
     """
     out = Path(out)
     check_output(out, RECIPE, inputs=calibration_inputs(config), force=force, siblings=_side_files(out))
+    spec = METHODS[config.method]
+    if not spec.needs_calibration:  # a budget the counts cannot meet fails from the config alone, before loading
+        budget_recipe(LanguageModelShape.from_config(load_llava_config(config.model)), config.reduction, config.method)
     timings: dict[str, float] = {}
     device, dtype = resolve_device(config.device)
     batch_size = config.batch_size or resolve_batch_size(device)
@@ -56,7 +59,6 @@ def calibrate(config: CalibrationConfig, out: Path, plot: bool = True, progress:
     with _timed(timings, "prepare_samples_s"):
         dataset = _dataset(config)
         states = prepare_samples(bundle, dataset, batch_size, progress)
-    spec = METHODS[config.method]
     if not spec.needs_calibration:  # no search: the counts follow from the FLOPs budget alone
         recipe = _with_provenance(budget_recipe(bundle.shape, config.reduction, config.method), config, bundle,
                                   dataset, states)

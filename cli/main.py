@@ -5,6 +5,7 @@ from __future__ import annotations
 import _thread
 import argparse
 import contextlib
+import inspect
 import signal
 import sys
 import threading
@@ -12,16 +13,16 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from cli.options import add_config_flags, config_from
 from visprune.errors import VispruneError
 from visprune.logs import quiet_third_party_logs
-from visprune.methods import MAIN_METHODS, PRUNING_METHODS
 
 INTERNAL_ERROR_EXIT = 70
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    args = parser(_command_in(argv)).parse_args(argv)
     quiet_third_party_logs(args.verbose)
     try:
         with sigterm_as_interrupt():
@@ -92,12 +93,100 @@ def _interrupting_again(previous_hook: Callable[[Any], None]) -> Callable[[Any],
     return hook
 
 
+# name: (one-line help, description, the function adding its flags, its handler). A command's flags come from its
+# stage's config, whose module is imported only when that command runs (or shows its --help).
+COMMANDS: dict[str, tuple[str, str | None, str, str]] = {
+    "calibrate": ("make a pruning recipe for a FLOPs budget (FitPrune's search or another method)",
+                  "Collect attention statistics on a calibration set and bisect FitPrune's alpha until the recipe "
+                  "removes --reduction of the visual-token FLOPs; other methods take FitPrune's counts or derive "
+                  "theirs from the budget.", "_add_calibrate", "_run_calibrate"),
+    "recipe": ("check, summarise and plot recipes (calibrated or hand-written)", None, "_add_recipe", "_run_recipe"),
+    "export": ("export vision, pruned prefill and decode graphs to ONNX",
+               "Bake a recipe's per-layer keep counts into the language model and export the ONNX set (linted for "
+               "TensorRT). Without --recipe: the unpruned model.", "_add_export", "_run_export"),
+    "build": ("build engines from an exported ONNX set",
+              "Build an engine folder: ONNX Runtime (CPU or CUDA), TensorRT (NVIDIA GPU) or the PyTorch engine "
+              "(static shapes; on CUDA compiled and replayed as CUDA graphs).", "_add_build", "_run_build"),
+    "run": ("generate text for an image and a prompt over an engine", None, "_add_run", "_run_run"),
+    "report": ("parity vs. the PyTorch reference, and latency vs. a baseline engine",
+               "Parity (default): the engine against the PyTorch reference, and pruned against unpruned. "
+               "--latency: the engine and --baseline side by side.", "_add_report", "_run_report"),
+    "pipeline": ("calibrate, export, build, run and report in one command",
+                 "The whole product on one model: a recipe for --reduction (--method), pruned and unpruned engines, "
+                 "one answer, parity and latency reports, report.md.", "_add_pipeline", "_run_pipeline"),
+    "eval": ("shapes-vqa accuracy of an engine (runtime) or a recipe (PyTorch)",
+             "Held-out shapes-vqa accuracy, overall and per question type, of --engine (through the runtime) or "
+             "--recipe (through the PyTorch reference).", "_add_eval", "_run_eval"),
+    "tradeoff": ("accuracy (with 95 %% intervals) vs. FLOPs for every pruning method",
+                 "Calibrate FitPrune at each reduction, build every other method at the same visual-FLOPs budget, "
+                 "and score all on held-out shapes-vqa questions; FitPrune's ablations at --ablation-reductions.",
+                 "_add_tradeoff", "_run_tradeoff"),
+    "serve": ("serve an engine with Triton Inference Server (HTTP, gRPC, metrics)",
+              "Start Triton Inference Server (the one nvidia-pytriton bundles) in front of an engine: dynamic "
+              "batching, HTTP and gRPC inference, /v2/health/ready, Prometheus metrics. README: Serve lists the "
+              "model's tensors. Ctrl-C stops it.", "_add_serve", "_run_serve"),
+    "export-triton": ("write a Triton model repository for an engine (Python backend)",
+                      "Write REPO/<model>/config.pbtxt, REPO/<model>/1/model.py and a copy of the engine, for "
+                      "NVIDIA's tritonserver containers (README: Serve) or `visprune serve --repo`.",
+                      "_add_export_triton", "_run_export_triton"),
+}
+
+
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The subcommand named in `argv` (the top-level options take no values, so it is the first other word)."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
+def parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line, with the flags of `command` only (the others are listed, their stages not imported)."""
+    top = HintingParser(prog="visprune", description="Visual-token pruning for LLaVA, from calibration to "
+                        "deployable engines.")
+    top.add_argument("--version", action="version", version=f"visprune {version()}")
+    _add_verbosity(top, default=False)
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=HintingParser)
+    for name, (summary, description, add, run) in COMMANDS.items():
+        p = commands.add_parser(name, help=summary, description=description)
+        _add_verbosity(p)
+        if name == command:
+            globals()[add](p)
+            p.set_defaults(handler=globals()[run])
+    top.command_parsers = commands.choices
+    return top
+
+
+def version() -> str:
+    """The installed distribution's version, or the source tree's when run without installing."""
+    from importlib.metadata import PackageNotFoundError, version as installed
+
+    try:
+        return installed("visprune")
+    except PackageNotFoundError:
+        from visprune import __version__
+
+        return __version__
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     """'640,704,1024' -> (640, 704, 1024), for argparse (a bad item is a usage error naming the flag)."""
     try:
         return tuple(int(item) for item in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated token counts such as 640,704,1024, not {text!r}")
+
+
+def _utf8_text(text: str) -> str:
+    """A flag's text as the shell gave it, refused if its bytes are not UTF-8 (Python keeps such bytes as lone
+    surrogates, which no tokenizer can encode)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"{text.encode('utf-8', 'surrogateescape')!r} is not UTF-8 text; set the "
+                                         "terminal (or the script) to UTF-8, e.g. LANG=C.UTF-8")
+    return text
+
+
+def _parameter_default(function: Callable, name: str) -> Any:
+    return inspect.signature(function).parameters[name].default
 
 
 def _add_force(p) -> None:
@@ -109,77 +198,73 @@ def _add_verify(p) -> None:
     p.add_argument("--verify", action="store_true", help="re-hash every engine file against its manifest first")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = HintingParser(prog="visprune", description="Visual-token pruning for LLaVA, from "
-                           "calibration to deployable engines.")
-    parser.add_argument("--verbose", action="store_true", help="show tracebacks and library logs")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=HintingParser)
-    _add_calibrate(commands)
-    _add_recipe(commands)
-    _add_export(commands)
-    _add_build(commands)
-    _add_run(commands)
-    _add_report(commands)
-    _add_pipeline(commands)
-    _add_eval(commands)
-    _add_tradeoff(commands)
-    _add_serve(commands)
-    _add_export_triton(commands)
-    parser.command_parsers = commands.choices
-    return parser
+def _add_verbosity(p, default: Any = argparse.SUPPRESS) -> None:
+    """-v/-q before or after the subcommand (the subcommand's copies leave the top-level values unless given)."""
+    p.add_argument("-v", "--verbose", action="store_true", default=default,
+                   help="show tracebacks and library logs")
+    p.add_argument("-q", "--quiet", action="store_true", default=default,
+                   help="no progress bars or summaries; errors and the `wrote PATH` line still print")
 
 
-def _add_calibrate(commands) -> None:
-    p = commands.add_parser("calibrate", help="make a pruning recipe for a FLOPs budget (FitPrune's search or "
-                                              "another method)",
-                            description="Collect attention statistics on a calibration set and bisect FitPrune's "
-                                        "alpha until the recipe removes --reduction of the visual-token FLOPs; "
-                                        "other methods take FitPrune's counts or derive theirs from the budget.")
-    p.add_argument("--model", default="tiny", help="'tiny', 'tiny-vqa' (embedded) or a local llava-hf checkpoint folder")
-    p.add_argument("--reduction", type=float, required=True, help="fraction of visual-token FLOPs to remove, in (0, 1)")
+def _wrote(path: Path) -> None:
+    """The result line of every command that writes, printed even with --quiet."""
+    print(f"wrote {path}")
+
+
+def _say(args, text: str) -> None:
+    if not args.quiet:
+        print(text)
+
+
+def _model_help(what: str) -> str:
+    return f"{what}: 'tiny', 'tiny-vqa' (embedded) or a local llava-hf checkpoint folder"
+
+
+def _add_calibrate(p) -> None:
+    from calibrate import CalibrationConfig
+
+    add_config_flags(p, CalibrationConfig, {
+        "model": _model_help("the model to calibrate"),
+        "reduction": "fraction of visual-token FLOPs to remove, in (0, 1)",
+        "method": "pruning method (README: Methods); all at the same FLOPs budget"}, required=("reduction",))
     p.add_argument("--out", type=Path, required=True, help="recipe path, e.g. runs/demo/recipe.json")
-    p.add_argument("--method", default="fitprune", metavar="METHOD",
-                   help=f"one of {', '.join(PRUNING_METHODS)} (README: Methods); all at the same FLOPs budget")
-    data = p.add_argument_group("calibration data")
-    data.add_argument("--data", type=Path, help="JSONL with one {image, question} per line (default: embedded set)")
-    data.add_argument("--images", type=Path, help="folder the JSONL's image paths resolve against")
-    data.add_argument("--samples", type=int, help="use a seeded subset of this many samples")
-    data.add_argument("--seed", type=int, default=0)
+    add_config_flags(p.add_argument_group("calibration data"), CalibrationConfig, {
+        "data": "JSONL with one {image, question} per line (default: the model's embedded set)",
+        "images": "folder the JSONL's image paths resolve against (default: the JSONL's folder)",
+        "samples": "use a seeded subset of this many samples (default: all)",
+        "seed": "seed of the subset and of random methods"})
     run = p.add_argument_group("execution")
-    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    run.add_argument("--batch-size", type=int, help="samples per replayed batch (default: 2 on CPU, 16 on CUDA)")
+    add_config_flags(run, CalibrationConfig, {
+        "device": "auto, cpu, cuda or cuda:N",
+        "batch_size": "samples per replayed batch (default: 2 on CPU, 16 on CUDA)"})
     run.add_argument("--no-plot", action="store_true", help="skip the tokens-per-layer PNG")
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_force(p)
-    p.set_defaults(handler=_run_calibrate)
 
 
 def _run_calibrate(args) -> int:
     from calibrate import CalibrationConfig, calibrate
     from calibrate.plots import format_recipe_summary
 
-    config = CalibrationConfig(model=args.model, method=args.method, reduction=args.reduction, data=args.data,
-                               images=args.images,
-                               samples=args.samples, seed=args.seed, device=args.device, batch_size=args.batch_size)
-    result = calibrate(config, args.out, plot=not args.no_plot, progress=not args.quiet, force=args.force)
-    print(format_recipe_summary(result.recipe))
-    print(f"calibration time                {result.timings['total_s']:.1f} s")
-    print(f"\nrecipe:     {result.recipe_path}")
-    if result.plot_path:
-        print(f"plot:       {result.plot_path}")
-    print(f"run record: {result.run_record_path}")
+    result = calibrate(config_from(args, CalibrationConfig), args.out, plot=not args.no_plot,
+                       progress=not args.quiet, force=args.force)
+    _say(args, format_recipe_summary(result.recipe))
+    _say(args, f"calibration time                {result.timings['total_s']:.1f} s\n")
+    for path in (result.plot_path, result.run_record_path, result.recipe_path):
+        if path:
+            _wrote(path)
     return 0
 
 
-def _add_recipe(commands) -> None:
-    p = commands.add_parser("recipe", help="check, summarise and plot recipes (calibrated or hand-written)")
+def _add_recipe(p) -> None:
     p.add_argument("recipes", type=Path, nargs="+", help="recipe JSON files")
-    p.add_argument("--model", help="check the recipes against this model: 'tiny', 'llava-1.5-7b' (shapes only) "
-                                   "or a checkpoint folder; also computes their FLOPs reductions")
-    p.add_argument("--text-tokens", type=float, help="non-visual prompt tokens for the whole-LM FLOPs figure")
-    p.add_argument("--plot", type=Path, help="write visual tokens per layer of all recipes to this PNG")
+    p.add_argument("--model", help="check the recipes against this model: 'tiny', 'tiny-vqa', 'llava-1.5-7b' (shapes "
+                                   "only) or a checkpoint folder; also computes their FLOPs reductions (default: no "
+                                   "check)")
+    p.add_argument("--text-tokens", type=float, help="non-visual prompt tokens for the whole-LM FLOPs "
+                                                               "figure (default: the recipe's calibration mean)")
+    p.add_argument("--plot", type=Path, help="write visual tokens per layer of all recipes to this PNG (default: "
+                                             "no plot)")
     _add_force(p)
-    p.set_defaults(handler=_run_recipe)
 
 
 def _run_recipe(args) -> int:
@@ -187,284 +272,260 @@ def _run_recipe(args) -> int:
 
     _, summary = inspect_recipes(args.recipes, model=args.model, plot=args.plot, text_tokens=args.text_tokens,
                                  force=args.force)
-    print(summary)
+    _say(args, summary)
+    if args.plot:
+        _wrote(args.plot)
     return 0
 
 
-def _add_export(commands) -> None:
-    p = commands.add_parser("export", help="export vision, pruned prefill and decode graphs to ONNX",
-                            description="Bake a recipe's per-layer keep counts into the language model and export "
-                                        "the ONNX set (linted for TensorRT). Without --recipe: the unpruned model.")
-    p.add_argument("--model", default="tiny", help="'tiny', 'tiny-vqa' or a local llava-hf checkpoint folder")
-    p.add_argument("--recipe", type=Path, help="recipe JSON (default: unpruned)")
+def _add_export(p) -> None:
+    from exporter import ExportConfig
+
+    add_config_flags(p, ExportConfig, {"model": _model_help("the checkpoint to export"),
+                                       "recipe": "recipe JSON (default: unpruned)"})
     p.add_argument("--out", type=Path, required=True, help="ONNX set folder, e.g. runs/demo/onnx")
-    p.add_argument("--dtype", default="float32", help="float32 (CPU), float16 or bfloat16 (GPU)")
-    p.add_argument("--max-seq", type=int, default=2048, help="longest prompt plus generated tokens")
-    p.add_argument("--target", default="onnxruntime",
-                   help="onnxruntime (fused opset-23 Attention, RMSNorm, RoPE ops; ONNX Runtime and PyTorch engines) or "
-                        "tensorrt (standard opset-18 ops in the forms TensorRT fuses; every backend)")
-    p.add_argument("--opset", type=int, help="default: the target's (23 for onnxruntime, 18 for tensorrt)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_flags(p, ExportConfig, {
+        "dtype": "graph dtype: float32 (CPU), float16 or bfloat16 (GPU)",
+        "max_seq": "longest prompt plus generated tokens",
+        "target": "onnxruntime: fused opset-23 Attention, RMSNorm, RoPE ops (ONNX Runtime and PyTorch engines); "
+                  "tensorrt: standard opset-18 ops in the forms TensorRT fuses (every backend)",
+        "opset": "ONNX opset (default: the target's, 23 for onnxruntime, 18 for tensorrt)"})
     _add_force(p)
-    p.set_defaults(handler=_run_export)
 
 
 def _run_export(args) -> int:
     from exporter import ExportConfig, export_onnx
 
-    config = ExportConfig(model=args.model, recipe=args.recipe, dtype=args.dtype, target=args.target,
-                          opset=args.opset, max_seq=args.max_seq)
-    result = export_onnx(config, args.out, progress=not args.quiet, force=args.force)
+    result = export_onnx(config_from(args, ExportConfig), args.out, progress=not args.quiet, force=args.force)
     recipe = result.manifest.recipe
-    print(f"exported {args.out} in {result.manifest.export_seconds:.1f} s "
-          f"(recipe {recipe.method}: {recipe.num_visual_tokens} -> {recipe.keep[-1]} visual tokens; lint clean)")
+    _say(args, f"exported in {result.manifest.export_seconds:.1f} s (recipe {recipe.method}: "
+               f"{recipe.num_visual_tokens} -> {recipe.keep[-1]} visual tokens; lint clean)")
+    _wrote(args.out)
     return 0
 
 
-def _add_build(commands) -> None:
-    p = commands.add_parser("build", help="build engines from an exported ONNX set",
-                            description="Build an engine folder: ONNX Runtime (CPU or CUDA), TensorRT (NVIDIA GPU) "
-                                        "or the PyTorch engine (static shapes; on CUDA compiled and replayed as "
-                                        "CUDA graphs).")
+def _add_build(p) -> None:
+    from engines import BuildConfig
+
     p.add_argument("--onnx", type=Path, required=True, help="ONNX set folder from `visprune export`")
     p.add_argument("--out", type=Path, required=True, help="engine folder")
-    p.add_argument("--backend", default="onnxruntime", help="onnxruntime, tensorrt, pytorch, or auto (TensorRT "
-                                                            "where installed with a GPU and the set was exported "
-                                                            "--target tensorrt, else onnxruntime)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (onnxruntime, pytorch; TensorRT is always cuda)")
-    ort = p.add_argument_group("onnxruntime")
-    ort.add_argument("--optimization-level", default="extended", help="disabled, basic, extended or all")
-    ort.add_argument("--intra-op-threads", type=int, default=0,
-                     help="threads per session (default 0: one per core the serving process may use)")
-    ort.add_argument("--spinning", action="store_true",
-                     help="intra-op threads spin after a run (one session at a time only: a spinning pool slows the "
-                          "next graph's session)")
-    trt = p.add_argument_group("tensorrt and pytorch: the shapes an engine is built for")
-    trt.add_argument("--max-prompt-tokens", type=int, default=1024, help="longest prompt, image tokens included")
-    trt.add_argument("--max-new-tokens", type=int, default=256, help="most tokens generated per request")
-    trt.add_argument("--max-batch", type=int, default=8, help="most requests per batch (ONNX Runtime: any)")
-    trt = p.add_argument_group("tensorrt")
-    trt.add_argument("--workspace-gib", type=float, help="cap TensorRT's workspace memory")
-    trt.add_argument("--builder-optimization-level", type=int, default=3, help="0-5 (TensorRT's default: 3)")
-    trt.add_argument("--timing-cache", type=Path, help="timing cache file to reuse and update across builds")
-    torch_group = p.add_argument_group("pytorch")
-    torch_group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                             help="torch.compile the prefill and decode steps at build and load (default: on for "
-                                  "--device cuda, off for cpu)")
-    torch_group.add_argument("--prompt-buckets", type=_int_list,
-                             help="prompt lengths requests are padded up to, comma-separated, the largest being "
-                                  "--max-prompt-tokens (default: the shortest prompt plus 32, 64, 128, ... tokens)")
-    torch_group.add_argument("--no-cuda-graphs", action="store_true",
-                             help="run the compiled steps without replaying them as CUDA graphs")
-    p.add_argument("--allow-tf32", action="store_true", help="CUDA: let float32 engines use TF32 matmuls and "
-                                                              "convolutions (off by default; recorded in engine.json)")
+    add_config_flags(p, BuildConfig, {
+        "backend": "auto: TensorRT where installed with a GPU and the set was exported --target tensorrt, else "
+                   "onnxruntime",
+        "device": "onnxruntime and pytorch (TensorRT is always cuda)"})
+    add_config_flags(p.add_argument_group("onnxruntime"), BuildConfig, {
+        "optimization_level": "ONNX Runtime graph optimizations",
+        "intra_op_threads": "threads per session (0: one per core the serving process may use)",
+        "spinning": "intra-op threads spin after a run (one session at a time only: a spinning pool slows the "
+                    "next graph's session)"})
+    add_config_flags(p.add_argument_group("tensorrt and pytorch: the shapes an engine is built for"), BuildConfig, {
+        "max_prompt_tokens": "longest prompt, image tokens included",
+        "max_new_tokens": "most tokens generated per request",
+        "max_batch": "most requests per batch (ONNX Runtime: any)"})
+    add_config_flags(p.add_argument_group("tensorrt"), BuildConfig, {
+        "workspace_gib": "cap TensorRT's workspace memory (default: TensorRT's, the GPU's memory)",
+        "builder_optimization_level": "0-5 (3 is TensorRT's own default)",
+        "timing_cache": "timing cache file to reuse and update across builds (default: none)"})
+    add_config_flags(p.add_argument_group("pytorch"), BuildConfig, {
+        "torch_compile": "torch.compile the prefill and decode steps at build and load (default: on for --device "
+                         "cuda, off for cpu)",
+        "prompt_buckets": "prompt lengths requests are padded up to, comma-separated, the largest being "
+                          "--max-prompt-tokens (default: the shortest prompt plus 32, 64, 128, ... tokens)",
+        "cuda_graphs": "run the compiled steps without replaying them as CUDA graphs"},
+        flags={"torch_compile": "--compile"}, parse={"prompt_buckets": _int_list})
+    add_config_flags(p, BuildConfig, {"allow_tf32": "CUDA: let float32 engines use TF32 matmuls and convolutions "
+                                                    "(recorded in engine.json)"})
     _add_force(p)
-    p.set_defaults(handler=_run_build)
 
 
 def _run_build(args) -> int:
     from engines import BuildConfig, build_engine
 
-    config = BuildConfig(backend=args.backend, device=args.device, optimization_level=args.optimization_level, max_prompt_tokens=args.max_prompt_tokens,
-                         max_new_tokens=args.max_new_tokens, max_batch=args.max_batch,
-                         workspace_gib=args.workspace_gib,
-                         builder_optimization_level=args.builder_optimization_level, timing_cache=args.timing_cache,
-                         intra_op_threads=args.intra_op_threads, spinning=args.spinning,
-                         torch_compile=args.compile, cuda_graphs=not args.no_cuda_graphs,
-                         prompt_buckets=args.prompt_buckets, allow_tf32=args.allow_tf32)
-    manifest = build_engine(config, args.onnx, args.out, force=args.force)
+    manifest = build_engine(config_from(args, BuildConfig), args.onnx, args.out, force=args.force)
     version = manifest.onnxruntime_version or manifest.tensorrt_version or ""
-    print(f"built {args.out}: {manifest.backend} {version} on {manifest.device}")
+    _say(args, f"built {manifest.backend} {version} engine on {manifest.device}")
+    _wrote(args.out)
     return 0
 
 
-def _add_run(commands) -> None:
-    p = commands.add_parser("run", help="generate text for an image and a prompt over an engine")
+def _add_run(p) -> None:
+    from runtime.generation import Sampling
+    from runtime.pipeline import Pipeline
+
     p.add_argument("--engine", type=Path, required=True, help="engine folder from `visprune build`")
     p.add_argument("--image", type=Path, required=True)
-    p.add_argument("--prompt", required=True, help="a question, or a full prompt with one <image>")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    sampling = p.add_argument_group("sampling (default: greedy)")
-    sampling.add_argument("--temperature", type=float, default=0.0, help="0: greedy; e.g. 0.7")
-    sampling.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0: all)")
-    sampling.add_argument("--top-p", type=float, default=1.0, help="sample within this probability mass")
-    sampling.add_argument("--seed", type=int, help="makes a sampled answer repeatable")
-    p.add_argument("--stop", action="append", default=[], help="end the answer before this text (repeatable)")
+    p.add_argument("--prompt", type=_utf8_text, required=True, help="a question, or a full prompt with one <image>")
+    p.add_argument("--max-new-tokens", type=int, default=_parameter_default(Pipeline.generate, "max_new_tokens"),
+                   help="most tokens generated (default: %(default)s)")
+    add_config_flags(p.add_argument_group("sampling (greedy unless --temperature is above 0)"), Sampling, {
+        "temperature": "0: greedy; e.g. 0.7", "top_k": "sample among the k most likely (0: all)",
+        "top_p": "sample within this probability mass", "seed": "makes a sampled answer repeatable (default: none)"})
+    p.add_argument("--stop", action="append", type=_utf8_text, default=[],
+                   help="end the answer before this text (repeatable; default: none)")
     p.add_argument("--stream", action="store_true", help="print the answer as it is decoded")
     _add_verify(p)
-    p.set_defaults(handler=_run_run)
 
 
 def _run_run(args) -> int:
     from runtime import Pipeline
+    from runtime.generation import Sampling
     from runtime.pipeline import check_max_new_tokens
 
-    from runtime.generation import Sampling
-
     check_max_new_tokens(args.max_new_tokens)  # bad options fail before the engine is loaded
-    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    sampling = config_from(args, Sampling)
     pipe = Pipeline.from_engine_dir(args.engine, verify=args.verify)
     prompt = args.prompt if "<image>" in args.prompt else pipe.chat_prompt(args.prompt)
+    request = (args.image, prompt, args.max_new_tokens, sampling, tuple(args.stop))
     if args.stream:
-        for piece in pipe.stream(args.image, prompt, args.max_new_tokens, sampling, tuple(args.stop)):
+        timings: dict[str, float] = {}
+        for piece in pipe.stream(*request, timings=timings):
             print(piece, end="", flush=True)
         print()
-        return 0
-    generation = pipe.generate(args.image, prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                               stop=tuple(args.stop))
-    print(generation.text)
-    t = generation.timings
-    print(f"[vision {1e3 * t['vision_s']:.1f} ms, prefill {1e3 * t['prefill_s']:.1f} ms, "
-          f"decode {1e3 * t['decode_s_per_token']:.2f} ms/token over {t['decode_tokens']} tokens]", file=sys.stderr)
+    else:
+        generation = pipe.generate(*request[:2], max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                   stop=tuple(args.stop))
+        print(generation.text)
+        timings = generation.timings
+    if not args.quiet:
+        print(f"[vision {1e3 * timings['vision_s']:.1f} ms, prefill {1e3 * timings['prefill_s']:.1f} ms, decode "
+              f"{1e3 * timings['decode_s_per_token']:.2f} ms/token over {timings['decode_tokens']} tokens]",
+              file=sys.stderr)
     return 0
 
 
-def _add_report(commands) -> None:
-    p = commands.add_parser("report", help="parity vs. the PyTorch reference, and latency vs. a baseline engine",
-                            description="Parity (default): the engine against the PyTorch reference, and pruned "
-                                        "against unpruned. --latency: the engine and --baseline side by side.")
+def _add_report(p) -> None:
+    from reports.report import ReportConfig
+
     p.add_argument("--engine", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True, help="report folder")
-    parity = p.add_argument_group("parity")
-    parity.add_argument("--model", default="tiny", help="the checkpoint the engine was exported from")
-    parity.add_argument("--recipe", type=Path, help="check that the engine was exported from this recipe")
-    parity.add_argument("--max-new-tokens", type=int, default=8)
-    parity.add_argument("--allow-parity-failure", action="store_true", help="exit 0 even if parity fails")
-    parity.add_argument("--no-parity", action="store_true", help="skip the parity report")
-    for flag, meaning in (("--logits-atol", "logits: absolute tolerance floor"), ("--logits-rtol", "logits: tolerance "
-                          "relative to the step's max |reference logit|"), ("--min-kept-overlap", "kept indices: least share "
-                          "both keep, per pruning layer"), ("--min-top1", "tokens: least teacher-forced top-1 "
-                          "agreement")):
-        parity.add_argument(flag, type=float, help=f"{meaning} (default: by the engine's dtype, README)")
-    parity.add_argument("--reference", default="auto", choices=("auto", "cpu"),
-                        help="auto: PyTorch at the engine's dtype on its device where present, else float32 on "
-                             "the CPU; cpu: always float32 on the CPU (use it for the PyTorch backend on CUDA)")
-    latency = p.add_argument_group("latency")
-    latency.add_argument("--latency", action="store_true", help="write latency.json/.md/.png")
-    latency.add_argument("--baseline", type=Path, help="engine to compare with (normally the unpruned one)")
-    latency.add_argument("--image", type=Path, help="request image (default: a cat photograph)")
-    latency.add_argument("--new-tokens", type=int, default=16, help="tokens generated per timed request")
-    latency.add_argument("--warmup", type=int, default=3, help="untimed requests per engine first")
-    latency.add_argument("--rounds", type=int, default=10, help="timed requests per engine")
+    add_config_flags(p.add_argument_group("parity"), ReportConfig, {
+        "model": _model_help("parity's PyTorch reference (default: the checkpoint the engine's manifest names)"),
+        "recipe": "check that the engine was exported from this recipe (default: no check)",
+        "max_new_tokens": "tokens generated per parity prompt",
+        "allow_parity_failure": "exit 0 even if parity fails",
+        "parity": "skip the parity report",
+        "logits_atol": "logits: absolute tolerance floor (default: by the engine's dtype, README)",
+        "logits_rtol": "logits: tolerance relative to the step's max |reference logit| (default: by the engine's "
+                       "dtype, README)",
+        "min_kept_overlap": "kept indices: least share both keep, per pruning layer (default: by the engine's dtype)",
+        "min_top1": "tokens: least teacher-forced top-1 agreement (default: by the engine's dtype)",
+        "reference": "auto: PyTorch at the engine's dtype on its device where present, else float32 on the CPU; "
+                     "cpu: always float32 on the CPU (use it for the PyTorch backend on CUDA)"})
+    add_config_flags(p.add_argument_group("latency"), ReportConfig, {
+        "latency": "write latency.json/.md/.png",
+        "baseline": "engine to compare with, normally the unpruned one (default: none; --latency needs one)",
+        "image": "request image (default: a cat photograph)",
+        "new_tokens": "tokens generated per timed request",
+        "warmup": "untimed requests per engine first",
+        "rounds": "timed requests per engine"})
     _add_force(p)
     _add_verify(p)
-    p.set_defaults(handler=_run_report)
 
 
 def _run_report(args) -> int:
     from reports.report import ReportConfig, write_reports
 
-    config = ReportConfig(parity=not args.no_parity, model=args.model, recipe=args.recipe,
-                          max_new_tokens=args.max_new_tokens, allow_parity_failure=args.allow_parity_failure,
-                          latency=args.latency, baseline=args.baseline, image=args.image, new_tokens=args.new_tokens,
-                          warmup=args.warmup, rounds=args.rounds, logits_atol=args.logits_atol,
-                          logits_rtol=args.logits_rtol, min_kept_overlap=args.min_kept_overlap, min_top1=args.min_top1,
-                          reference=args.reference)
-    for path in write_reports(config, args.engine, args.out, force=args.force, verify=args.verify):
-        print(path.read_text())
+    for path in write_reports(config_from(args, ReportConfig), args.engine, args.out, force=args.force,
+                              verify=args.verify):
+        _say(args, path.read_text())
+    _wrote(args.out)
     return 0
 
 
-def _add_pipeline(commands) -> None:
-    p = commands.add_parser("pipeline", help="calibrate, export, build, run and report in one command",
-                            description="The whole product on one model: a recipe for --reduction (--method), "
-                                        "pruned and unpruned engines, one answer, parity and latency reports, "
-                                        "report.md.")
-    p.add_argument("--model", default="tiny", help="'tiny', 'tiny-vqa' or a local llava-hf checkpoint folder")
-    p.add_argument("--reduction", type=float, default=0.6, help="fraction of visual-token FLOPs to remove")
-    p.add_argument("--method", default="fitprune", metavar="METHOD",
-                   help=f"one of {', '.join(PRUNING_METHODS)} (README: Methods)")
+def _add_pipeline(p) -> None:
+    from workflows.end_to_end import PipelineConfig
+
+    add_config_flags(p, PipelineConfig, {
+        "model": _model_help("the model"),
+        "reduction": "fraction of visual-token FLOPs to remove",
+        "method": "pruning method (README: Methods)"})
     p.add_argument("--out", type=Path, required=True, help="run folder, e.g. runs/demo")
-    p.add_argument("--backend", default="auto", help="auto (TensorRT where available, else onnxruntime), "
-                                                     "onnxruntime, tensorrt or pytorch")
-    p.add_argument("--device", default="auto", help="calibration device: auto, cpu, cuda")
-    p.add_argument("--data", type=Path, help="calibration JSONL (default: embedded set)")
-    p.add_argument("--images", type=Path, help="folder the JSONL's image paths resolve against")
-    p.add_argument("--samples", type=int, help="calibrate on a seeded subset of this many samples")
-    p.add_argument("--latency-rounds", type=int, default=10)
-    p.add_argument("--accuracy-questions", type=int, default=100,
-                   help="shapes-vqa models (tiny-vqa): held-out test questions both engines answer for the report's "
-                        "pruned vs. unpruned accuracy (default %(default)s; 0: skip); other models have none")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_flags(p, PipelineConfig, {
+        "backend": "auto: TensorRT where available, else onnxruntime",
+        "device": "calibration device: auto, cpu, cuda",
+        "data": "calibration JSONL (default: the model's embedded set)",
+        "images": "folder the JSONL's image paths resolve against (default: the JSONL's folder)",
+        "samples": "calibrate on a seeded subset of this many samples (default: all)",
+        "latency_rounds": "timed requests per engine",
+        "accuracy_questions": "shapes-vqa models (tiny-vqa): held-out test questions both engines answer for the "
+                              "report's pruned vs. unpruned accuracy (0: skip); other models have none"})
     _add_force(p)
-    p.set_defaults(handler=_run_pipeline)
 
 
 def _run_pipeline(args) -> int:
     from workflows.end_to_end import PipelineConfig, format_summary, run_pipeline
 
-    config = PipelineConfig(model=args.model, reduction=args.reduction, method=args.method, backend=args.backend,
-                            device=args.device,
-                            data=args.data, images=args.images, samples=args.samples,
-                            latency_rounds=args.latency_rounds, accuracy_questions=args.accuracy_questions)
-    print(format_summary(run_pipeline(config, args.out, progress=not args.quiet, force=args.force)))
+    result = run_pipeline(config_from(args, PipelineConfig), args.out, progress=not args.quiet, force=args.force)
+    _say(args, format_summary(result))
+    _wrote(args.out)
     return 0
 
 
-def _add_eval(commands) -> None:
-    p = commands.add_parser("eval", help="shapes-vqa accuracy of an engine (runtime) or a recipe (PyTorch)",
-                            description="Held-out shapes-vqa accuracy, overall and per question type, of --engine "
-                                        "(through the runtime) or --recipe (through the PyTorch reference).")
+def _add_eval(p) -> None:
+    from reports.evaluate import EvalConfig
+    from visprune.models.llava import DEFAULT_MODEL
+
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--engine", type=Path, help="engine folder from `visprune build`")
     target.add_argument("--recipe", type=Path, help="recipe JSON, run in PyTorch")
-    p.add_argument("--model", default="tiny-vqa", help="the model the recipe is for (PyTorch path)")
+    p.add_argument("--model", help=f"the model the recipe is for (default: {DEFAULT_MODEL}; an engine's is the one "
+                                   "its manifest names)")
     p.add_argument("--out", type=Path, required=True, help="report folder (eval.json, eval.md)")
-    p.add_argument("--questions", type=int, default=500, help="held-out test questions")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_flags(p, EvalConfig, {"questions": "held-out test questions"})
     _add_force(p)
     _add_verify(p)
-    p.set_defaults(handler=_run_eval)
 
 
 def _run_eval(args) -> int:
     from reports.evaluate import EvalConfig, eval_report
 
-    eval_report(args.out, EvalConfig(questions=args.questions), engine_dir=args.engine, recipe=args.recipe,
-                model=args.model, progress=not args.quiet, force=args.force, verify=args.verify)
-    print((args.out / "eval.md").read_text())
+    report = eval_report(args.out, config_from(args, EvalConfig), engine_dir=args.engine, recipe=args.recipe,
+                         model=args.model, progress=not args.quiet, force=args.force, verify=args.verify)
+    _say(args, (args.out / "eval.md").read_text())
+    accuracy = report["accuracy"]
+    low, high = accuracy["ci95"]
+    print(f"accuracy {accuracy['overall']:.1%} of {accuracy['n']} questions (95 % interval {low:.1%} to {high:.1%})")
+    _wrote(args.out)
     return 0
 
 
-def _add_tradeoff(commands) -> None:
-    p = commands.add_parser("tradeoff", help="accuracy (with 95 %% intervals) vs. FLOPs for every pruning method",
-                            description="Calibrate FitPrune at each reduction, build every other method at the same "
-                                        "visual-FLOPs budget, and score all on held-out shapes-vqa questions; "
-                                        "FitPrune's ablations at --ablation-reductions.")
-    p.add_argument("--model", default="tiny-vqa")
-    p.add_argument("--out", type=Path, default=Path("docs/tradeoff"), help="folder for tradeoff.json/.md/.png")
-    p.add_argument("--reductions", type=float, nargs="+", default=[0.4, 0.6, 0.8, 0.9])
-    p.add_argument("--methods", nargs="+", default=list(MAIN_METHODS), metavar="METHOD",
-                   help=f"any of {', '.join(PRUNING_METHODS)} (default: the non-ablation ones)")
-    p.add_argument("--ablation-reductions", type=float, nargs="*", default=[0.6, 0.8],
-                   help="budgets of FitPrune's ablations (none: skip them)")
-    p.add_argument("--questions", type=int, default=1000)
-    p.add_argument("--latency", action="store_true",
-                   help="also export every recipe, build it for ONNX Runtime and time its prefill vs. unpruned")
-    p.add_argument("--quiet", action="store_true")
+def _add_tradeoff(p) -> None:
+    from workflows.tradeoff import TradeoffConfig
+
+    add_config_flags(p, TradeoffConfig, {"model": _model_help("a shapes-vqa model")})
+    p.add_argument("--out", type=Path, default=Path("runs/tradeoff"),
+                   help="folder for tradeoff.json/.md/.png (default: %(default)s; the committed study is docs/tradeoff)")
+    add_config_flags(p, TradeoffConfig, {
+        "reductions": "FLOPs budgets every method is scored at (0, unpruned, always is)",
+        "methods": "methods scored at every budget",
+        "ablation_reductions": "budgets of FitPrune's ablations (none: skip them)",
+        "questions": "held-out test questions per row",
+        "latency": "also export every recipe, build it for ONNX Runtime and time its prefill vs. unpruned"},
+        nargs={"ablation_reductions": "*"})
     _add_force(p)
-    p.set_defaults(handler=_run_tradeoff)
 
 
 def _run_tradeoff(args) -> int:
     from workflows.tradeoff import TradeoffConfig, tradeoff
 
-    config = TradeoffConfig(model=args.model, reductions=tuple(args.reductions), methods=tuple(args.methods),
-                            ablation_reductions=tuple(args.ablation_reductions), questions=args.questions,
-                            latency=args.latency)
-    tradeoff(config, args.out, progress=not args.quiet, force=args.force)
-    print((args.out / "tradeoff.md").read_text())
+    tradeoff(config_from(args, TradeoffConfig), args.out, progress=not args.quiet, force=args.force)
+    _say(args, (args.out / "tradeoff.md").read_text())
+    _wrote(args.out)
     return 0
 
 
 def _add_model_settings(p) -> None:
-    g = p.add_argument_group("Triton scheduling (default: dynamic batching of up to 8 requests, 10 ms queue delay)")
-    g.add_argument("--max-batch", type=int, help="most requests per batch, and rows per request (default 8)")
-    g.add_argument("--max-queue-delay-us", type=int,
-                   help="how long a request may wait for others to join its batch (default 10000)")
+    from serving.triton_repo import ModelSettings
+
+    d = ModelSettings()  # flags left out keep these (an engine) or the repository's config.pbtxt (--repo)
+    g = p.add_argument_group("Triton scheduling (an exported repository brings its own)")
+    g.add_argument("--max-batch", type=int, help=f"most requests per batch, and rows per request (default: "
+                                                 f"{d.max_batch})")
+    g.add_argument("--max-queue-delay-us", type=int, help="how long a request may wait for others to join its "
+                                                          f"batch (default: {d.max_queue_delay_us})")
     g.add_argument("--no-dynamic-batching", action="store_true", help="run every request alone")
-    g.add_argument("--instances", type=int, help="pipeline copies, each in its own process (default 1)")
-    g.add_argument("--model-name", help="the model's name in Triton's URLs (default visprune)")
+    g.add_argument("--instances", type=int, help=f"pipeline copies, each in its own process (default: {d.instances})")
+    g.add_argument("--model-name", help=f"the model's name in Triton's URLs (default: {d.name})")
 
 
 def _model_settings(args):
@@ -476,49 +537,41 @@ def _model_settings(args):
     return ModelSettings(**given) if given else None
 
 
-def _add_serve(commands) -> None:
-    p = commands.add_parser("serve", help="serve an engine with Triton Inference Server (HTTP, gRPC, metrics)",
-                            description="Start Triton Inference Server (the one nvidia-pytriton bundles) in front of "
-                                        "an engine: dynamic batching, HTTP and gRPC inference, /v2/health/ready, "
-                                        "Prometheus metrics. README: Serve lists the model's tensors. Ctrl-C stops it.")
+def _add_serve(p) -> None:
+    from serving.server import ServeConfig
+
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--engine", type=Path, help="engine folder from `visprune build`")
     source.add_argument("--repo", type=Path, help="a model repository from `visprune export-triton` (its "
                                                   "config.pbtxt decides the scheduling)")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--metrics-port", type=int, default=8002)
-    p.add_argument("--log-file", type=Path, help="tritonserver's log (default: a temporary file)")
+    add_config_flags(p, ServeConfig, {"http_port": "HTTP endpoint's port", "grpc_port": "gRPC endpoint's port",
+                                      "metrics_port": "Prometheus metrics' port",
+                                      "log_file": "tritonserver's log (default: a temporary file)"})
     _add_model_settings(p)
-    p.set_defaults(handler=_run_serve)
 
 
 def _run_serve(args) -> int:
     from serving.server import ServeConfig, serve
 
-    config = ServeConfig(args.http_port, args.grpc_port, args.metrics_port, _model_settings(args), args.log_file)
+    config = config_from(args, ServeConfig, settings=_model_settings(args))
     serve(config, args.engine, args.repo, on_ready=lambda server: print(server.describe(), flush=True))
     print("stopped", file=sys.stderr)
     return 0
 
 
-def _add_export_triton(commands) -> None:
-    p = commands.add_parser("export-triton", help="write a Triton model repository for an engine (Python backend)",
-                            description="Write REPO/<model>/config.pbtxt, REPO/<model>/1/model.py and a copy of the "
-                                        "engine, for NVIDIA's tritonserver containers (README: Serve) or "
-                                        "`visprune serve --repo`.")
+def _add_export_triton(p) -> None:
     p.add_argument("--engine", type=Path, required=True, help="engine folder from `visprune build`")
     p.add_argument("--out", type=Path, required=True, help="model repository folder, e.g. runs/demo/triton")
     _add_model_settings(p)
     _add_force(p)
-    p.set_defaults(handler=_run_export_triton)
 
 
 def _run_export_triton(args) -> int:
     from serving.triton_repo import export_triton
 
     model = export_triton(args.engine, args.out, _model_settings(args), force=args.force)
-    print(f"wrote {model} (config.pbtxt, 1/model.py, engine/); try it with `visprune serve --repo {args.out}`")
+    _say(args, f"try it with `visprune serve --repo {args.out}`")
+    _wrote(model)
     return 0
 
 

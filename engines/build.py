@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from engines.profiles import kv_capacity, prompt_length_range
 from visprune.artifacts import sha256_file, tool_versions
@@ -33,6 +33,7 @@ from visprune.manifests.onnx_set import OnnxSetManifest, read_onnx_set
 from visprune.outputs import ENGINE_SET, check_output, replacing
 from visprune.tensor_names import GRAPH_NAMES
 
+DEFAULT_BACKEND = AUTO  # `build` and `pipeline` alike
 DEVICES = ("cpu", "cuda")
 # "extended" optimizations are portable across machines; "all" adds layout changes for this CPU only.
 OPT_LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
@@ -65,8 +66,10 @@ class BuildConfig:
     """How to build an engine folder. TensorRT always runs on CUDA; `device` applies to the other backends."""
 
     VERSION = 4
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"backend": BACKEND_CHOICES, "device": DEVICES,
+                                                     "optimization_level": tuple(OPT_LEVELS)}
 
-    backend: str = "onnxruntime"
+    backend: str = DEFAULT_BACKEND
     device: str = "cpu"
     optimization_level: str = "extended"  # ONNX Runtime graph optimizations
     max_prompt_tokens: int = 1024  # TensorRT profiles: whole prompt, image tokens included

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from visprune.errors import ConfigError
 from visprune.backends import EXPORT_TARGETS as TARGETS
 from visprune.dtypes import DTYPES
+from visprune.models.llava import DEFAULT_MODEL
 
 
 @dataclass(frozen=True)
 class ExportConfig:
     VERSION = 2  # 2: target, and opset by target
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"dtype": DTYPES, "target": tuple(TARGETS)}
 
-    model: str = "tiny"  # "tiny" or a local llava-hf checkpoint folder
+    model: str = DEFAULT_MODEL  # "tiny", "tiny-vqa" or a local llava-hf checkpoint folder
     recipe: Path | None = None  # None: the unpruned model
     dtype: str = "float32"  # graph dtype; float16/bfloat16 keep norms, softmax and scores in float32
     target: str = "onnxruntime"  # the backend family the graphs are written for (visprune/backends.py)

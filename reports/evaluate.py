@@ -24,7 +24,7 @@ from visprune.artifacts import atomic_write_bytes
 from visprune.errors import ConfigError
 from visprune.manifests.common import model_dump, write_model
 from visprune.manifests.reports import EVAL_SCHEMA, Accuracy, EvalReport
-from visprune.models.llava import model_folder
+from visprune.models.llava import DEFAULT_MODEL, model_folder
 from visprune.outputs import EVAL, check_output, replacing
 from visprune.tasks.shapes_vqa import ShapesSample, accuracy_by_type, make_split
 
@@ -158,17 +158,21 @@ class ModuleStep:
 
 
 def eval_report(out_dir: Path, config: EvalConfig, engine_dir: Path | None = None, recipe: Path | None = None,
-                model: str = "tiny-vqa", progress: bool = True, force: bool = False,
+                model: str | None = None, progress: bool = True, force: bool = False,
                 verify: bool = False) -> EvalReport:
     """Accuracy on the first `config.questions` test questions; writes eval.json and eval.md to the folder
-    `out_dir` (checked before any work, see visprune/outputs.py). A recipe must fit `model`."""
+    `out_dir` (checked before any work, see visprune/outputs.py). A recipe must fit `model` (None: the default
+    model); an engine is its own (None: the one its manifest names)."""
     from calibrate.recipe import load_recipe
+    from visprune.manifests.engine_set import read_engine_set
 
     if (engine_dir is None) == (recipe is None):
         raise ConfigError("Evaluate either an engine (--engine) or a recipe (--recipe), not both or neither.",
                           "Pass --engine DIR for the runtime, or --recipe FILE for the PyTorch reference.")
     out_dir = Path(out_dir)
-    check_output(out_dir, EVAL, inputs=[engine_dir, recipe, model_folder(model)], force=force)
+    check_output(out_dir, EVAL, inputs=[engine_dir, recipe, model_folder(model) if model else None], force=force)
+    if model is None:
+        model = read_engine_set(Path(engine_dir)).onnx_set.model.name if engine_dir is not None else DEFAULT_MODEL
     samples = make_split("test", config.questions)
     if engine_dir is not None:
         answers = answers_from_engine(engine_dir, samples, config.max_new_tokens, progress, verify)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import ClassVar
 from pathlib import Path
 
 from reports.parity import ParityError
@@ -15,9 +16,10 @@ from visprune.outputs import REPORT, check_output, replacing
 @dataclass(frozen=True)
 class ReportConfig:
     VERSION = 1
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"reference": ("auto", "cpu")}
 
     parity: bool = True
-    model: str = "tiny"  # the checkpoint the engine was exported from (parity's PyTorch reference)
+    model: str | None = None  # parity's PyTorch reference; None: the one the engine's manifest names
     recipe: Path | None = None  # parity: check the engine was exported from it
     max_new_tokens: int = 8
     allow_parity_failure: bool = False
@@ -44,7 +46,7 @@ class ReportConfig:
         for flag, value, least in (("--max-new-tokens", self.max_new_tokens, 1), ("--new-tokens", self.new_tokens, 1),
                                    ("--warmup", self.warmup, 0), ("--rounds", self.rounds, 1)):
             _check_at_least(flag, value, least)
-        if self.reference not in ("auto", "cpu"):
+        if self.reference not in self.CHOICES["reference"]:
             raise ConfigError(f"Unknown --reference {self.reference!r}.", "Use auto or cpu.")
         for name, value in self.criteria().items():
             if value < 0 or (name.startswith("min_") and value > 1):
@@ -71,6 +73,8 @@ def write_reports(config: ReportConfig, engine_dir: Path, out_dir: Path, force: 
     first; `progress`: progress bars on a terminal."""
     out_dir = Path(out_dir)
     check_output(out_dir, REPORT, inputs=_inputs(config, engine_dir), force=force)
+    if config.model is None:  # the checkpoint the engine names, unless told otherwise
+        config = replace(config, model=read_engine_set(Path(engine_dir)).onnx_set.model.name)
     for folder in (engine_dir, config.baseline if config.latency else None):
         if verify and folder is not None:  # every load below checks the manifest and sizes anyway
             read_engine_set(Path(folder), verify=True)
@@ -100,4 +104,5 @@ def _write(config: ReportConfig, engine_dir: Path, out_dir: Path, progress: bool
 
 
 def _inputs(config: ReportConfig, engine_dir: Path) -> list[Path | None]:
-    return [Path(engine_dir), config.baseline, config.recipe, config.image, model_folder(config.model)]
+    return [Path(engine_dir), config.baseline, config.recipe, config.image,
+            model_folder(config.model) if config.model else None]

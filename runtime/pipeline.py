@@ -180,17 +180,21 @@ class Pipeline:
                 for g in self._generate_rows(encoded[start:start + size], keep_logits)]
 
     def stream(self, image: Any, prompt: str, max_new_tokens: int = 32, sampling: Sampling = GREEDY,
-               stop: tuple[str, ...] = ()) -> Iterator[str]:
+               stop: tuple[str, ...] = (), timings: dict[str, float] | None = None) -> Iterator[str]:
         """`generate`'s text in pieces as tokens are decoded; text that could begin a stop string is held back
-        until it cannot."""
+        until it cannot. `timings`, if given, receives `generate`'s timings once the stream ends."""
         encoded = self.encode_request(Request(image, prompt, max_new_tokens, sampling, stop))
-        first, layout, _ = self.prefill_batch([encoded])
-        row, sent = _RowText(self, encoded.request, self.eos_token_id), 0
-        for tokens, _, _ in self._tokens(first, layout, [encoded], ended=lambda t: np.array([row.add(t[0])])):
+        first, layout, measured = self.prefill_batch([encoded])
+        row, sent, seconds = _RowText(self, encoded.request, self.eos_token_id), 0, []
+        for tokens, _, spent in self._tokens(first, layout, [encoded], ended=lambda t: np.array([row.add(t[0])])):
+            seconds += [] if spent is None else [spent]
             ready = row.ready()
             if ready > sent:
                 yield row.text[sent:ready]
                 sent = ready
+        if timings is not None:
+            timings.update(measured, decode_s_per_token=float(np.mean(seconds)) if seconds else 0.0,
+                           decode_tokens=len(seconds), prompt_tokens=len(encoded.input_ids))
         if len(row.final_text()) > sent:
             yield row.final_text()[sent:]
 

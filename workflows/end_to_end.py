@@ -23,18 +23,20 @@ import multiprocessing
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 from calibrate import CalibrationConfig, calibrate
 from calibrate.stage import resolve_device
 from engines import BuildConfig, auto_backend, build_engine
+from engines.build import DEFAULT_BACKEND
 from exporter import ExportConfig, export_onnx
 from visprune.artifacts import atomic_write_bytes, atomic_write_json
 from visprune.backends import BACKEND_CHOICES
 from visprune.errors import ConfigError
 from visprune.manifests import schema_ids
 from visprune.manifests.reports import LatencyReport, ParityReport
-from visprune.models.llava import model_folder, resolve_model_path
+from visprune.methods import PRUNING_METHODS
+from visprune.models.llava import DEFAULT_MODEL, model_folder, resolve_model_path
 from visprune.outputs import PIPELINE_RUN, check_output, writing_in_place
 
 SAMPLE_QUESTION = "What animal is this?"
@@ -47,11 +49,12 @@ PIPELINE_SCHEMA = schema_ids.PIPELINE_RUN
 @dataclass(frozen=True)
 class PipelineConfig:
     VERSION = 1
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"backend": BACKEND_CHOICES, "method": PRUNING_METHODS}
 
-    model: str = "tiny"
+    model: str = DEFAULT_MODEL
     reduction: float = 0.6
     method: str = "fitprune"  # any pruning method of visprune/methods.py
-    backend: str = "auto"  # auto | onnxruntime | tensorrt | pytorch
+    backend: str = DEFAULT_BACKEND  # visprune/backends.py BACKEND_CHOICES
     device: str = "auto"  # calibration device
     data: Path | None = None
     images: Path | None = None

@@ -17,7 +17,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from calibrate import CalibrationConfig, calibrate
 from calibrate.baselines import counts_recipe
@@ -29,7 +29,7 @@ from visprune.errors import BudgetUnreachableError, ConfigError
 from visprune.figures import pyplot, save_figure
 from visprune.manifests import schema_ids
 from visprune.methods import MAIN_METHODS, METHODS, PRUNING_METHODS
-from visprune.models.llava import model_folder
+from visprune.models.llava import DEFAULT_MODEL, model_folder
 from visprune.outputs import TRADEOFF, check_output, replacing
 from visprune.tasks.shapes_vqa import QUESTION_TYPES, accuracy_by_type, make_split
 
@@ -40,8 +40,9 @@ ABLATIONS = tuple(m for m in PRUNING_METHODS if METHODS[m].ablation)
 @dataclass(frozen=True)
 class TradeoffConfig:
     VERSION = 2
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"methods": PRUNING_METHODS}
 
-    model: str = "tiny-vqa"
+    model: str = DEFAULT_MODEL
     reductions: tuple[float, ...] = (0.4, 0.6, 0.8, 0.9)  # 0 (unpruned) is always measured
     methods: tuple[str, ...] = MAIN_METHODS
     ablation_reductions: tuple[float, ...] = (0.6, 0.8)  # FitPrune's variants, at these budgets only

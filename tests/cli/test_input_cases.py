@@ -227,13 +227,19 @@ def test_embedding_check_allows_the_export_dtype_rounding(exported, tiny, dtype)
 
 
 @pytest.mark.slow
-def test_report_with_tiny_on_a_tiny_vqa_engine_is_a_mismatch(tmp_path, capsys):
-    """The case as users meet it: an engine exported from tiny-vqa, checked against the default --model tiny."""
+def test_report_takes_the_engines_model_unless_told(tmp_path, capsys):
+    """An engine exported from tiny-vqa: without --model the report checks it against tiny-vqa (its manifest's);
+    told --model tiny, it is a mismatch naming the right model."""
     from engines import BuildConfig, build_engine
     from exporter import ExportConfig, export_onnx
 
     export_onnx(ExportConfig(model="tiny-vqa"), tmp_path / "onnx", progress=False)
     build_engine(BuildConfig(), tmp_path / "onnx", tmp_path / "engine")
-    code, _, err = run_cli(capsys, "report", "--engine", tmp_path / "engine", "--out", tmp_path / "r")
+    code, _, err = run_cli(capsys, "report", "--engine", tmp_path / "engine", "--out", tmp_path / "r",
+                           "--model", "tiny")
     assert_clean_failure(code, err, 8, "exported from tiny-vqa, not from --model tiny", "Hint: Pass --model tiny-vqa")
     assert not (tmp_path / "r").exists()
+    code, out, err = run_cli(capsys, "report", "--engine", tmp_path / "engine", "--out", tmp_path / "r",
+                             "--max-new-tokens", "2")
+    assert code == 0, err  # the engine's embeddings matched tiny-vqa's (with tiny they do not: above)
+    assert out.strip().endswith(f"wrote {tmp_path / 'r'}")

@@ -2,6 +2,8 @@
 
 from visprune.models.inputs import EncodedPrompt, chat_prompt, encode_image_prompt, load_image
 from visprune.models.llava import (
+    DEFAULT_MODEL,
+    EMBEDDED_MODELS,
     LanguageModelShape,
     LlavaBundle,
     architecture_fingerprint,
@@ -10,6 +12,6 @@ from visprune.models.llava import (
 )
 
 __all__ = [
-    "EncodedPrompt", "LanguageModelShape", "LlavaBundle", "architecture_fingerprint", "chat_prompt",
+    "DEFAULT_MODEL", "EMBEDDED_MODELS", "EncodedPrompt", "LanguageModelShape", "LlavaBundle", "architecture_fingerprint", "chat_prompt",
     "encode_image_prompt", "load_image", "load_llava", "num_visual_tokens",
 ]

@@ -13,6 +13,9 @@ from visprune.errors import ModelLoadError
 from visprune.models.cache import cache_root
 
 EMBEDDED_MODELS = ("tiny", "tiny-vqa")
+# The model every command and config uses when none is named: the embedded one that answers questions (shapes-vqa),
+# so a first `calibrate -> export -> build -> run`, `eval` and `tradeoff` all give meaningful answers.
+DEFAULT_MODEL = "tiny-vqa"
 
 # Config keys that describe how a checkpoint was saved or run, not what it computes.
 _NON_ARCHITECTURE_KEYS = {
