@@ -124,12 +124,13 @@ def test_an_unknown_method_is_a_config_error_with_a_hint():
 
 def test_the_cli_rejects_an_unknown_method_with_exit_2_and_a_hint(tmp_path):
     out = tmp_path / "recipe.json"
-    result = subprocess.run([sys.executable, "-m", "visprune", "calibrate", "--method", "nosuch", "--reduction", "0.6",
+    result = subprocess.run([sys.executable, "-m", "cli", "calibrate", "--method", "nosuch", "--reduction", "0.6",
                              "--out", str(out)], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert any("Unknown method 'nosuch'" in line for line in lines), result.stderr
-    assert lines[-1].startswith("Hint: Use one of: fitprune, fastv, random, dart, divprune, visionzip")
+    assert any("invalid choice: 'nosuch' (choose from 'fitprune', 'fastv', 'random', 'dart', 'divprune', "
+               "'visionzip'" in line for line in lines), result.stderr
+    assert lines[-1].startswith("Hint: run `visprune calibrate --help`")
     assert "Traceback" not in result.stderr and not out.exists() and list(tmp_path.iterdir()) == []
 
 
