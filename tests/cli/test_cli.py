@@ -39,7 +39,7 @@ def test_calibrate_writes_a_byte_identical_recipe_for_the_same_seed(tmp_path, ca
     for name in ("a", "b"):
         out = tmp_path / name / "recipe.json"
         code, stdout, _ = run_cli(capsys, "calibrate", "--model", "tiny", "--reduction", "0.6", "--samples", "6",
-                                  "--seed", "3", "--out", str(out), "--quiet")
+                                  "--seed", "3", "--out", str(out))
         assert code == 0, stdout
         outs.append(out)
     assert outs[0].read_bytes() == outs[1].read_bytes()
