@@ -93,7 +93,7 @@ def vqa_run(tmp_path_factory):
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         code = main(["pipeline", "--model", "tiny-vqa", "--reduction", "0.6", "--out", str(out), "--samples", "8",
-                     "--latency-rounds", "2", "--accuracy-questions", str(ACCURACY_QUESTIONS), "--quiet"])
+                     "--latency-rounds", "2", "--accuracy-questions", str(ACCURACY_QUESTIONS)])
     return code, out, printed.getvalue()
 
 
