@@ -7,7 +7,9 @@ code as FitPrune's (paper Fig. 5 and 9). Which builder a method uses is its sche
   fed themselves. The count is the smallest that meets the visual-only FLOPs reduction under the same
   accounting FitPrune recipes are fitted with. Where a cut before layer K cannot reach the budget (on a shallow
   model: the tiny ones have 8 layers, LLaVA-1.5-7B 32), the cut moves to the latest earlier layer that can,
-  and the recipe records where. FastV, DART and the one-cut FitPrune ablation use it.
+  and the recipe records where. FastV, DART and the one-cut FitPrune ablation use it. AdaptPrune too, with its
+  cut after the whole layer K-1 (visprune/methods.py `cut_after`): the count is the same deletion at layer K-1,
+  charged that layer's output projection and MLP for every token.
 - `pre_llm_recipe`: the smallest count removed before the first layer that meets the budget (DivPrune,
   VisionZip).
 - `counts_recipe`: FitPrune's per-layer counts with another selection: random survivors ("FitPrune(Random)" in
@@ -19,7 +21,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from calibrate.flops import visual_flops_reduction
-from calibrate.recipe import Recipe
+from calibrate.recipe import Recipe, cuts_after_layer
 from visprune.errors import BudgetUnreachableError
 from visprune.methods import METHODS
 from visprune.models.llava import LanguageModelShape
@@ -35,10 +37,10 @@ def one_layer_recipe(shape: LanguageModelShape, reduction: float, method: str = 
         schedule = [0] * shape.num_layers
         for removed in range(1, shape.num_visual_tokens):
             schedule[cut - 1] = removed
-            if visual_flops_reduction(shape, schedule) >= reduction:
+            if visual_flops_reduction(shape, schedule, after_layer=cuts_after_layer(method)) >= reduction:
                 return _budget_recipe(shape, method, reduction, schedule, 0,
                                       {"cut_before_layer": cut, "asked_cut_before_layer": layer})
-    best = visual_flops_reduction(shape, schedule)
+    best = visual_flops_reduction(shape, schedule, after_layer=cuts_after_layer(method))
     raise BudgetUnreachableError(
         f"One cut before layer 1 removes at most {best:.1%} of the visual-token FLOPs (keeping one token); "
         f"{reduction:.0%} was asked for.", f"Ask for at most {int(best * 100) / 100:.2f}.")
@@ -63,7 +65,8 @@ def _budget_recipe(shape: LanguageModelShape, method: str, reduction: float, sch
     recipe = Recipe(method=method, num_visual_tokens=shape.num_visual_tokens, removed=list(schedule),
                     reduction_target=reduction, removed_before_llm=before,
                     search={**search, "selection": METHODS[method].selection})
-    recipe.achieved = {"visual_flops_reduction": round(visual_flops_reduction(shape, schedule, before), 6)}
+    achieved = visual_flops_reduction(shape, schedule, before, cuts_after_layer(method))
+    recipe.achieved = {"visual_flops_reduction": round(achieved, 6)}
     return recipe
 
 

@@ -7,7 +7,9 @@ projection and SwiGLU MLP only on the n' tokens left after layer i prunes.
     cost_i(n, n') = n·d·(d + 2·d_kv)  +  2·n²·d  +  n'·d²  +  3·n'·d·m
 
 With multi-head attention (d_kv = d, as in LLaVA-1.5) the first term is the reference code's 3·n·d².
-A pre-LLM method removes tokens before the first layer (`removed_before_llm`): every layer sees fewer.
+A pre-LLM method removes tokens before the first layer (`removed_before_llm`): every layer sees fewer. A method
+that cuts after the whole layer (`after_layer`, AdaptPrune: it reads the next layer's keys of every token) pays
+cost_i(n, n) at its pruning layer.
 Φ counts visual tokens only (n = visual tokens entering the layer); the whole-LM count adds the prompt's text
 tokens to every n and n'. The LM head and embeddings are left out of both.
 """
@@ -35,23 +37,26 @@ def visual_tokens_entering(num_visual: int, removed: Sequence[int]) -> list[int]
 
 
 def visual_flops(shape: LanguageModelShape, removed: Sequence[int], extra_tokens: float = 0.0,
-                 removed_before_llm: int = 0) -> float:
+                 removed_before_llm: int = 0, after_layer: bool = False) -> float:
     """Φ of a per-layer deletion schedule (layers beyond `removed` prune nothing).
 
     `extra_tokens` non-visual tokens are added to every layer (0 gives FitPrune's visual-only Φ).
     """
     schedule = list(removed) + [0] * (shape.num_layers - len(removed))
     counts = visual_tokens_entering(shape.num_visual_tokens - removed_before_llm, schedule)
-    return sum(layer_cost(shape, counts[i] + extra_tokens, counts[i + 1] + extra_tokens)
+    leaving = counts[:-1] if after_layer else counts[1:]  # who runs each layer's output projection and MLP
+    return sum(layer_cost(shape, counts[i] + extra_tokens, leaving[i] + extra_tokens)
                for i in range(shape.num_layers))
 
 
-def visual_flops_reduction(shape: LanguageModelShape, removed: Sequence[int], removed_before_llm: int = 0) -> float:
+def visual_flops_reduction(shape: LanguageModelShape, removed: Sequence[int], removed_before_llm: int = 0,
+                           after_layer: bool = False) -> float:
     """1 − Φ(recipe)/Φ₀: the fraction of visual-token FLOPs the schedule removes."""
-    return 1.0 - visual_flops(shape, removed, 0.0, removed_before_llm) / visual_flops(shape, [])
+    return 1.0 - visual_flops(shape, removed, 0.0, removed_before_llm, after_layer) / visual_flops(shape, [])
 
 
 def lm_flops_reduction(shape: LanguageModelShape, removed: Sequence[int], text_tokens: float,
-                       removed_before_llm: int = 0) -> float:
+                       removed_before_llm: int = 0, after_layer: bool = False) -> float:
     """Whole-LM FLOPs reduction for a prompt with `text_tokens` non-visual tokens (system, question, tags)."""
-    return 1.0 - visual_flops(shape, removed, text_tokens, removed_before_llm) / visual_flops(shape, [], text_tokens)
+    pruned = visual_flops(shape, removed, text_tokens, removed_before_llm, after_layer)
+    return 1.0 - pruned / visual_flops(shape, [], text_tokens)

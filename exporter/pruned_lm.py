@@ -4,7 +4,8 @@ A recipe's fixed keep counts baked in. At a layer that prunes, after its attenti
 (exporter/selection.py, named in visprune/methods.py) picks which visual tokens survive: FitPrune (pruning_methods.md
 §1.5) scores a_u = a_s * a_c from that layer's head-max attention probabilities, FastV (§2.2) the last prompt
 token's head-mean attention, random a fixed seeded score per image index, DART the duplication with key-norm
-pivots. The survivors keep their original order; the rest leave the residual stream. A pre-LLM method (DivPrune,
+pivots. The survivors keep their original order; the rest leave the residual stream. AdaptPrune (§3) cuts after
+the whole layer instead: its soft NMS reads the next layer's keys of every token's output. A pre-LLM method (DivPrune,
 VisionZip) selects once before the first layer, from the input embeddings' image span (or the vision graph's
 `image_scores`), so every layer sees fewer tokens. The layer's KV cache is taken before pruning, so cache lengths
 shrink layer by layer; kept tokens keep their original RoPE positions, and decode positions continue from the
@@ -90,6 +91,7 @@ class PrunedLlamaPrefill(nn.Module):
         self.select = partial(getattr(selection, spec.selection), **spec.params) if spec.selection else None
         self.attention_rows = spec.attention_rows or None
         self.reads_hidden = spec.reads_hidden
+        self.cut_after_layer = spec.cut_after == "layer"
         if spec.needs_seed:  # one fixed score per image index; nested random subsets layer by layer
             scores = torch.rand(recipe.num_visual_tokens, generator=torch.Generator().manual_seed(recipe.seed))
             self.register_buffer("random_scores", scores.to(self.lm_head.weight.device), persistent=False)
@@ -111,11 +113,9 @@ class PrunedLlamaPrefill(nn.Module):
         presents, kept = [], []
         if self.removed_before_llm:  # pre-LLM: the image span shrinks before any layer sees it
             view = self._view(image_starts, visual_ids, hidden, image_scores=image_scores)
-            rows, visual_ids = self.regions.survivors(self.select, view, seq, self.num_visual - self.removed_before_llm)
-            kept.append(visual_ids)
-            hidden, positions = _take_rows(hidden, rows), _take_rows(positions, rows)
+            visual_ids, (hidden, positions) = self._cut(view, self.removed_before_llm, kept, hidden, positions)
         blocked = None
-        for layer, removed in zip(self.layers, self.removed):
+        for i, (layer, removed) in enumerate(zip(self.layers, self.removed)):
             if blocked is None and pad_lengths is not None:  # once per KV stage: it changes only where rows go
                 blocked = padded_causal_blocked(hidden.shape[1], pad_lengths)
             columns = selection.visual_positions(image_starts, visual_ids.shape[1]) if removed else None  # [B, n]
@@ -123,21 +123,31 @@ class PrunedLlamaPrefill(nn.Module):
                 layer, self.rotary, hidden, positions, blocked, causal=True, kernels=self.kernels,
                 probs=self.attention_rows if removed else None, columns=columns)
             presents += [key, value]
-            if removed:  # the normalized input only for a selection that reads it (DART)
+            if removed and not self.cut_after_layer:  # the normalized input only for a selection that reads it (DART)
                 normed = rms_norm(layer.input_layernorm, hidden, self.kernels) if self.reads_hidden else hidden
                 view = self._view(image_starts, visual_ids, normed, probs, key, rows=columns)
-                rows, visual_ids = self.regions.survivors(self.select, view, hidden.shape[1],
-                                                          visual_ids.shape[1] - removed)
-                kept.append(visual_ids)
-                hidden, context, positions = (_take_rows(t, rows) for t in (hidden, context, positions))
+                visual_ids, (hidden, context, positions) = self._cut(view, removed, kept, hidden, context, positions)
                 blocked = None
             hidden = self.regions.finish(layer, hidden, context, self.kernels)
+            if removed and self.cut_after_layer:  # AdaptPrune: the next layer's raw keys of this layer's output
+                next_keys = self.layers[i + 1].self_attn.k_proj(hidden)
+                view = self._view(image_starts, visual_ids, hidden, probs, rows=columns, next_keys=next_keys)
+                visual_ids, (hidden, positions) = self._cut(view, removed, kept, hidden, positions)
+                blocked = None
         logits = self.lm_head(rms_norm(self.norm, hidden[:, -1], self.kernels))  # left padding: -1 is every row's last
         return logits, presents, kept
 
-    def _view(self, image_starts, visual_ids, hidden, probs=None, key=None, image_scores=None, rows=None):
+    def _cut(self, view: selection.SelectionInputs, removed: int, kept: list, *tensors: torch.Tensor):
+        """The selection's survivors of `tensors` ([B, S, ...] each) and their image indices (appended to `kept`)."""
+        rows, visual_ids = self.regions.survivors(self.select, view, tensors[0].shape[1],
+                                                  view.visual_ids.shape[1] - removed)
+        kept.append(visual_ids)
+        return visual_ids, [_take_rows(t, rows) for t in tensors]
+
+    def _view(self, image_starts, visual_ids, hidden, probs=None, key=None, image_scores=None, rows=None,
+              next_keys=None):
         return selection.SelectionInputs(image_starts, visual_ids, hidden, probs, key, self.random_scores,
-                                         image_scores, self.scores_seen, rows)
+                                         image_scores, self.scores_seen, rows, next_keys, self.num_visual)
 
 class LlamaDecodeStep(nn.Module):
     """One token: inputs_embeds [B, 1, D], position_ids [B, 1], pad_lengths [B] (or None), past K/V per layer ->

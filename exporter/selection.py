@@ -11,9 +11,12 @@ image, K kept, H heads, Hkv key/value heads, Dh head dim, D hidden.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+from visprune.errors import ConfigError
 
 
 @dataclass
@@ -31,6 +34,8 @@ class SelectionInputs:
     # a reference run's record of (visual_ids, scores) per score-based selection, for telling TopK ties from errors
     scores_seen: list | None = None
     rows: torch.Tensor | None = None  # [B, n] visual_rows() where the caller has it already
+    next_keys: torch.Tensor | None = None  # [B, S, Hkv*Dh] the next layer's k_proj of this layer's output (AdaptPrune)
+    num_visual: int | None = None  # N: the image's tokens, a square grid in LLaVA-1.5
 
     def choose(self, scores: torch.Tensor, keep: int) -> torch.Tensor:
         """The `keep` best of `scores` [B, n] (recorded where a reference asks)."""
@@ -141,21 +146,73 @@ def _shares(total: int, parts: int) -> list[int]:
 def divprune(v: SelectionInputs, keep: int) -> torch.Tensor:
     """DivPrune (arXiv 2503.02175): greedy max-min diversity under cosine distance. The first token is the one
     farthest from its nearest neighbour; each next one is the farthest from everything chosen so far. Chosen
-    tokens are masked out explicitly (the reference relies on their self-distance being exactly 0)."""
+    tokens are ruled out explicitly (the reference relies on their self-distance being exactly 0)."""
     unit = torch.nn.functional.normalize(v.take_visual(v.hidden, 1).float(), dim=-1)  # [B, n, D]
     distance = 1.0 - unit @ unit.transpose(1, 2)  # [B, n, n]
     nearest = torch.topk(distance, 2, dim=1, largest=False, sorted=True).values[:, 1]  # [B, n] beyond itself
-    pick = nearest.argmax(dim=1, keepdim=True)  # [B, 1]
-    picks, taken = [pick], _marked(torch.zeros_like(nearest), pick)
-    closest = _distance_row(distance, pick)
-    for _ in range(keep - 1):
-        pick = closest.masked_fill(taken > 0, float("-inf")).argmax(dim=1, keepdim=True)
-        picks.append(pick)
-        taken = _marked(taken, pick)
-        closest = torch.minimum(closest, _distance_row(distance, pick))
-    return torch.cat(picks, dim=1)
+    first = nearest.argmax(dim=1, keepdim=True)  # [B, 1]
+    if keep == 1:
+        return first
+    closest = _distance_row(distance, first).scatter(1, first, -1.0)  # taken: below every distance (> -1)
+    return torch.cat([first, _greedy_picks(closest, distance, keep - 1, torch.minimum)], dim=1)
 
 
 def _distance_row(distance: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
     """distance [B, n, n] row `pick` [B, 1] -> [B, n]."""
     return torch.gather(distance, 1, pick.unsqueeze(-1).expand(-1, -1, distance.shape[-1])).squeeze(1)
+
+
+def adaptprune(v: SelectionInputs, keep: int, prior_sigma: float, distance_limit: float, distance_sigma: float,
+               similarity_sigma: float) -> torch.Tensor:
+    """AdaptPrune (arXiv 2503.08019, pruning_methods.md §3): the last prompt token's attention (heads averaged)
+    times a centred Gaussian prior, then `keep` greedy soft-NMS steps on the image grid. Each step takes the best
+    score and scales every token within `distance_limit` cells by 1 - g_d * g_s (g_d of the grid distance, g_s of
+    the cosine of the raw next-layer keys). The reference loop is exporter/adaptprune_reference.py; unlike it,
+    a pick is never picked again, even when every score left reaches 0."""
+    side = _grid_side(v.num_visual or v.visual_ids.shape[1])
+    row, col = (v.visual_ids // side).float(), (v.visual_ids % side).float()  # [B, n] grid cells
+    prior = _centre_prior(side, prior_sigma, v.probs.device)[v.visual_ids]  # [B, n]
+    scores = v.probs.mean(dim=1)[:, -1] * prior  # [B, n] float32
+    unit = torch.nn.functional.normalize(v.take_visual(v.next_keys, 1).float(), dim=-1)  # [B, n, Hkv*Dh]
+    distance2 = (row[:, :, None] - row[:, None, :]) ** 2 + (col[:, :, None] - col[:, None, :]) ** 2  # [B, n, n]
+    near = (distance2 <= distance_limit ** 2).float()
+    similar = torch.exp(-(1.0 - unit @ unit.transpose(1, 2)) ** 2 / (2 * similarity_sigma ** 2))
+    factor = 1.0 - near * torch.exp(-distance2 / (2 * distance_sigma ** 2)) * similar  # [B, n, n] row: a pick's
+    return _greedy_picks(scores, factor, keep, torch.mul)
+
+
+def _greedy_picks(scores: torch.Tensor, rows: torch.Tensor, keep: int, update=torch.mul) -> torch.Tensor:
+    """`keep` greedy arg-max picks [B, keep] from scores [B, n] (>= 0 where not taken, -1 where taken): after each
+    pick, scores := update(scores, the pick's row of rows [B, n, n]) and the pick's own score -1. The updates keep
+    taken scores negative (AdaptPrune multiplies by factors > 0 off the diagonal, DivPrune takes minima with
+    cosine distances, > -1 even where rounding makes one slightly negative), so no index is picked twice and the arg-max over the rest, ties included, is what masking
+    the taken out would give. Seven ONNX nodes a step (a taken-mask and its scatter took 11): the loops of a
+    few hundred steps are most of these graphs and of their export time."""
+    batch, n = scores.shape
+    flat = rows.reshape(batch * n, n)  # row b * n + i: row i of batch row b
+    offsets = torch.arange(batch, device=scores.device)[:, None] * n  # [B, 1]
+    ids = torch.arange(n, device=scores.device)
+    picks = []
+    for _ in range(keep):
+        pick = scores.argmax(dim=1, keepdim=True)  # [B, 1]
+        picks.append(pick)
+        row = flat.index_select(0, (pick + offsets).view(batch))  # [B, n]
+        scores = torch.where(ids == pick, -1.0, update(scores, row))
+    return torch.cat(picks, dim=1)
+
+
+def _grid_side(n: int) -> int:
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ConfigError(f"AdaptPrune needs a square grid of visual tokens; this image has {n}.",
+                          "Use AdaptPrune on a LLaVA-1.5 model (24 x 24 tokens), or choose another --method.")
+    return side
+
+
+def _centre_prior(side: int, sigma: float, device: torch.device) -> torch.Tensor:
+    """[side * side] exp(-(x^2 + y^2) / 2 sigma^2) on the coordinates linspace(-side // 2, side // 2, side) (the
+    reference's -12..12 for 24 cells), divided by its maximum: a fixed prior for the image's centre."""
+    coords = torch.linspace(-side // 2, side // 2, side, device=device)
+    x, y = torch.meshgrid(coords, coords, indexing="ij")
+    gaussian = torch.exp(-(x ** 2 + y ** 2) / (2 * sigma ** 2))
+    return (gaussian / gaussian.max()).flatten()

@@ -276,13 +276,15 @@ def _engine_facts(pipe: Pipeline) -> dict[str, Any]:
 
 def _ratios(prompt_tokens: int, engines: dict[str, dict[str, Any]], pipes: dict[str, Pipeline]) -> LatencyRatios:
     from calibrate.flops import visual_flops
+    from calibrate.recipe import cuts_after_layer
 
     shape = pipes["pruned"].manifest.onnx_set.language_model
     text = prompt_tokens - shape.num_visual_tokens
     recipes = {name: pipe.manifest.onnx_set.recipe for name, pipe in pipes.items()}
 
     def flops(name: str, extra: float = 0.0) -> float:
-        return visual_flops(shape, recipes[name].removed, extra, recipes[name].removed_before_llm)
+        recipe = recipes[name]
+        return visual_flops(shape, recipe.removed, extra, recipe.removed_before_llm, cuts_after_layer(recipe.method))
 
     lm = flops("pruned", text) / flops("baseline", text)
     visual = flops("pruned") / flops("baseline")

@@ -121,3 +121,43 @@ def exported(tmp_path_factory, tiny):
     run_in_two_processes([job("pruned", ExportConfig(model="tiny", recipe=recipe))],
                          [job("unpruned", ExportConfig(model="tiny"))])
     return paths
+
+
+# ---- the pruned prefill module on tiny: one question about two images -------------------------------------
+
+
+@pytest.fixture(scope="session")
+def two_prompts(tiny, default_set):
+    """inputs_embeds [2, S, D] of one question about two images (same layout), the image's start, and the
+    vision graph's [CLS] scores [2, N]."""
+    import torch
+
+    from exporter.graphs import VisionFeatures
+    from visprune.models import chat_prompt, encode_image_prompt, load_image
+
+    prompt = chat_prompt(tiny.processor, "What is in the picture?")
+    rows, scores, start = [], [], None
+    for sample in default_set.samples[:2]:
+        encoded = encode_image_prompt(tiny.processor, load_image(sample.image), prompt, tiny.image_token_id)
+        with torch.no_grad():
+            hidden = tiny.model.get_input_embeddings()(encoded.input_ids)
+            features, score = VisionFeatures(tiny.model, cls_scores=True)(encoded.pixel_values)
+        hidden[:, encoded.image_start:encoded.image_start + 576] = features
+        rows.append(hidden[0])
+        scores.append(score[0])
+        start = encoded.image_start
+    return torch.stack(rows), start, torch.stack(scores)
+
+
+def plain_forward(model, hidden, positions):
+    """The unpruned decoder over the given rows [B, S, D] at the given positions [B, S]: last logits and every
+    layer's K/V."""
+    from visprune.models.decoder import attend, causal_blocked, finish_layer
+
+    lm = model.model.language_model
+    kv = []
+    for layer in lm.layers:
+        context, _, key, value = attend(layer, lm.rotary_emb, hidden, positions, blocked=causal_blocked(hidden.shape[1]))
+        kv += [key, value]
+        hidden = finish_layer(layer, hidden, context)
+    return model.lm_head(lm.norm(hidden[:, -1])), kv

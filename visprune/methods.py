@@ -7,7 +7,7 @@ A method is a *schedule* (how many visual tokens go where) and a *selection* (wh
 |---|---|---|
 | `searched` | per-layer counts inside the LLM | FitPrune's binary search on calibration data |
 | `fitprune_counts` | FitPrune's per-layer counts | the FitPrune recipe at the same budget (calibrated) |
-| `one_layer` | all at once, after layer 1's attention (before layer 2) | the FLOPs budget alone |
+| `one_layer` | all at once, after layer 1's attention (before layer 2; AdaptPrune: after layer 1) | the FLOPs budget alone |
 | `pre_llm` | before the first layer: the image span itself shrinks | the FLOPs budget alone |
 
 Every budget is the same visual-only FLOPs reduction (calibrate/flops.py), so every row of a table compares
@@ -15,6 +15,9 @@ like with like. Selections are functions of `exporter/selection.py` (named here,
 sits below every stage). `needs_attention` says whether the selection reads attention probabilities: the
 others work with fused attention kernels. `attention_rows` says which rows: "all" (FitPrune's terms read every
 row from the image on, so that layer stays eager) or "last" (FastV: one row, computed next to fused attention).
+`cut_after` says where the tokens leave the pruning layer: after its attention (the default: they skip its
+output projection and MLP, which only fed themselves) or after the whole layer (AdaptPrune: its selection reads
+the next layer's keys of this layer's output, so every token runs this layer's MLP; the FLOPs count says so).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class Method:
     ablation: bool = False  # a FitPrune variant that isolates one of its parts (docs/tradeoff/)
     vision_score: bool = False  # the selection reads a score the vision graph computes (`image_scores`)
     reads_hidden: bool = False  # an in-LLM selection reads the layer's normalized input (otherwise not computed)
+    cut_after: Literal["attention", "layer"] = "attention"  # where the removed tokens leave the pruning layer
     params: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -71,6 +75,10 @@ _ALL = (
     Method("visionzip", "VisionZip (dominant)", "pre_llm", "visionzip",
            "before the LLM; the vision tower's [CLS] attention at the feature layer, heads summed (no merge)",
            vision_score=True),
+    Method("adaptprune", "AdaptPrune", "one_layer", "adaptprune",
+           "one cut before layer 2; soft NMS over the last token's attention x a centre prior, suppressing "
+           "near neighbours on the grid with similar keys", attention_rows="last", cut_after="layer",
+           params={"prior_sigma": 12.0, "distance_limit": 5.0, "distance_sigma": 1.5, "similarity_sigma": 0.05}),
     Method("fitprune-self", "FitPrune, self term only", "fitprune_counts", "fitprune_self",
            "FitPrune's counts; score = self-attention term alone", attention_rows="all", ablation=True),
     Method("fitprune-cross", "FitPrune, cross term only", "fitprune_counts", "fitprune_cross",

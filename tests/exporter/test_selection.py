@@ -15,7 +15,7 @@ import torch
 from calibrate.recipe import Recipe
 from calibrate.scoring import visual_scores
 from calibrate.stage import budget_recipe
-from conftest import TINY_RECIPE_60
+from conftest import TINY_RECIPE_60, plain_forward
 from exporter import selection
 from exporter.graphs import VisionFeatures
 from exporter.pruned_lm import PrunedLlamaPrefill, _take_rows
@@ -31,7 +31,8 @@ def random_point(seed: int, batch: int = 2, prefix: int = 3, n: int = 40, num_vi
                  all_columns: bool = False) -> SelectionInputs:
     """A pruning point with random contents: n of num_visual image tokens still present (a different sorted
     subset per batch row), causal attention probabilities of the visual keys (the prefill's view; `all_columns`:
-    of every key, as calibration sees them), keys, hidden states and the per-image scores."""
+    of every key, as calibration sees them), keys (and the next layer's raw keys), hidden states and the per-image
+    scores."""
     g = torch.Generator().manual_seed(seed)
     seq = prefix + n + text
     visual_ids = torch.stack([torch.randperm(num_visual, generator=g)[:n].sort().values for _ in range(batch)])
@@ -42,7 +43,8 @@ def random_point(seed: int, batch: int = 2, prefix: int = 3, n: int = 40, num_vi
     return SelectionInputs(
         image_starts=starts, visual_ids=visual_ids, hidden=torch.randn(batch, seq, hidden, generator=g),
         probs=probs if all_columns else take_columns(probs, selection.visual_positions(starts, n)), key=torch.randn(batch, kv_heads, seq, head_dim, generator=g),
-        random_scores=torch.rand(num_visual, generator=g), image_scores=torch.rand(batch, num_visual, generator=g))
+        random_scores=torch.rand(num_visual, generator=g), image_scores=torch.rand(batch, num_visual, generator=g),
+        next_keys=torch.randn(batch, seq, kv_heads * head_dim, generator=g), num_visual=num_visual)
 
 
 def visual(v: SelectionInputs, b: int) -> list[torch.Tensor]:
@@ -217,7 +219,7 @@ def test_every_selection_ranks_in_float32_under_a_float16_model(name, monkeypatc
     4096 key magnitudes can overflow, and its rounding reorders near-ties)."""
     params = next(m.params for m in METHODS.values() if m.selection == name)
     v = random_point(4)
-    v.hidden, v.key = v.hidden.half(), v.key.half()
+    v.hidden, v.key, v.next_keys = v.hidden.half(), v.key.half(), v.next_keys.half()
     seen = []
     topk, argmax = torch.topk, torch.Tensor.argmax
 
@@ -262,37 +264,6 @@ def test_visionzip_scores_are_the_feature_layers_cls_attention_heads_summed(tiny
 
 
 # ---- the pruned prefill module on tiny ------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def two_prompts(tiny, default_set):
-    """inputs_embeds [2, S, D] of one question about two images (same layout), the image's start, and the
-    vision graph's [CLS] scores [2, N]."""
-    from visprune.models import chat_prompt, encode_image_prompt, load_image
-
-    prompt = chat_prompt(tiny.processor, "What is in the picture?")
-    rows, scores, start = [], [], None
-    for sample in default_set.samples[:2]:
-        encoded = encode_image_prompt(tiny.processor, load_image(sample.image), prompt, tiny.image_token_id)
-        with torch.no_grad():
-            hidden = tiny.model.get_input_embeddings()(encoded.input_ids)
-            features, score = VisionFeatures(tiny.model, cls_scores=True)(encoded.pixel_values)
-        hidden[:, encoded.image_start:encoded.image_start + 576] = features
-        rows.append(hidden[0])
-        scores.append(score[0])
-        start = encoded.image_start
-    return torch.stack(rows), start, torch.stack(scores)
-
-
-def plain_forward(model, hidden: torch.Tensor, positions: torch.Tensor):
-    """The unpruned decoder over the given rows at the given positions: last logits and every layer's K/V."""
-    lm = model.model.language_model
-    kv = []
-    for layer in lm.layers:
-        context, _, key, value = attend(layer, lm.rotary_emb, hidden, positions, blocked=causal_blocked(hidden.shape[1]))
-        kv += [key, value]
-        hidden = finish_layer(layer, hidden, context)
-    return model.lm_head(lm.norm(hidden[:, -1])), kv
 
 
 @pytest.mark.parametrize("method", ["divprune", "visionzip"])

@@ -13,7 +13,7 @@ import torch
 from calibrate import CalibrationConfig, calibrate
 from calibrate.baselines import counts_recipe
 from calibrate.flops import visual_flops_reduction
-from calibrate.recipe import Recipe, recipe_from_dict
+from calibrate.recipe import Recipe, cuts_after_layer, recipe_from_dict
 from calibrate.stage import budget_recipe
 from conftest import REPO, TINY_RECIPE_60
 from exporter import selection
@@ -49,9 +49,11 @@ def selection_point(with_probs: bool) -> selection.SelectionInputs:
     batch, prefix, n, text, heads = 1, 2, 24, 5, 2
     seq = prefix + n + text
     probs = torch.softmax(torch.randn(batch, heads, seq, seq, generator=g), dim=-1) if with_probs else None
+    probs = None if probs is None else probs[..., prefix:prefix + n]  # the visual keys' columns, as the prefill gives
     return selection.SelectionInputs(torch.full((batch,), prefix), torch.arange(n).unsqueeze(0), torch.randn(batch, seq, 8, generator=g),
                                      probs, torch.randn(batch, 1, seq, 4, generator=g),
-                                     torch.rand(n, generator=g), torch.rand(batch, n, generator=g))
+                                     torch.rand(n, generator=g), torch.rand(batch, n, generator=g),
+                                     next_keys=torch.randn(batch, seq, 4, generator=g), num_visual=25)
 
 
 @pytest.mark.parametrize("name", PRUNING_METHODS)
@@ -182,7 +184,8 @@ def test_every_pruning_method_meets_the_budget_and_barely_overshoots(recipes, ti
     assert set(PRUNING_METHODS) <= set(recipes)
     for name in PRUNING_METHODS:
         recipe = recipes[name]
-        achieved = visual_flops_reduction(tiny.shape, recipe.removed, recipe.removed_before_llm)
+        achieved = visual_flops_reduction(tiny.shape, recipe.removed, recipe.removed_before_llm,
+                                          cuts_after_layer(name))
         assert REDUCTION <= achieved <= REDUCTION + 0.01, (name, achieved)
         if recipe.achieved:  # recorded by calibrate and the budget builders
             assert recipe.achieved["visual_flops_reduction"] == pytest.approx(achieved, abs=1e-6), name
@@ -212,5 +215,5 @@ def test_fewer_removed_tokens_would_miss_the_budget(recipes, tiny):
             assert visual_flops_reduction(tiny.shape, recipe.removed, recipe.removed_before_llm - 1) < REDUCTION
         elif spec.schedule == "one_layer":
             fewer = [r - 1 if r else 0 for r in recipe.removed]
-            assert visual_flops_reduction(tiny.shape, fewer) < REDUCTION
+            assert visual_flops_reduction(tiny.shape, fewer, after_layer=cuts_after_layer(name)) < REDUCTION
     assert budget_recipe(tiny.shape, REDUCTION, "divprune").removed_before_llm == recipes["divprune"].removed_before_llm
