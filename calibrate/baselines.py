@@ -33,7 +33,8 @@ def one_layer_recipe(shape: LanguageModelShape, reduction: float, method: str = 
                      layer: int = FASTV_LAYER) -> Recipe:
     """The recipe pruning once before `layer` (or, if that cannot reach `reduction`, the latest earlier layer
     that can) with the fewest tokens removed that meet `reduction`."""
-    for cut in range(layer, 0, -1):
+    last = shape.num_layers - 1 if cuts_after_layer(method) else shape.num_layers  # it reads the next layer
+    for cut in range(min(layer, last), 0, -1):
         schedule = [0] * shape.num_layers
         for removed in range(1, shape.num_visual_tokens):
             schedule[cut - 1] = removed

@@ -1,4 +1,4 @@
-"""DART, DivPrune and VisionZip through the whole product on tiny at 60 %: export (the lint runs inside and fails the
+"""DART, DivPrune, VisionZip and AdaptPrune through the whole product on tiny at 60 %: export (the lint runs inside and fails the
 export on any violation), an ONNX Runtime engine, and parity with the PyTorch reference of the same pruned model.
 
 Each method is exported and built once per module, two processes at a time (tests/two_processes.py).
@@ -28,20 +28,20 @@ from two_processes import export_and_build, run_in_two_processes
 
 pytestmark = pytest.mark.slow  # about a minute per method on two busy CPU cores (export + build)
 
-METHOD_NAMES = ["dart", "divprune", "visionzip"]
+METHOD_NAMES = ["dart", "divprune", "visionzip", "adaptprune"]
 REDUCTION = 0.6
 
 
 @pytest.fixture(scope="module")
 def all_built(tmp_path_factory, tiny) -> dict[str, tuple]:
-    """{method: (method, recipe, ONNX folder, engine folder)}, exported and built once. DivPrune's export, the
-    longest, runs here while a spawned process does the other two: tracing is mostly one core's work."""
+    """{method: (method, recipe, ONNX folder, engine folder)}, exported and built once. The two greedy loops
+    (DivPrune, AdaptPrune), the longest exports, go to different processes: tracing is mostly one core's work."""
     roots = {name: tmp_path_factory.mktemp(name) for name in METHOD_NAMES}
     recipes = {name: budget_recipe(tiny.shape, REDUCTION, name) for name in METHOD_NAMES}
     for name, root in roots.items():
         save_recipe(recipes[name], root / "recipe.json")
     jobs = {name: (export_and_build, (root / "recipe.json", root)) for name, root in roots.items()}
-    run_in_two_processes([jobs["divprune"]], [jobs["dart"], jobs["visionzip"]])
+    run_in_two_processes([jobs["divprune"], jobs["dart"]], [jobs["adaptprune"], jobs["visionzip"]])
     return {name: (name, recipes[name], root / "onnx", root / "engine") for name, root in roots.items()}
 
 
@@ -162,3 +162,19 @@ def test_float16_dart_ranks_in_float32(tmp_path):
     scores = [dtype_of[n.input[0]] for n in graph.node
               if n.op_type == "TopK" and dtype_of[n.input[0]] != onnx.TensorProto.INT64]
     assert len(scores) == 1 + 8 and set(scores) == {onnx.TensorProto.FLOAT}  # pivots, then each pivot's share
+
+
+def test_adaptprune_graph_keeps_what_the_reference_loop_keeps(all_built, tiny, two_prompts):
+    """prefill.onnx on two images against AdaptPrune's loop written as its reference runs it, on the transformers
+    model's own attention and hidden states (exporter/adaptprune_reference.py): the same kept tokens per row."""
+    from exporter.adaptprune_reference import reference_kept
+
+    _, recipe, onnx_dir, _ = all_built["adaptprune"]
+    embeds, start, _ = two_prompts
+    (cut,) = [i for i, r in enumerate(recipe.removed) if r]
+    session = ort.InferenceSession(str(onnx_dir / "prefill.onnx"), providers=["CPUExecutionProvider"])
+    feeds = prefill_feeds(embeds.numpy(), RowLayout.unpadded(2, start), None)
+    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+    with torch.no_grad():
+        expected = reference_kept(tiny.model, embeds, start, 576, recipe.keep[-1], cut + 1, METHODS["adaptprune"].params)
+    assert outputs[f"kept_indices.{cut}"].tolist() == expected
