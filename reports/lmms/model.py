@@ -22,7 +22,7 @@ from lmms_eval.api.model import lmms
 from loguru import logger
 
 from runtime.pipeline import Pipeline, Request
-from visprune.errors import PromptError
+from visprune.errors import ConfigError, PromptError
 from visprune.manifests.common import model_dump
 
 DEFAULT_MAX_NEW_TOKENS = 128  # lmms-eval tasks name their own; this is for those that do not
@@ -46,7 +46,7 @@ class VispruneLMMs(lmms):
                  pipeline: Pipeline | None = None, **unused: Any):
         super().__init__()
         if (engine is None) == (pipeline is None):
-            raise PromptError("The visprune model needs an engine folder.",
+            raise ConfigError("The visprune model needs one engine folder.",
                               "Pass --model_args engine=DIR (a folder `visprune build` wrote).")
         # `device` and `max_batch_size` come from lmms-eval's own flags; the engine was built for its device
         unused = {k: v for k, v in unused.items() if v is not None and k not in ("device", "max_batch_size")}
