@@ -66,6 +66,7 @@ class VispruneLMMs(lmms):
             groups.setdefault(self._generation_key(request.args[1]), []).append(index)
         answers: list[str | None] = [None] * len(requests)
         for (max_new_tokens, stop), indices in groups.items():
+            max_new_tokens = self._fitting_budget(max_new_tokens)
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start:start + self.batch_size]
                 encoded = [self.pipe.encode_request(Request(self._image(requests[i]),
@@ -82,6 +83,17 @@ class VispruneLMMs(lmms):
         until = gen_kwargs.get("until") or ()
         stop = (until,) if isinstance(until, str) else tuple(until)
         return int(gen_kwargs.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS), tuple(s for s in stop if s)
+
+    def _fitting_budget(self, max_new_tokens: int) -> int:
+        """A task's token budget, cut to what a TensorRT engine was built for (`build --max-new-tokens`): tasks
+        allow long answers (MMBench 1024) that short-answer benchmarks never use, and an answer is the same
+        unless it would run past the cut."""
+        limits = self.pipe.manifest.limits
+        if limits and max_new_tokens > limits.max_new_tokens:
+            logger.warning(f"visprune engine: max_new_tokens {max_new_tokens} cut to the engine's "
+                           f"{limits.max_new_tokens} (visprune build --max-new-tokens)")
+            return limits.max_new_tokens
+        return max_new_tokens
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
         raise NotImplementedError("The visprune model answers single-round requests only (generate_until).")
