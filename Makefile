@@ -13,11 +13,14 @@ GPU_HOST := $(shell $(PYTHON) -c "import torch, sys; sys.exit(not torch.cuda.is_
 
 env: $(STAMP)
 
+# lmms-eval goes in without its own dependency list, whose torchvision pin would replace torch (pyproject.toml:
+# the eval extra lists what it needs).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(if $(GPU_HOST),--system-site-packages) $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(if $(GPU_HOST),,$(BIN)/python -m pip install --quiet torch==2.13.0)
-	$(BIN)/python -m pip install --quiet -e '.[dev,serve$(if $(GPU_HOST),,$(comma)cpu)]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,serve,eval$(if $(GPU_HOST),,$(comma)cpu)]'
+	$(BIN)/python -m pip install --quiet --no-deps 'lmms-eval>=0.7.3,<0.8'
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)

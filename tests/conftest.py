@@ -123,6 +123,23 @@ def exported(tmp_path_factory, tiny):
     return paths
 
 
+@pytest.fixture(scope="session")
+def tiny_vqa_engines(tmp_path_factory):
+    """tiny-vqa's unpruned ONNX Runtime engine and its DivPrune 60 % one (recipe from the library's calibrate),
+    default configs, built once per session, the unpruned one in a second process meanwhile."""
+    from calibrate import CalibrationConfig, calibrate
+    from two_processes import export_and_build, run_in_two_processes
+
+    root = tmp_path_factory.mktemp("tiny-vqa-engines")
+    recipe = root / "divprune-60.json"
+    calibrate(CalibrationConfig(model="tiny-vqa", method="divprune", reduction=0.6, device="cpu"), recipe,
+              plot=False, progress=False)
+    run_in_two_processes([(export_and_build, (recipe, root / "divprune-60", "tiny-vqa"))],
+                         [(export_and_build, (None, root / "unpruned", "tiny-vqa"))])
+    return {"unpruned": root / "unpruned" / "engine", "divprune-60": root / "divprune-60" / "engine",
+            "recipe": recipe}
+
+
 # ---- the pruned prefill module on tiny: one question about two images -------------------------------------
 
 

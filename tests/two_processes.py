@@ -44,10 +44,11 @@ def export_tiny_graph(graph: str, recipe, image_start: int, out: Path, opset: in
     export(_tiny().model, recipe, image_start, 2048, out, opset, kernels)
 
 
-def export_and_build(recipe_path: Path, root: Path) -> None:
-    """tiny's ONNX set for the recipe (root/onnx) and its ONNX Runtime engine (root/engine), default configs."""
+def export_and_build(recipe_path: Path | None, root: Path, model: str = "tiny") -> None:
+    """`model`'s ONNX set for the recipe (None: unpruned; root/onnx) and its ONNX Runtime engine (root/engine),
+    default configs."""
     from engines import BuildConfig, build_engine
     from exporter import ExportConfig, export_onnx
 
-    export_onnx(ExportConfig(model="tiny", recipe=recipe_path), root / "onnx", progress=False)
+    export_onnx(ExportConfig(model=model, recipe=recipe_path), root / "onnx", progress=False)
     build_engine(BuildConfig(backend="onnxruntime"), root / "onnx", root / "engine")

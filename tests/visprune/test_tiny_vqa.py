@@ -28,14 +28,8 @@ def test_tiny_vqa_loads_through_from_pretrained_with_tinys_architecture(tiny):
 
 
 @pytest.fixture(scope="module")
-def unpruned_engine(tmp_path_factory):
-    from engines import BuildConfig, build_engine
-    from exporter import ExportConfig, export_onnx
-
-    root = tmp_path_factory.mktemp("tiny-vqa")
-    export_onnx(ExportConfig(model="tiny-vqa"), root / "onnx", progress=False)
-    build_engine(BuildConfig(), root / "onnx", root / "engine")
-    return root / "engine"
+def unpruned_engine(tiny_vqa_engines):
+    return tiny_vqa_engines["unpruned"]  # export and build with default configs, shared (conftest.py)
 
 
 @pytest.mark.slow
