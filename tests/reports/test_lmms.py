@@ -95,8 +95,9 @@ def test_the_lmms_eval_command_finds_the_visprune_model_by_its_entry_point(tiny_
                           "--tasks", "shapes_vqa", "--include_path", str(task_folder), "--limit", str(limit),
                           "--output_path", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    [written] = (tmp_path / "out").rglob("*_results.json")
-    results = json.loads(written.read_text())
+    written = list((tmp_path / "out").rglob("*_results.json"))
+    assert len(written) == 1, run.stdout[-3000:] + run.stderr[-3000:]  # lmms-eval exits 0 when it fails, too
+    results = json.loads(written[0].read_text())
     assert results["config"]["model_args"] == f"engine={engine}"
     assert results["config"]["model_backend"] == "reports.lmms.model.VispruneLMMs (simple)"
     samples = make_split("test", limit)
