@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from calibrate.flops import visual_flops_reduction
-from calibrate.recipe import Recipe, cuts_after_layer
+from calibrate.recipe import Recipe
 from visprune.errors import BudgetUnreachableError
 from visprune.methods import METHODS
 from visprune.models.llava import LanguageModelShape
@@ -33,15 +33,16 @@ def one_layer_recipe(shape: LanguageModelShape, reduction: float, method: str = 
                      layer: int = FASTV_LAYER) -> Recipe:
     """The recipe pruning once before `layer` (or, if that cannot reach `reduction`, the latest earlier layer
     that can) with the fewest tokens removed that meet `reduction`."""
-    last = shape.num_layers - 1 if cuts_after_layer(method) else shape.num_layers  # it reads the next layer
+    after_layer = METHODS[method].cuts_after_layer
+    last = shape.num_layers - 1 if after_layer else shape.num_layers  # it reads the next layer
     for cut in range(min(layer, last), 0, -1):
         schedule = [0] * shape.num_layers
         for removed in range(1, shape.num_visual_tokens):
             schedule[cut - 1] = removed
-            if visual_flops_reduction(shape, schedule, after_layer=cuts_after_layer(method)) >= reduction:
+            if visual_flops_reduction(shape, schedule, after_layer=after_layer) >= reduction:
                 return _budget_recipe(shape, method, reduction, schedule, 0,
                                       {"cut_before_layer": cut, "asked_cut_before_layer": layer})
-    best = visual_flops_reduction(shape, schedule, after_layer=cuts_after_layer(method))
+    best = visual_flops_reduction(shape, schedule, after_layer=after_layer)
     raise BudgetUnreachableError(
         f"One cut before layer 1 removes at most {best:.1%} of the visual-token FLOPs (keeping one token); "
         f"{reduction:.0%} was asked for.", f"Ask for at most {int(best * 100) / 100:.2f}.")
@@ -66,7 +67,7 @@ def _budget_recipe(shape: LanguageModelShape, method: str, reduction: float, sch
     recipe = Recipe(method=method, num_visual_tokens=shape.num_visual_tokens, removed=list(schedule),
                     reduction_target=reduction, removed_before_llm=before,
                     search={**search, "selection": METHODS[method].selection})
-    achieved = visual_flops_reduction(shape, schedule, before, cuts_after_layer(method))
+    achieved = visual_flops_reduction(shape, schedule, before, METHODS[method].cuts_after_layer)
     recipe.achieved = {"visual_flops_reduction": round(achieved, 6)}
     return recipe
 

@@ -113,7 +113,7 @@ def check_recipe(recipe: Recipe, source: str = "recipe") -> None:
                           f"{recipe.method}`.")
     if not recipe.removed:
         raise RecipeError(f"{source}: 'removed' is empty.", RECIPE_HINT)
-    if spec.cut_after == "layer" and recipe.removed[-1]:
+    if spec.cuts_after_layer and recipe.removed[-1]:
         raise RecipeError(f"{source}: {recipe.method} cannot prune at the last layer: its selection reads the next "
                           "layer's keys.", "Move the count to an earlier layer.")
     if recipe.total_removed >= recipe.num_visual_tokens:
@@ -174,14 +174,9 @@ def _same_checkpoint(a: str, b: str) -> bool:
     return Path(a).name == Path(b).name
 
 
-def cuts_after_layer(method: str) -> bool:
-    """Whether `method`'s removed tokens run their pruning layer to the end (the FLOPs count's `after_layer`)."""
-    return METHOD_REGISTRY[method].cut_after == "layer"
-
-
 def achieved_reductions(recipe: Recipe, shape: LanguageModelShape, text_tokens: float) -> dict[str, float]:
     """Visual-only and whole-LM FLOPs reductions of the recipe's fixed counts."""
-    pre, after_layer = recipe.removed_before_llm, cuts_after_layer(recipe.method)
+    pre, after_layer = recipe.removed_before_llm, METHOD_REGISTRY[recipe.method].cuts_after_layer
     return {
         "visual_flops_reduction": round(visual_flops_reduction(shape, recipe.removed, pre, after_layer), 6),
         "lm_flops_reduction": round(lm_flops_reduction(shape, recipe.removed, text_tokens, pre, after_layer), 6),

@@ -91,7 +91,7 @@ class PrunedLlamaPrefill(nn.Module):
         self.select = partial(getattr(selection, spec.selection), **spec.params) if spec.selection else None
         self.attention_rows = spec.attention_rows or None
         self.reads_hidden = spec.reads_hidden
-        self.cut_after_layer = spec.cut_after == "layer"
+        self.cut_after_layer = spec.cuts_after_layer
         if spec.needs_seed:  # one fixed score per image index; nested random subsets layer by layer
             scores = torch.rand(recipe.num_visual_tokens, generator=torch.Generator().manual_seed(recipe.seed))
             self.register_buffer("random_scores", scores.to(self.lm_head.weight.device), persistent=False)

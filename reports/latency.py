@@ -34,6 +34,7 @@ from visprune.errors import ArtifactMismatchError, ConfigError
 from visprune.manifests.common import model_dump, write_model
 from visprune.manifests.engine_set import read_engine_set
 from visprune.manifests.reports import LATENCY_SCHEMA, LatencyRatios, LatencyReport
+from visprune.methods import METHODS
 from visprune.figures import pyplot, save_figure
 
 Clock = Callable[[], float]
@@ -276,15 +277,14 @@ def _engine_facts(pipe: Pipeline) -> dict[str, Any]:
 
 def _ratios(prompt_tokens: int, engines: dict[str, dict[str, Any]], pipes: dict[str, Pipeline]) -> LatencyRatios:
     from calibrate.flops import visual_flops
-    from calibrate.recipe import cuts_after_layer
 
     shape = pipes["pruned"].manifest.onnx_set.language_model
     text = prompt_tokens - shape.num_visual_tokens
     recipes = {name: pipe.manifest.onnx_set.recipe for name, pipe in pipes.items()}
 
     def flops(name: str, extra: float = 0.0) -> float:
-        recipe = recipes[name]
-        return visual_flops(shape, recipe.removed, extra, recipe.removed_before_llm, cuts_after_layer(recipe.method))
+        r = recipes[name]
+        return visual_flops(shape, r.removed, extra, r.removed_before_llm, METHODS[r.method].cuts_after_layer)
 
     lm = flops("pruned", text) / flops("baseline", text)
     visual = flops("pruned") / flops("baseline")

@@ -54,6 +54,11 @@ class Method:
         return self.schedule in ("searched", "fitprune_counts")
 
     @property
+    def cuts_after_layer(self) -> bool:
+        """Whether the removed tokens run their pruning layer to its end (the FLOPs count's `after_layer`)."""
+        return self.cut_after == "layer"
+
+    @property
     def pre_llm(self) -> bool:
         return self.schedule == "pre_llm"
 

@@ -40,7 +40,7 @@ def recipe_for(model, method: str) -> Recipe:
     """`method` at 60 % on `model`: FitPrune-like counts at both layers, or the method's own schedule."""
     if METHODS[method].needs_calibration:
         return Recipe(method, 576, [300, 100], seed=0 if METHODS[method].needs_seed else None)
-    if METHODS[method].cut_after == "layer":  # one cut after layer 0: two layers cannot reach 60 % that way
+    if METHODS[method].cuts_after_layer:  # one cut after layer 0: two layers cannot reach 60 % that way
         return Recipe(method, 576, [300, 0])
     return budget_recipe(LanguageModelShape.from_config(model.config), 0.6, method)
 

@@ -13,7 +13,7 @@ import torch
 from calibrate import CalibrationConfig, calibrate
 from calibrate.baselines import counts_recipe
 from calibrate.flops import visual_flops_reduction
-from calibrate.recipe import Recipe, cuts_after_layer, recipe_from_dict
+from calibrate.recipe import Recipe, recipe_from_dict
 from calibrate.stage import budget_recipe
 from conftest import REPO, TINY_RECIPE_60
 from exporter import selection
@@ -185,7 +185,7 @@ def test_every_pruning_method_meets_the_budget_and_barely_overshoots(recipes, ti
     for name in PRUNING_METHODS:
         recipe = recipes[name]
         achieved = visual_flops_reduction(tiny.shape, recipe.removed, recipe.removed_before_llm,
-                                          cuts_after_layer(name))
+                                          METHODS[name].cuts_after_layer)
         assert REDUCTION <= achieved <= REDUCTION + 0.01, (name, achieved)
         if recipe.achieved:  # recorded by calibrate and the budget builders
             assert recipe.achieved["visual_flops_reduction"] == pytest.approx(achieved, abs=1e-6), name
@@ -215,5 +215,5 @@ def test_fewer_removed_tokens_would_miss_the_budget(recipes, tiny):
             assert visual_flops_reduction(tiny.shape, recipe.removed, recipe.removed_before_llm - 1) < REDUCTION
         elif spec.schedule == "one_layer":
             fewer = [r - 1 if r else 0 for r in recipe.removed]
-            assert visual_flops_reduction(tiny.shape, fewer, after_layer=cuts_after_layer(name)) < REDUCTION
+            assert visual_flops_reduction(tiny.shape, fewer, after_layer=METHODS[name].cuts_after_layer) < REDUCTION
     assert budget_recipe(tiny.shape, REDUCTION, "divprune").removed_before_llm == recipes["divprune"].removed_before_llm
