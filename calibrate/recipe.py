@@ -6,6 +6,16 @@ inputs and seed give the same bytes. Run measurements (timings, host) go to a se
 
 A hand-written recipe needs only {"method", "num_visual_tokens", "removed"}; everything else is optional and
 is checked when present. This module is the recipe's one schema and `load_recipe` its one reader.
+
+LLaVA-NeXT images bring a different N each (anyres: 1176 for a small square, 2340 for 640x480, 2928 at most), so a
+NeXT recipe says how its counts, written for `num_visual_tokens` (the nominal N), meet an image of N tokens
+(`budget_policy`, `counts_at`):
+
+| policy | counts at an image of N tokens | as in |
+|---|---|---|
+| `fixed` | N must equal `num_visual_tokens` (LLaVA-1.5: always 576) | LLaVA-1.5 recipes |
+| `ratio` | each count scaled: `int(removed[i] * N / num_visual_tokens)` | FitPrune's NeXT code (nominal 2880) |
+| `absolute` | the same kept counts `keep[i]` whatever N: the first cut takes the difference | DART's NeXT budget |
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ from visprune.methods import METHOD_NAMES
 from visprune.methods import METHODS as METHOD_REGISTRY
 from visprune.models.llava import LanguageModelShape
 
+BudgetPolicy = Literal["fixed", "ratio", "absolute"]
 RECIPE_SCHEMA, RECIPE_SCHEMA_VERSION = schema_ids.RECIPE.name, schema_ids.RECIPE.version
 RECIPE_HINT = 'A minimal recipe is {"method": "fitprune", "num_visual_tokens": 576, "removed": [...]} with one ' \
               "count per decoder layer; `visprune calibrate` writes complete ones."
@@ -48,6 +59,7 @@ class Recipe:
     seed: int | None = None
     tools: dict[str, str] = field(default_factory=dict)
     removed_before_llm: NonNegInt = 0  # pre-LLM methods: tokens dropped before the first layer
+    budget_policy: BudgetPolicy = "fixed"  # how the counts meet an image of another N (LLaVA-NeXT; see above)
 
     @property
     def num_layers(self) -> int:
@@ -64,8 +76,9 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         body = asdict(self)
-        if not body["removed_before_llm"]:  # in-LLM recipes keep the bytes (and hashes) they always had
-            del body["removed_before_llm"]
+        for name, default in (("removed_before_llm", 0), ("budget_policy", "fixed")):
+            if body[name] == default:  # LLaVA-1.5 recipes keep the bytes (and hashes) they always had
+                del body[name]
         return {"schema": RECIPE_SCHEMA, "schema_version": RECIPE_SCHEMA_VERSION, "method": body.pop("method"),
                 "num_visual_tokens": body.pop("num_visual_tokens"), "num_layers": self.num_layers,
                 "removed": body.pop("removed"), "keep": self.keep, **body}
@@ -124,6 +137,37 @@ def check_recipe(recipe: Recipe, source: str = "recipe") -> None:
         raise RecipeError(f"{source}: model.fingerprint must be a string.", RECIPE_HINT)
 
 
+def counts_at(recipe: Recipe, n: int) -> tuple[int, list[int]]:
+    """(removed_before_llm, removed per layer) for an image of `n` visual tokens, as `budget_policy` says.
+    RecipeError if the image is too small for an `absolute` budget (it would keep more tokens than it has)."""
+    if recipe.budget_policy == "ratio":
+        scale = lambda count: int(count * n / recipe.num_visual_tokens)  # noqa: E731 (FitPrune's NeXT rounding)
+        return scale(recipe.removed_before_llm), [scale(count) for count in recipe.removed]
+    if recipe.budget_policy == "fixed" or n == recipe.num_visual_tokens:
+        if n != recipe.num_visual_tokens:
+            raise RecipeError(f"The recipe is for images of {recipe.num_visual_tokens} visual tokens; this one has {n}.",
+                              "Use a recipe with budget_policy 'ratio' or 'absolute' for a LLaVA-NeXT model.")
+        return recipe.removed_before_llm, list(recipe.removed)
+    return _absolute_counts(recipe, n)
+
+
+def _absolute_counts(recipe: Recipe, n: int) -> tuple[int, list[int]]:
+    """The first cut removes what makes its kept count the recipe's; later cuts are unchanged."""
+    extra, removed = n - recipe.num_visual_tokens, list(recipe.removed)
+    if not recipe.total_removed:
+        return 0, removed
+    layer = None if recipe.removed_before_llm else next(i for i, count in enumerate(removed) if count)
+    first = (recipe.removed_before_llm if layer is None else removed[layer]) + extra
+    if first < 0:
+        kept = recipe.num_visual_tokens - (recipe.removed_before_llm if layer is None else removed[layer])
+        raise RecipeError(f"This image has {n} visual tokens; the recipe's absolute budget keeps {kept} at its "
+                          "first cut.", "Use a larger image, or a recipe with budget_policy 'ratio'.")
+    if layer is None:
+        return first, removed
+    removed[layer] = first
+    return 0, removed
+
+
 def unpruned_recipe(shape: LanguageModelShape) -> Recipe:
     """The recipe that removes nothing: the unpruned baseline goes through the same export code."""
     return Recipe(method="none", num_visual_tokens=shape.num_visual_tokens, removed=[0] * shape.num_layers)
@@ -146,7 +190,8 @@ def check_recipe_fits(recipe: Recipe, shape: LanguageModelShape, fingerprint: st
     given `model` (a checkpoint's name), unless the recipe was calibrated on that checkpoint or
     `allow_other_model`. Checkpoints of one architecture (tiny, tiny-vqa) share a fingerprint, but the counts
     were searched on one checkpoint's attention: on another they are a guess, which the user must ask for."""
-    if recipe.num_layers != shape.num_layers or recipe.num_visual_tokens != shape.num_visual_tokens:
+    _check_policy_fits(recipe, shape)
+    if recipe.num_layers != shape.num_layers or (not shape.anyres and recipe.num_visual_tokens != shape.num_visual_tokens):
         raise RecipeError(
             f"The recipe is for {recipe.num_layers} layers and {recipe.num_visual_tokens} visual tokens; the model "
             f"has {shape.num_layers} layers and {shape.num_visual_tokens} visual tokens.",
@@ -165,6 +210,21 @@ def check_recipe_fits(recipe: Recipe, shape: LanguageModelShape, fingerprint: st
             f"Calibrate on {model} (`visprune calibrate --model {model} ...`), or pass --allow-other-model to use "
             "these counts anyway.",
         )
+
+
+def _check_policy_fits(recipe: Recipe, shape: LanguageModelShape) -> None:
+    """A LLaVA-1.5 recipe (`fixed`: one N) cannot meet NeXT's per-image N, nor a NeXT recipe a fixed-N model."""
+    if shape.anyres and recipe.budget_policy == "fixed":
+        raise RecipeError(
+            f"The recipe is a LLaVA-1.5 recipe (budget_policy 'fixed', {recipe.num_visual_tokens} visual tokens); "
+            f"this LLaVA-NeXT model gives {shape.visual_token_range[0]}..{shape.visual_token_range[1]} per image.",
+            "Calibrate on this model (`visprune calibrate --model ...`), or use a NeXT recipe "
+            "(recipes/llava-v1.6-vicuna-7b/) with budget_policy 'ratio' or 'absolute'.")
+    if not shape.anyres and recipe.budget_policy != "fixed":
+        raise RecipeError(
+            f"The recipe is a LLaVA-NeXT recipe (budget_policy {recipe.budget_policy!r}); this model is LLaVA-1.5 "
+            f"with {shape.num_visual_tokens} visual tokens per image.",
+            "Use a recipe calibrated for this model (`visprune calibrate --model ...`).")
 
 
 def _same_checkpoint(a: str, b: str) -> bool:
