@@ -137,35 +137,33 @@ def check_recipe(recipe: Recipe, source: str = "recipe") -> None:
         raise RecipeError(f"{source}: model.fingerprint must be a string.", RECIPE_HINT)
 
 
-def counts_at(recipe: Recipe, n: int) -> tuple[int, list[int]]:
-    """(removed_before_llm, removed per layer) for an image of `n` visual tokens, as `budget_policy` says.
-    RecipeError if the image is too small for an `absolute` budget (it would keep more tokens than it has)."""
-    if recipe.budget_policy == "ratio":
-        scale = lambda count: int(count * n / recipe.num_visual_tokens)  # noqa: E731 (FitPrune's NeXT rounding)
+def counts_at(recipe: Recipe, n):
+    """(removed_before_llm, removed per layer) for an image of `n` visual tokens, as `budget_policy` says. Plain
+    integer arithmetic, so the exporter traces it on the graph's symbolic N and the graph computes K from N;
+    `check_image_fits` tells whether an image fits at all."""
+    if recipe.budget_policy == "ratio":  # FitPrune's int(count * n / nominal), exact in integers
+        scale = lambda count: count * n // recipe.num_visual_tokens  # noqa: E731
         return scale(recipe.removed_before_llm), [scale(count) for count in recipe.removed]
-    if recipe.budget_policy == "fixed" or n == recipe.num_visual_tokens:
-        if n != recipe.num_visual_tokens:
-            raise RecipeError(f"The recipe is for images of {recipe.num_visual_tokens} visual tokens; this one has {n}.",
-                              "Use a recipe with budget_policy 'ratio' or 'absolute' for a LLaVA-NeXT model.")
+    if recipe.budget_policy == "fixed" or not recipe.total_removed:
         return recipe.removed_before_llm, list(recipe.removed)
-    return _absolute_counts(recipe, n)
+    extra = n - recipe.num_visual_tokens  # absolute: the first cut removes what makes its kept count the recipe's
+    if recipe.removed_before_llm:
+        return recipe.removed_before_llm + extra, list(recipe.removed)
+    first = recipe.removed.index(next(count for count in recipe.removed if count))
+    return 0, [count + extra if i == first else count for i, count in enumerate(recipe.removed)]
 
 
-def _absolute_counts(recipe: Recipe, n: int) -> tuple[int, list[int]]:
-    """The first cut removes what makes its kept count the recipe's; later cuts are unchanged."""
-    extra, removed = n - recipe.num_visual_tokens, list(recipe.removed)
-    if not recipe.total_removed:
-        return 0, removed
-    layer = None if recipe.removed_before_llm else next(i for i, count in enumerate(removed) if count)
-    first = (recipe.removed_before_llm if layer is None else removed[layer]) + extra
-    if first < 0:
-        kept = recipe.num_visual_tokens - (recipe.removed_before_llm if layer is None else removed[layer])
-        raise RecipeError(f"This image has {n} visual tokens; the recipe's absolute budget keeps {kept} at its "
-                          "first cut.", "Use a larger image, or a recipe with budget_policy 'ratio'.")
-    if layer is None:
-        return first, removed
-    removed[layer] = first
-    return 0, removed
+def check_image_fits(recipe: Recipe, n: int) -> None:
+    """RecipeError unless an image of `n` visual tokens can run this recipe: a `fixed` recipe takes its own N
+    only; an `absolute` one needs at least the tokens its first cut keeps."""
+    if recipe.budget_policy == "fixed" and n != recipe.num_visual_tokens:
+        raise RecipeError(f"The recipe is for images of {recipe.num_visual_tokens} visual tokens; this one has {n}.",
+                          "Use a recipe with budget_policy 'ratio' or 'absolute' for a LLaVA-NeXT model.")
+    before, removed = counts_at(recipe, n)
+    if recipe.budget_policy == "absolute" and min(before, *removed) < 0:
+        raise RecipeError(f"This image has {n} visual tokens; the recipe's absolute budget keeps "
+                          f"{n - min(before, *removed)} of them at its first cut.",
+                          "Use a larger image, or a recipe with budget_policy 'ratio'.")
 
 
 def unpruned_recipe(shape: LanguageModelShape) -> Recipe:

@@ -286,7 +286,7 @@ def _add_export(p) -> None:
     p.add_argument("--out", type=Path, required=True, help="ONNX set folder, e.g. runs/demo/onnx")
     add_config_flags(p, ExportConfig, {
         "dtype": "graph dtype: float32 (CPU), float16 or bfloat16 (GPU)",
-        "max_seq": "longest prompt plus generated tokens",
+        "max_seq": "longest prompt plus generated tokens (default: 2048; 4096 for a LLaVA-NeXT model)",
         "target": "onnxruntime: fused opset-23 Attention, RMSNorm, RoPE ops (ONNX Runtime and PyTorch engines); "
                   "tensorrt: standard opset-18 ops in the forms TensorRT fuses (every backend)",
         "opset": "ONNX opset (default: the target's, 23 for onnxruntime, 18 for tensorrt)"})

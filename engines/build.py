@@ -29,7 +29,7 @@ from visprune.dtypes import torch_dtype
 from visprune.manifests.common import digest_files, sealed, write_model
 from visprune.manifests.engine_set import ENGINE_FILE, EngineManifest
 from visprune.manifests.onnx_set import MANIFEST_FILE as ONNX_MANIFEST_FILE
-from visprune.manifests.onnx_set import OnnxSetManifest, read_onnx_set
+from visprune.manifests.onnx_set import ANYRES_NEWLINE_FILE, OnnxSetManifest, read_onnx_set
 from visprune.outputs import ENGINE_SET, check_output, replacing
 from visprune.tensor_names import GRAPH_NAMES
 
@@ -133,6 +133,7 @@ def build_engine(config: BuildConfig, onnx_dir: Path, out_dir: Path, force: bool
     if config.backend == AUTO:  # TensorRT only for a set written for it
         backend = auto_backend()
         config = replace(config, backend=backend if backend in TARGET_BACKENDS[onnx_set.target] else "onnxruntime")
+    check_anyres_backend(onnx_set, config.backend)
     if config.backend in ("tensorrt", "pytorch"):  # bad limits before any work: re-exporting would not help either
         prompt_length_range(onnx_set, config.max_prompt_tokens, config.max_new_tokens)
     if config.backend == "tensorrt":
@@ -147,7 +148,7 @@ def build_engine(config: BuildConfig, onnx_dir: Path, out_dir: Path, force: bool
     build_graphs = {"onnxruntime": _build_onnxruntime, "tensorrt": _build_tensorrt, "pytorch": _build_pytorch}
     with replacing(out_dir) as staging:
         backend_facts = build_graphs[config.backend](config, onnx_dir, onnx_set, staging)
-        for name in HOST_FILES:
+        for name in HOST_FILES + ((ANYRES_NEWLINE_FILE,) if onnx_set.anyres else ()):
             (shutil.copytree if (onnx_dir / name).is_dir() else shutil.copy)(onnx_dir / name, staging / name)
         manifest = sealed(
             EngineManifest, backend=config.backend, **backend_facts,
@@ -156,6 +157,14 @@ def build_engine(config: BuildConfig, onnx_dir: Path, out_dir: Path, force: bool
             onnx_set=onnx_set, config=config.to_dict(), files=digest_files(staging, exclude=(ENGINE_FILE,)))
         write_model(staging / ENGINE_FILE, manifest)
     return manifest
+
+
+def check_anyres_backend(onnx_set: OnnxSetManifest, backend: str) -> None:
+    """LLaVA-NeXT sets (N per image, a dynamic dim) build for ONNX Runtime only so far: TensorRT needs N in its
+    profiles and the static PyTorch engine a CUDA graph per N bucket, neither of which is written yet."""
+    if onnx_set.anyres is not None and backend != "onnxruntime":
+        raise ConfigError(f"This ONNX set is a LLaVA-NeXT one (N per image); the {backend} backend does not take "
+                          "it yet.", "Build it with `visprune build --backend onnxruntime`.")
 
 
 def check_target(onnx_set: OnnxSetManifest, backend: str, onnx_dir: Path) -> None:

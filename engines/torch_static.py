@@ -74,7 +74,7 @@ def engine_recipe(onnx_set: OnnxSetManifest) -> Recipe:
     """The recipe an ONNX set was exported with, from its manifest (all the pruned model needs)."""
     summary = onnx_set.recipe
     return Recipe(summary.method, summary.num_visual_tokens, list(summary.removed), seed=summary.seed,
-                  removed_before_llm=summary.removed_before_llm)
+                  removed_before_llm=summary.removed_before_llm, budget_policy=summary.budget_policy)
 
 
 def default_buckets(shortest: int, longest: int) -> tuple[int, ...]:

@@ -22,7 +22,7 @@ class ExportConfig:
     dtype: str = "float32"  # graph dtype; float16/bfloat16 keep norms, softmax and scores in float32
     target: str = "onnxruntime"  # the backend family the graphs are written for (visprune/backends.py)
     opset: int | None = None  # None: the target's (TARGETS)
-    max_seq: int = 2048  # longest prompt (text + image tokens) + generated tokens the graphs accept
+    max_seq: int | None = None  # longest prompt (text + image tokens) + generated tokens; None: by model (export.py)
     allow_other_model: bool = False  # accept a recipe calibrated on another checkpoint of this architecture
 
     def __post_init__(self) -> None:
@@ -35,7 +35,7 @@ class ExportConfig:
         if self.opset < TARGETS[self.target]:
             raise ConfigError(f"--opset {self.opset} is too old for --target {self.target}.",
                               f"Use opset {TARGETS[self.target]} or newer, or leave --opset out.")
-        if self.max_seq < 2:
+        if self.max_seq is not None and self.max_seq < 2:
             raise ConfigError(f"--max-seq must be at least 2, got {self.max_seq}.", "Try --max-seq 2048.")
 
     def to_dict(self) -> dict[str, Any]:

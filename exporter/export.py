@@ -9,7 +9,7 @@ every graph exported and passed the lint.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,9 @@ from visprune.dtypes import host_dtype, torch_dtype
 from visprune.errors import ConfigError, ExportError
 from visprune.manifests.common import digest_files, sealed, write_model
 from visprune.manifests.onnx_set import (
+    ANYRES_NEWLINE_FILE,
     MANIFEST_FILE,
+    AnyresLayout,
     Embeddings,
     GraphIO,
     ModelRef,
@@ -35,7 +37,7 @@ from visprune.manifests.onnx_set import (
     kv_stages_of,
 )
 from visprune.models import LlavaBundle, chat_prompt, encode_image_prompt, load_llava
-from visprune.models.llava import model_folder
+from visprune.models.llava import LanguageModelShape, model_folder
 from visprune.outputs import ONNX_SET, check_output, replacing
 from visprune.tensor_names import GRAPH_NAMES
 
@@ -59,14 +61,18 @@ def export_onnx(config: ExportConfig, out_dir: Path, progress: bool = True, forc
     bundle = load_llava(config.model, device="cpu", dtype=torch_dtype(config.dtype))
     recipe = recipe or unpruned_recipe(bundle.shape)
     check_recipe_fits(recipe, bundle.shape, bundle.fingerprint, bundle.name, config.allow_other_model)
+    config = replace(config, max_seq=config.max_seq or default_max_seq(bundle.shape))
     image_start = template_image_start(bundle)
-    check_max_seq_fits(config.max_seq, image_start, recipe.num_visual_tokens)
+    check_max_seq_fits(config.max_seq, image_start, bundle.shape.num_visual_tokens)
     with replacing(out_dir) as staging:
         for graph in _progress(GRAPH_NAMES, progress):
             _export_graph(graph, bundle, recipe, image_start, config, staging / f"{graph}.onnx")
         lint_exported_set(staging, recipe)
         embeddings = bundle.model.get_input_embeddings().weight.detach().float().numpy()
         np.save(staging / "embed_tokens.npy", embeddings.astype(host_dtype(config.dtype)))
+        if bundle.shape.anyres:  # the host packs it after each grid row (visprune/models/anyres.py)
+            newline = bundle.model.model.image_newline.detach().float().numpy()
+            np.save(staging / ANYRES_NEWLINE_FILE, newline.astype(host_dtype(config.dtype)))
         bundle.processor.save_pretrained(staging / "processor")
         manifest = _manifest(config, bundle, recipe, image_start, staging, time.perf_counter() - start)
         write_model(staging / MANIFEST_FILE, manifest)
@@ -80,6 +86,12 @@ def template_image_start(bundle: LlavaBundle) -> int:
     size = bundle.config.vision_config.image_size
     blank = Image.new("RGB", (size, size))
     return encode_image_prompt(bundle.processor, blank, chat_prompt(bundle.processor, "?"), bundle.image_token_id).image_start
+
+
+def default_max_seq(shape: LanguageModelShape) -> int:
+    """--max-seq when none is given: 2048 for LLaVA-1.5 (576 image tokens); LLaVA-NeXT's images alone bring up to
+    2928, so 4096 there (llava-v1.6-vicuna's context)."""
+    return 4096 if shape.anyres else 2048
 
 
 def check_max_seq_fits(max_seq: int, image_start: int, num_visual_tokens: int) -> None:
@@ -130,8 +142,8 @@ def _manifest(config: ExportConfig, bundle: LlavaBundle, recipe: Recipe, image_s
         model=ModelRef(name=bundle.name, path=str(bundle.path.resolve()), fingerprint=bundle.fingerprint),
         recipe=RecipeSummary(sha256=recipe.content_hash(), method=recipe.method, removed=list(recipe.removed),
                              keep=recipe.keep, num_visual_tokens=recipe.num_visual_tokens, seed=recipe.seed,
-                             removed_before_llm=recipe.removed_before_llm),
-        prompt=PromptLayout(image_start=image_start, num_visual_tokens=recipe.num_visual_tokens,
+                             removed_before_llm=recipe.removed_before_llm, budget_policy=recipe.budget_policy),
+        prompt=PromptLayout(image_start=image_start, num_visual_tokens=bundle.shape.num_visual_tokens,
                             max_seq=config.max_seq, image_token_id=bundle.image_token_id,
                             eos_token_id=tokenizer.eos_token_id),
         dtype=config.dtype,
@@ -141,11 +153,19 @@ def _manifest(config: ExportConfig, bundle: LlavaBundle, recipe: Recipe, image_s
         graphs={graph: GraphIO(file=f"{graph}.onnx", **describe_io(folder / f"{graph}.onnx")) for graph in GRAPH_NAMES},
         embeddings=Embeddings(file="embed_tokens.npy", shape=list(bundle.model.get_input_embeddings().weight.shape)),
         processor="processor",
+        anyres=_anyres_layout(bundle),
         config=config.to_dict(),
         tools=tool_versions("torch", "transformers", "onnx", "onnxscript"),
         export_seconds=round(seconds, 2),
         files=digest_files(folder, exclude=(MANIFEST_FILE,)),
     )
+
+
+def _anyres_layout(bundle: LlavaBundle) -> AnyresLayout | None:
+    if not bundle.shape.anyres:
+        return None
+    return AnyresLayout(image_newline=ANYRES_NEWLINE_FILE, image_grid_pinpoints=bundle.config.image_grid_pinpoints,
+                        visual_token_range=list(bundle.shape.visual_token_range))
 
 
 def describe_io(path: Path) -> dict[str, list[dict[str, Any]]]:

@@ -21,6 +21,7 @@ from exporter.pruned_lm import LlamaDecodeStep, PrunedLlamaPrefill
 from visprune.manifests.onnx_set import kv_stages_of, recipe_io_names
 from visprune.methods import METHODS
 from visprune.models.decoder import EAGER, ONNX_OPS, SDPA, Kernels
+from visprune.models.llava import LanguageModelShape
 from visprune.tensor_names import (
     BATCH_DIM,
     IMAGE_SCORES,
@@ -30,6 +31,8 @@ from visprune.tensor_names import (
     PIXEL_VALUES,
     POSITION_IDS,
     SEQ_DIM,
+    VISUAL_DIM,
+    VISUAL_MASK,
     past_len_dim,
 )
 
@@ -85,17 +88,24 @@ def export_vision(llava: nn.Module, recipe: Recipe, out: Path, opset: int) -> No
 def export_prefill(llava: nn.Module, recipe: Recipe, image_start: int, max_seq: int, out: Path, opset: int,
                    kernels: Kernels = EAGER) -> None:
     hidden = llava.config.text_config.hidden_size
-    min_seq = recipe.num_visual_tokens + 1  # any text before the image (image_starts), at least one token after
-    example_len = image_start + recipe.num_visual_tokens + example_text(image_start, recipe, max_seq)
+    shape = LanguageModelShape.from_config(llava.config)
+    fewest, most = shape.visual_token_range or (recipe.num_visual_tokens,) * 2  # LLaVA-NeXT: N per image
+    example_n = most if shape.anyres else recipe.num_visual_tokens
+    example_len = image_start + example_n + example_text(image_start, example_n, max_seq)
     example = torch.zeros(EXAMPLE_BATCH, example_len, hidden, dtype=llava.dtype)
     inputs, outputs = recipe_io_names("prefill", recipe)
     batch = Dim(BATCH_DIM)
-    shapes = {INPUTS_EMBEDS: {0: batch, 1: Dim(SEQ_DIM, min=min_seq, max=max_seq)}, IMAGE_STARTS: {0: batch},
+    # any text before the image (image_starts), at least one token after
+    shapes = {INPUTS_EMBEDS: {0: batch, 1: Dim(SEQ_DIM, min=fewest + 1, max=max_seq)}, IMAGE_STARTS: {0: batch},
               PAD_LENGTHS: {0: batch}}
     args = (example, torch.full((EXAMPLE_BATCH,), image_start), torch.zeros(EXAMPLE_BATCH, dtype=torch.long))
+    visual = Dim(VISUAL_DIM, min=fewest, max=most) if shape.anyres else None
     if METHODS[recipe.method].vision_score:
-        args += (torch.zeros(EXAMPLE_BATCH, recipe.num_visual_tokens),)
-        shapes[IMAGE_SCORES] = {0: batch}
+        args += (torch.zeros(EXAMPLE_BATCH, example_n),)
+        shapes[IMAGE_SCORES] = {0: batch, 1: visual} if visual else {0: batch}
+    if visual:
+        args += (torch.ones(EXAMPLE_BATCH, example_n, dtype=torch.long),)
+        shapes[VISUAL_MASK] = {0: batch, 1: visual}
     _export(PrunedLlamaPrefill(llava, recipe, image_start, kernels), args, out, opset, inputs, outputs, shapes)
 
 
@@ -104,7 +114,7 @@ def export_decode(llava: nn.Module, recipe: Recipe, image_start: int, max_seq: i
     text = llava.config.text_config
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    example_len = image_start + recipe.num_visual_tokens + example_text(image_start, recipe, max_seq)
+    example_len = image_start + recipe.num_visual_tokens + example_text(image_start, recipe.num_visual_tokens, max_seq)
     stage_of = kv_stages_of(recipe.removed)
     dims = [Dim(past_len_dim(s), min=1, max=max_seq) for s in range(max(stage_of) + 1)]
     lengths = [example_len - recipe.removed_before_llm - sum(recipe.removed[:layer]) for layer in range(recipe.num_layers)]
@@ -120,10 +130,10 @@ def export_decode(llava: nn.Module, recipe: Recipe, image_start: int, max_seq: i
             {INPUTS_EMBEDS: {0: batch}, POSITION_IDS: {0: batch}, PAD_LENGTHS: {0: batch}, "past": past_shapes})
 
 
-def example_text(image_start: int, recipe: Recipe, max_seq: int) -> int:
+def example_text(image_start: int, num_visual: int, max_seq: int) -> int:
     """Text tokens after the image in the example inputs. An example longer than a dynamic dim's max fails
     torch.export, so a small --max-seq shortens it; one slot stays free for the decode step's own token."""
-    room = max_seq - image_start - recipe.num_visual_tokens - 1
+    room = max_seq - image_start - num_visual - 1
     return max(1, min(EXAMPLE_TEXT, room))
 
 

@@ -29,9 +29,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from calibrate.recipe import Recipe
+from calibrate.recipe import Recipe, counts_at
 from exporter import selection
 from visprune.methods import METHODS
+from visprune.models.llava import LanguageModelShape
 from visprune.models.decoder import (
     EAGER,
     Kernels,
@@ -84,6 +85,10 @@ class PrunedLlamaPrefill(nn.Module):
         self.removed = list(recipe.removed)
         self.removed_before_llm = recipe.removed_before_llm
         self.num_visual = recipe.num_visual_tokens
+        self.recipe = recipe
+        # LLaVA-NeXT: N is per image (the visual_mask input's length); counts follow the recipe's budget policy
+        self.anyres = recipe.budget_policy != "fixed"
+        max_visual = max(recipe.num_visual_tokens, LanguageModelShape.from_config(llava.config).num_visual_tokens)
         self.image_start = image_start
         self.regions = Regions()
         self.scores_seen: list | None = None  # a reference sets a list: each score-based selection's scores
@@ -93,43 +98,49 @@ class PrunedLlamaPrefill(nn.Module):
         self.reads_hidden = spec.reads_hidden
         self.cut_after_layer = spec.cuts_after_layer
         if spec.needs_seed:  # one fixed score per image index; nested random subsets layer by layer
-            scores = torch.rand(recipe.num_visual_tokens, generator=torch.Generator().manual_seed(recipe.seed))
+            scores = torch.rand(max_visual, generator=torch.Generator().manual_seed(recipe.seed))
             self.register_buffer("random_scores", scores.to(self.lm_head.weight.device), persistent=False)
         else:
             self.random_scores = None
 
     def forward(self, inputs_embeds: torch.Tensor, image_starts: torch.Tensor | None = None,
-                pad_lengths: torch.Tensor | None = None, image_scores: torch.Tensor | None = None):
+                pad_lengths: torch.Tensor | None = None, image_scores: torch.Tensor | None = None,
+                visual_mask: torch.Tensor | None = None):
         """`image_starts` [B]: each row's image offset (default: the template's); `pad_lengths` [B]: each row's
-        left padding (default: none, plain causal attention)."""
+        left padding (default: none, plain causal attention); `visual_mask` [B, N] (LLaVA-NeXT): its length is the
+        image's N, which sets the counts (`calibrate.recipe.counts_at`, traced as expressions of N)."""
         batch, seq, _ = inputs_embeds.shape
+        num_visual = visual_mask.shape[1] if self.anyres else self.num_visual
+        removed_before_llm, removed_at = counts_at(self.recipe, num_visual)  # traced on N for a NeXT recipe
         device, hidden = inputs_embeds.device, inputs_embeds
         if image_starts is None:
             image_starts = torch.full((batch,), self.image_start, dtype=torch.long, device=device)
         positions = torch.arange(seq, device=device).unsqueeze(0).expand(batch, seq)  # [B, S]
         if pad_lengths is not None:  # real tokens count from 0 after the pads; pads sit at 0
             positions = (positions - pad_lengths[:, None]).clamp(min=0)
-        visual_ids = torch.arange(self.num_visual, device=device).unsqueeze(0).expand(batch, -1)  # [B, N]
+        visual_ids = torch.arange(num_visual, device=device).unsqueeze(0).expand(batch, -1)  # [B, N]
         presents, kept = [], []
         if self.removed_before_llm:  # pre-LLM: the image span shrinks before any layer sees it
             view = self._view(image_starts, visual_ids, hidden, image_scores=image_scores)
-            visual_ids, (hidden, positions) = self._cut(view, self.removed_before_llm, kept, hidden, positions)
+            visual_ids, (hidden, positions) = self._cut(view, removed_before_llm, kept, hidden, positions)
         blocked = None
-        for i, (layer, removed) in enumerate(zip(self.layers, self.removed)):
+        for i, layer in enumerate(self.layers):
+            removed = removed_at[i] if self.removed[i] else 0  # the recipe's pruning layers, whatever N
             if blocked is None and pad_lengths is not None:  # once per KV stage: it changes only where rows go
                 blocked = padded_causal_blocked(hidden.shape[1], pad_lengths)
-            columns = selection.visual_positions(image_starts, visual_ids.shape[1]) if removed else None  # [B, n]
+            prunes = bool(self.removed[i])
+            columns = selection.visual_positions(image_starts, visual_ids.shape[1]) if prunes else None  # [B, n]
             context, probs, key, value = self.regions.attend(
                 layer, self.rotary, hidden, positions, blocked, causal=True, kernels=self.kernels,
-                probs=self.attention_rows if removed else None, columns=columns)
+                probs=self.attention_rows if prunes else None, columns=columns)
             presents += [key, value]
-            if removed and not self.cut_after_layer:  # the normalized input only for a selection that reads it (DART)
+            if self.removed[i] and not self.cut_after_layer:  # the normalized input only for a selection that reads it (DART)
                 normed = rms_norm(layer.input_layernorm, hidden, self.kernels) if self.reads_hidden else hidden
                 view = self._view(image_starts, visual_ids, normed, probs, key, rows=columns)
                 visual_ids, (hidden, context, positions) = self._cut(view, removed, kept, hidden, context, positions)
                 blocked = None
             hidden = self.regions.finish(layer, hidden, context, self.kernels)
-            if removed and self.cut_after_layer:  # AdaptPrune: the next layer's raw keys of this layer's output
+            if self.removed[i] and self.cut_after_layer:  # AdaptPrune: the next layer's raw keys of this layer's output
                 next_keys = self.layers[i + 1].self_attn.k_proj(hidden)
                 view = self._view(image_starts, visual_ids, hidden, probs, rows=columns, next_keys=next_keys)
                 visual_ids, (hidden, positions) = self._cut(view, removed, kept, hidden, positions)

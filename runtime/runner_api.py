@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from visprune.tensor_names import IMAGE_SCORES, IMAGE_STARTS, INPUTS_EMBEDS, PAD_LENGTHS
+from visprune.tensor_names import IMAGE_SCORES, IMAGE_STARTS, INPUTS_EMBEDS, PAD_LENGTHS, VISUAL_MASK
 
 
 @dataclass
@@ -44,6 +44,7 @@ class RowLayout:
 
     image_starts: np.ndarray
     pad_lengths: np.ndarray
+    visual_mask: np.ndarray | None = None  # [B, N] int64 ones, LLaVA-NeXT only: its length is the rows' N
 
     @classmethod
     def of_rows(cls, lengths: list[int], image_starts: list[int]) -> "RowLayout":
@@ -64,7 +65,9 @@ class RowLayout:
 def prefill_feeds(inputs_embeds: np.ndarray, layout: RowLayout, image_scores: np.ndarray | None = None) -> dict:
     """The prefill graph's inputs by name (host arrays)."""
     scores = {} if image_scores is None else {IMAGE_SCORES: image_scores}
-    return {INPUTS_EMBEDS: inputs_embeds, IMAGE_STARTS: layout.image_starts, PAD_LENGTHS: layout.pad_lengths, **scores}
+    mask = {} if layout.visual_mask is None else {VISUAL_MASK: layout.visual_mask}
+    return {INPUTS_EMBEDS: inputs_embeds, IMAGE_STARTS: layout.image_starts, PAD_LENGTHS: layout.pad_lengths, **scores,
+            **mask}
 
 
 class Runner(Protocol):

@@ -100,20 +100,22 @@ class TorchRunner:
                 image_scores: np.ndarray | None = None) -> PrefillOutput:
         scores = None if image_scores is None else torch.from_numpy(image_scores).to(self.device, torch.float32)
         seen = self.prefill_model.scores_seen = [] if not self.compiled else None
+        mask = None if layout.visual_mask is None else self._ints(layout.visual_mask)
         logits, presents, kept = self.prefill_module(self._tensor(inputs_embeds), self._ints(layout.image_starts),
-                                                     self._ints(layout.pad_lengths), scores)
+                                                     self._ints(layout.pad_lengths), scores, mask)
         kept_by_layer = {layer: k.cpu().numpy() for layer, k in zip(self.pruning_layers, kept)}
+        num_visual = self.num_visual if mask is None else mask.shape[1]
         return PrefillOutput(logits.float().cpu().numpy(), presents, kept_by_layer,
-                             self._scores_by_layer(seen) if seen else None)
+                             self._scores_by_layer(seen, num_visual) if seen else None)
 
-    def _scores_by_layer(self, seen: list) -> dict[int, np.ndarray] | None:
+    def _scores_by_layer(self, seen: list, num_visual: int) -> dict[int, np.ndarray] | None:
         """Each pruning point's selection scores per image index [B, N] (NaN: not present there), or None where
         a selection is not score-based (DART, DivPrune: greedy)."""
         if len(seen) != len(self.pruning_layers):
             return None
         out = {}
         for layer, (ids, scores) in zip(self.pruning_layers, seen):
-            full = torch.full((ids.shape[0], self.num_visual), float("nan"), device=scores.device)
+            full = torch.full((ids.shape[0], num_visual), float("nan"), device=scores.device)
             out[layer] = full.scatter(1, ids, scores).cpu().numpy()
         return out
 

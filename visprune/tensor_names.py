@@ -15,10 +15,13 @@ INPUTS_EMBEDS = "inputs_embeds"  # [B, S, D] (prefill), [B, 1, D] (decode)
 POSITION_IDS = "position_ids"  # [B, 1]
 IMAGE_STARTS = "image_starts"  # [B] int64: each row's image offset, its left padding included (prefill)
 PAD_LENGTHS = "pad_lengths"  # [B] int64: each row's left padding, masked as keys (prefill and decode)
+# [B, N] int64, LLaVA-NeXT prefill only: 1 for each visual token; its length is the image's N (a dynamic dim)
+VISUAL_MASK = "visual_mask"
 LOGITS = "logits"  # [B, V], last position
 KV_KINDS = ("key", "value")
 KEPT_PREFIX = "kept_indices."
 BATCH_DIM, SEQ_DIM = "batch", "seq"  # the dynamic dims' names (TensorRT profiles are keyed by them)
+VISUAL_DIM = "num_visual"  # LLaVA-NeXT: the image's N, per request
 
 
 def past_len_dim(stage: int) -> str:
@@ -56,19 +59,22 @@ def pruning_layers(removed: list[int], removed_before_llm: int = 0) -> list[int]
 
 def input_dim_names(kv_stages: list[int]) -> set[str]:
     """Every dynamic dim name a graph input may carry for these KV stages."""
-    return {BATCH_DIM, SEQ_DIM, *(past_len_dim(stage) for stage in kv_stages)}
+    return {BATCH_DIM, SEQ_DIM, VISUAL_DIM, *(past_len_dim(stage) for stage in kv_stages)}
 
 
 def graph_io_names(graph: str, removed: list[int], removed_before_llm: int = 0,
-                   image_scores: bool = False) -> tuple[list[str], list[str]]:
-    """(inputs, outputs) each graph must have for a recipe's per-layer `removed` counts, its pre-LLM count, and
-    whether its selection reads a vision-side score (`image_scores`, from the vision graph to prefill)."""
+                   image_scores: bool = False, anyres: bool = False) -> tuple[list[str], list[str]]:
+    """(inputs, outputs) each graph must have for a recipe's per-layer `removed` counts, its pre-LLM count,
+    whether its selection reads a vision-side score (`image_scores`, from the vision graph to prefill), and
+    whether N is per image (`anyres`, LLaVA-NeXT: prefill takes `visual_mask`)."""
     num_layers = len(removed)
     scores = [IMAGE_SCORES] if image_scores else []
     if graph == "vision":
         return [PIXEL_VALUES], [IMAGE_FEATURES, *scores]
     if graph == "prefill":
         kept = [kept_name(layer) for layer in pruning_layers(removed, removed_before_llm)]
-        return [INPUTS_EMBEDS, IMAGE_STARTS, PAD_LENGTHS, *scores], [LOGITS, *kv_names("present", num_layers), *kept]
+        mask = [VISUAL_MASK] if anyres else []
+        return ([INPUTS_EMBEDS, IMAGE_STARTS, PAD_LENGTHS, *scores, *mask],
+                [LOGITS, *kv_names("present", num_layers), *kept])
     past = kv_names("past", num_layers)
     return [INPUTS_EMBEDS, POSITION_IDS, PAD_LENGTHS, *past], [LOGITS, *kv_names("present", num_layers)]

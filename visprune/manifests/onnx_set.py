@@ -58,6 +58,7 @@ class RecipeSummary(Strict):
     num_visual_tokens: PosInt
     seed: int | None = None
     removed_before_llm: NonNegInt = 0
+    budget_policy: Literal["fixed", "ratio", "absolute"] = "fixed"  # calibrate/recipe.py: N per image (NeXT)
 
     @model_validator(mode="after")
     def _counts_agree(self) -> "RecipeSummary":
@@ -108,6 +109,18 @@ class Embeddings(Strict):
 
 
 
+ANYRES_NEWLINE_FILE = "image_newline.npy"  # LLaVA-NeXT: the row-end embedding the host packs after each grid row
+
+
+class AnyresLayout(Strict):
+    """LLaVA-NeXT's anyres image handling, which runs on the host (visprune/models/anyres.py): the vision graph
+    encodes the base view and the crops as a batch; the host unpads the grid and appends `image_newline` per row."""
+
+    image_newline: RelativeFile
+    image_grid_pinpoints: list[Annotated[list[PosInt], Field(min_length=2, max_length=2)]]  # [H, W] each
+    visual_token_range: Annotated[list[PosInt], Field(min_length=2, max_length=2)]  # [fewest, most] N per image
+
+
 class OnnxSetManifest(Strict):
     schema_: Literal[SCHEMA.name] = Field(SCHEMA.name, alias="schema")
     schema_version: Literal[SCHEMA.version] = SCHEMA.version
@@ -121,6 +134,7 @@ class OnnxSetManifest(Strict):
     graphs: dict[Literal[GRAPH_NAMES], GraphIO]
     embeddings: Embeddings
     processor: RelativeFile
+    anyres: AnyresLayout | None = None  # LLaVA-NeXT sets only
     config: dict[str, Any]
     tools: dict[str, str]
     export_seconds: Annotated[float, Field(ge=0.0)]
@@ -144,8 +158,12 @@ class OnnxSetManifest(Strict):
         if not len(recipe.removed) == lm.num_layers == len(self.kv_stages):
             raise ValueError(f"recipe.removed has {len(recipe.removed)} counts and kv_stages {len(self.kv_stages)}; "
                              f"the language model has {lm.num_layers} layers")
-        if not recipe.num_visual_tokens == prompt.num_visual_tokens == lm.num_visual_tokens:
+        if not prompt.num_visual_tokens == lm.num_visual_tokens or (
+                recipe.budget_policy == "fixed" and recipe.num_visual_tokens != lm.num_visual_tokens):
             raise ValueError("recipe, prompt and language_model disagree on num_visual_tokens")
+        if (self.anyres is None) != (recipe.budget_policy == "fixed"):
+            raise ValueError("an anyres (LLaVA-NeXT) set needs a NeXT recipe (budget_policy ratio or absolute), and "
+                             "only it")
         if self.kv_stages != kv_stages_of(recipe.removed):
             raise ValueError("kv_stages do not follow from recipe.removed")
         if prompt.max_seq < prompt.image_start + prompt.num_visual_tokens + 1:
@@ -167,7 +185,8 @@ class OnnxSetManifest(Strict):
 
 def recipe_io_names(graph: str, recipe: Any) -> tuple[list[str], list[str]]:
     """`graph_io_names` for a recipe (a Recipe or a RecipeSummary): its counts and its method's vision score."""
-    return graph_io_names(graph, list(recipe.removed), recipe.removed_before_llm, method(recipe.method).vision_score)
+    return graph_io_names(graph, list(recipe.removed), recipe.removed_before_llm, method(recipe.method).vision_score,
+                          recipe.budget_policy != "fixed")
 
 
 def kv_stages_of(removed: list[int]) -> list[int]:
