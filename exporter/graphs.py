@@ -87,26 +87,37 @@ def export_vision(llava: nn.Module, recipe: Recipe, out: Path, opset: int) -> No
 
 def export_prefill(llava: nn.Module, recipe: Recipe, image_start: int, max_seq: int, out: Path, opset: int,
                    kernels: Kernels = EAGER) -> None:
-    hidden = llava.config.text_config.hidden_size
     shape = LanguageModelShape.from_config(llava.config)
     fewest, most = shape.visual_token_range or (recipe.num_visual_tokens,) * 2  # LLaVA-NeXT: N per image
     example_n = most if shape.anyres else recipe.num_visual_tokens
     example_len = image_start + example_n + example_text(image_start, example_n, max_seq)
-    example = torch.zeros(EXAMPLE_BATCH, example_len, hidden, dtype=llava.dtype)
-    inputs, outputs = recipe_io_names("prefill", recipe)
     batch = Dim(BATCH_DIM)
-    # any text before the image (image_starts), at least one token after
-    shapes = {INPUTS_EMBEDS: {0: batch, 1: Dim(SEQ_DIM, min=fewest + 1, max=max_seq)}, IMAGE_STARTS: {0: batch},
-              PAD_LENGTHS: {0: batch}}
-    args = (example, torch.full((EXAMPLE_BATCH,), image_start), torch.zeros(EXAMPLE_BATCH, dtype=torch.long))
-    visual = Dim(VISUAL_DIM, min=fewest, max=most) if shape.anyres else None
-    if METHODS[recipe.method].vision_score:
-        args += (torch.zeros(EXAMPLE_BATCH, example_n),)
-        shapes[IMAGE_SCORES] = {0: batch, 1: visual} if visual else {0: batch}
-    if visual:
-        args += (torch.ones(EXAMPLE_BATCH, example_n, dtype=torch.long),)
-        shapes[VISUAL_MASK] = {0: batch, 1: visual}
-    _export(PrunedLlamaPrefill(llava, recipe, image_start, kernels), args, out, opset, inputs, outputs, shapes)
+    visual = {0: batch, 1: Dim(VISUAL_DIM, min=fewest, max=most)} if shape.anyres else {0: batch}
+    examples = {  # name: (example, dynamic dims); any text before the image, at least one token after it
+        INPUTS_EMBEDS: (torch.zeros(EXAMPLE_BATCH, example_len, shape.hidden_size, dtype=llava.dtype),
+                        {0: batch, 1: Dim(SEQ_DIM, min=fewest + 1, max=max_seq)}),
+        IMAGE_STARTS: (torch.full((EXAMPLE_BATCH,), image_start), {0: batch}),
+        PAD_LENGTHS: (torch.zeros(EXAMPLE_BATCH, dtype=torch.long), {0: batch}),
+        IMAGE_SCORES: (torch.zeros(EXAMPLE_BATCH, example_n), visual),
+        VISUAL_MASK: (torch.ones(EXAMPLE_BATCH, example_n, dtype=torch.long), visual),
+    }
+    inputs, outputs = recipe_io_names("prefill", recipe)
+    module = _ByName(PrunedLlamaPrefill(llava, recipe, image_start, kernels), inputs)
+    _export(module, tuple(examples[name][0] for name in inputs), out, opset, inputs, outputs,
+            [tuple(examples[name][1] for name in inputs)])  # one entry: the forward's *tensors
+
+
+class _ByName(nn.Module):
+    """The module called with the graph's inputs by name (the forward's parameters carry the tensors' names),
+    so a graph can take any subset of the optional inputs without None placeholders, which cost torch.export
+    the dims' names."""
+
+    def __init__(self, module: nn.Module, names: list[str]):
+        super().__init__()
+        self.module, self.names = module, list(names)
+
+    def forward(self, *tensors: torch.Tensor):
+        return self.module(**dict(zip(self.names, tensors)))
 
 
 def export_decode(llava: nn.Module, recipe: Recipe, image_start: int, max_seq: int, out: Path, opset: int,

@@ -1,6 +1,8 @@
 """TensorRT-readiness lint for exported graphs (deploy_constraints.md §3): what can be checked without TensorRT.
 
-Rules: the ONNX full check passes; only standard domains; every TopK has a constant K <= 3840 and sorted=1;
+Rules: the ONNX full check passes; only standard domains; every TopK has sorted=1 and a constant K <= 3840, or a K
+computed from shapes alone (a shape tensor, which TensorRT takes: a LLaVA-NeXT `ratio` recipe's K is a fraction of
+the image's N, at most 2928);
 no op with a data-dependent output shape (NonZero and friends); no Scatter / ScatterElements / ScatterND writes
 into BOOL data (TensorRT's scatter takes int8/int32/int64/float16/float32/bfloat16 only; dtypes come from ONNX
 shape inference, and an unknown dtype is no violation); KV stages have distinct dim names; a graph over 2 GB keeps
@@ -54,8 +56,9 @@ def lint_onnx(path: Path, kv_stage_of_layer: list[int] | None = None,
     model = onnx.load(str(path), load_external_data=False)
     constants = _constant_values(model.graph)
     dtypes = _element_types(model)
+    from_shapes = _shape_computed(model.graph, constants)
     for node in model.graph.node:
-        violations += _node_violations(name, node, constants, dtypes)
+        violations += _node_violations(name, node, constants, dtypes, from_shapes)
     if kv_stage_of_layer is not None:
         violations += _kv_dim_violations(name, model.graph, kv_stage_of_layer)
     if unfused_attention_allowed is not None:
@@ -74,7 +77,17 @@ def _full_check(path: Path) -> list[Violation]:
         return [Violation(path.name, "onnx-checker", str(e).splitlines()[0])]
 
 
-def _node_violations(graph: str, node: onnx.NodeProto, constants: dict, dtypes: dict[str, int]) -> list[Violation]:
+def _shape_computed(graph: onnx.GraphProto, constants: dict) -> set[str]:
+    """Tensors computed from Shape outputs and constants alone (nodes come in topological order)."""
+    known = set(constants)
+    for node in graph.node:
+        if node.op_type == "Shape" or all(i in known for i in node.input if i):
+            known.update(node.output)
+    return known
+
+
+def _node_violations(graph: str, node: onnx.NodeProto, constants: dict, dtypes: dict[str, int],
+                     from_shapes: set[str] = frozenset()) -> list[Violation]:
     where = f"node {node.name or node.op_type}"
     found = []
     if node.domain not in STANDARD_DOMAINS:
@@ -82,7 +95,7 @@ def _node_violations(graph: str, node: onnx.NodeProto, constants: dict, dtypes: 
     if node.op_type in DATA_DEPENDENT_OPS:
         found.append(Violation(graph, "static-shapes", f"{where} is {node.op_type}: its output shape depends on data"))
     if node.op_type == "TopK":
-        found += _topk_violations(graph, node, constants, where)
+        found += _topk_violations(graph, node, constants, where, from_shapes)
     if node.op_type in SCATTER_OPS and dtypes.get(node.input[0]) == onnx.TensorProto.BOOL:
         found.append(Violation(graph, "scatter-bool-data", f"{where} is {node.op_type} into BOOL data "
                                                             f"{node.input[0]!r}; TensorRT's scatter has no bool: "
@@ -90,14 +103,17 @@ def _node_violations(graph: str, node: onnx.NodeProto, constants: dict, dtypes: 
     return found
 
 
-def _topk_violations(graph: str, node: onnx.NodeProto, constants: dict, where: str) -> list[Violation]:
+def _topk_violations(graph: str, node: onnx.NodeProto, constants: dict, where: str,
+                     from_shapes: set[str]) -> list[Violation]:
     found = []
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     if attrs.get("sorted", 1) != 1:
         found.append(Violation(graph, "topk-sorted", f"{where} has sorted=0; TensorRT needs sorted=1"))
     k = constants.get(node.input[1]) if len(node.input) > 1 else None
-    if k is None:
-        found.append(Violation(graph, "topk-constant-k", f"{where} takes K from a computed tensor"))
+    if k is None and node.input[1] not in from_shapes:
+        found.append(Violation(graph, "topk-constant-k", f"{where} takes K from data, not from constants or shapes"))
+    elif k is None:
+        pass  # a shape tensor: TensorRT checks K <= 3840 at run time
     elif int(k.reshape(-1)[0]) > TOPK_MAX_K:
         found.append(Violation(graph, "topk-k-limit", f"{where} has K={int(k.reshape(-1)[0])} > {TOPK_MAX_K}"))
     return found

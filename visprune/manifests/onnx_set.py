@@ -144,13 +144,17 @@ class OnnxSetManifest(Strict):
     @field_validator("language_model", mode="before")
     @classmethod
     def _shape_from_dict(cls, value: Any) -> Any:
-        """The FLOPs model's own dataclass, from a dict of exactly its fields, each a positive integer."""
+        """The FLOPs model's own dataclass, from a dict of exactly its fields, each a positive integer
+        (`visual_token_range`: null, or [fewest, most] for LLaVA-NeXT)."""
         fields = LanguageModelShape.__dataclass_fields__
         if not isinstance(value, dict):
             return value
-        if set(value) != set(fields) or not all(type(v) is int and v >= 1 for v in value.values()):
+        counts = {k: v for k, v in value.items() if k != "visual_token_range"}
+        span = value.get("visual_token_range")
+        if set(value) != set(fields) or not all(type(v) is int and v >= 1 for v in counts.values()) or not (
+                span is None or _is_range(span)):
             raise ValueError(f"must hold exactly {', '.join(fields)}, each a positive integer")
-        return LanguageModelShape(**value)
+        return LanguageModelShape(**counts, visual_token_range=None if span is None else tuple(span))
 
     @model_validator(mode="after")
     def _parts_agree(self) -> "OnnxSetManifest":
@@ -187,6 +191,11 @@ def recipe_io_names(graph: str, recipe: Any) -> tuple[list[str], list[str]]:
     """`graph_io_names` for a recipe (a Recipe or a RecipeSummary): its counts and its method's vision score."""
     return graph_io_names(graph, list(recipe.removed), recipe.removed_before_llm, method(recipe.method).vision_score,
                           recipe.budget_policy != "fixed")
+
+
+def _is_range(span: Any) -> bool:
+    return (isinstance(span, (list, tuple)) and len(span) == 2 and all(type(v) is int and v >= 1 for v in span)
+            and span[0] <= span[1])
 
 
 def kv_stages_of(removed: list[int]) -> list[int]:
