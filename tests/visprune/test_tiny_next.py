@@ -125,3 +125,20 @@ def test_host_packing_reproduces_the_models_packed_features(tiny_next):
     host = pack_tile_features(tiles, layout, model.image_newline.detach().numpy())
     np.testing.assert_allclose(host, packed.numpy(), rtol=0, atol=1e-6)
     assert host.shape == (2182, 64)
+
+
+def test_onnx_set_manifest_keeps_llava_1_5_shapes_as_before_and_round_trips_the_range():
+    from visprune.manifests.onnx_set import OnnxSetManifest
+
+    validate = OnnxSetManifest._shape_from_dict
+    old = LanguageModelShape.from_config(llava_1_5_7b_config())
+    counts = {k: getattr(old, k) for k in ("num_layers", "hidden_size", "intermediate_size", "num_heads",
+                                           "num_kv_heads", "num_visual_tokens")}
+    assert validate(dict(counts)) == old  # manifests written before the field existed
+    assert validate({**counts, "visual_token_range": [648, 2928]}).visual_token_range == (648, 2928)
+    for bad in ([2928, 648], [0, 5], "x", [1, 2, 3]):
+        with pytest.raises(ValueError, match="visual_token_range"):
+            validate({**counts, "visual_token_range": bad})
+    serialize = OnnxSetManifest._shape_to_dict
+    assert serialize(None, old) == counts  # no new key in LLaVA-1.5 manifests: their bytes are unchanged
+    assert serialize(None, validate({**counts, "visual_token_range": [648, 2928]}))["visual_token_range"] == [648, 2928]

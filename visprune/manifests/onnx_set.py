@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_serializer, field_validator, model_validator
 
 from visprune.backends import EXPORT_TARGETS
 from visprune.dtypes import DTYPES
@@ -108,6 +108,19 @@ class Embeddings(Strict):
 
 
 
+_RANGE = "visual_token_range"
+_SHAPE_COUNTS = tuple(name for name in LanguageModelShape.__dataclass_fields__ if name != _RANGE)
+
+
+def _token_range(value: Any) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(type(v) is int for v in value)
+            and 1 <= value[0] <= value[1]):
+        raise ValueError(f"{_RANGE} must be [min_N, max_N] with 1 <= min_N <= max_N")
+    return int(value[0]), int(value[1])
+
+
 class OnnxSetManifest(Strict):
     schema_: Literal[SCHEMA.name] = Field(SCHEMA.name, alias="schema")
     schema_version: Literal[SCHEMA.version] = SCHEMA.version
@@ -130,13 +143,25 @@ class OnnxSetManifest(Strict):
     @field_validator("language_model", mode="before")
     @classmethod
     def _shape_from_dict(cls, value: Any) -> Any:
-        """The FLOPs model's own dataclass, from a dict of exactly its fields, each a positive integer."""
-        fields = LanguageModelShape.__dataclass_fields__
+        """The FLOPs model's own dataclass, from a dict of exactly its fields, each a positive integer; the
+        LLaVA-NeXT-only `visual_token_range` ([min_N, max_N]) may be absent (LLaVA-1.5 manifests omit it)."""
         if not isinstance(value, dict):
             return value
-        if set(value) != set(fields) or not all(type(v) is int and v >= 1 for v in value.values()):
-            raise ValueError(f"must hold exactly {', '.join(fields)}, each a positive integer")
-        return LanguageModelShape(**value)
+        counts = {k: v for k, v in value.items() if k != _RANGE}
+        if set(counts) != set(_SHAPE_COUNTS) or not all(type(v) is int and v >= 1 for v in counts.values()):
+            raise ValueError(f"must hold exactly {', '.join(_SHAPE_COUNTS)}, each a positive integer, "
+                             f"and optionally {_RANGE}")
+        return LanguageModelShape(**counts, visual_token_range=_token_range(value.get(_RANGE)))
+
+    @field_serializer("language_model")
+    def _shape_to_dict(self, shape: LanguageModelShape) -> dict[str, Any]:
+        """LLaVA-1.5 manifests stay as they were: `visual_token_range` is written only for NeXT."""
+        body = {name: getattr(shape, name) for name in LanguageModelShape.__dataclass_fields__}
+        if body[_RANGE] is None:
+            del body[_RANGE]
+        else:
+            body[_RANGE] = list(body[_RANGE])
+        return body
 
     @model_validator(mode="after")
     def _parts_agree(self) -> "OnnxSetManifest":
