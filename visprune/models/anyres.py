@@ -217,11 +217,12 @@ def _checked_tiles(values: np.ndarray, layout: AnyresLayout, ndim: int) -> np.nd
 def visual_count_range(config: Any) -> tuple[int, int]:
     """(min_N, max_N) over every image size accepted here (1..8192 px a side, at most 64 Mpx).
 
-    A bounded enumeration (~55k sizes, ~0.15 s, cached per geometry), exact for the extremes that matter:
-    N only depends on the chosen pinpoint and the unpadded grid, whose thin axis bottoms out for strips; sides
-    are dense from 1 to 64 px (where those strips live), every pinpoint side +-1, then geometric in 3 % steps to
-    8192. For max_N that is exact: no image exceeds its pinpoint's full grid, and an image of a pinpoint's own
-    size fills that grid (it is enumerated), so max_N is the largest full-grid count (2928 at v1.6).
+    A bounded enumeration (~55k sizes, ~0.15 s, cached per geometry). N only depends on the chosen pinpoint and
+    the unpadded grid, whose thin axis bottoms out for strips, so sides are dense from 1 to 64 px (where those
+    strips live), every pinpoint side +-1, then geometric in 3 % steps to 8192. min_N is the smallest count over
+    that set (at v1.6: 648, a 9x1 px image; tests/visprune/test_anyres.py finds nothing lower among 3000 random
+    sizes). max_N is exact: no image exceeds its pinpoint's full grid, and an image of a pinpoint's own size fills
+    that grid (it is enumerated), so max_N is the largest full-grid count (2928 at v1.6).
     """
     return _count_range(*_config_geometry(config))
 
