@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_serializer, field_validator, model_validator
 
 from visprune.backends import EXPORT_TARGETS
 from visprune.dtypes import DTYPES
@@ -109,6 +109,19 @@ class Embeddings(Strict):
 
 
 
+_RANGE = "visual_token_range"
+_SHAPE_COUNTS = tuple(name for name in LanguageModelShape.__dataclass_fields__ if name != _RANGE)
+
+
+def _token_range(value: Any) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(type(v) is int for v in value)
+            and 1 <= value[0] <= value[1]):
+        raise ValueError(f"{_RANGE} must be [min_N, max_N] with 1 <= min_N <= max_N")
+    return int(value[0]), int(value[1])
+
+
 ANYRES_NEWLINE_FILE = "image_newline.npy"  # LLaVA-NeXT: the row-end embedding the host packs after each grid row
 
 
@@ -144,17 +157,25 @@ class OnnxSetManifest(Strict):
     @field_validator("language_model", mode="before")
     @classmethod
     def _shape_from_dict(cls, value: Any) -> Any:
-        """The FLOPs model's own dataclass, from a dict of exactly its fields, each a positive integer
-        (`visual_token_range`: null, or [fewest, most] for LLaVA-NeXT)."""
-        fields = LanguageModelShape.__dataclass_fields__
+        """The FLOPs model's own dataclass, from a dict of exactly its fields, each a positive integer; the
+        LLaVA-NeXT-only `visual_token_range` ([min_N, max_N]) may be absent (LLaVA-1.5 manifests omit it)."""
         if not isinstance(value, dict):
             return value
-        counts = {k: v for k, v in value.items() if k != "visual_token_range"}
-        span = value.get("visual_token_range")
-        if set(value) != set(fields) or not all(type(v) is int and v >= 1 for v in counts.values()) or not (
-                span is None or _is_range(span)):
-            raise ValueError(f"must hold exactly {', '.join(fields)}, each a positive integer")
-        return LanguageModelShape(**counts, visual_token_range=None if span is None else tuple(span))
+        counts = {k: v for k, v in value.items() if k != _RANGE}
+        if set(counts) != set(_SHAPE_COUNTS) or not all(type(v) is int and v >= 1 for v in counts.values()):
+            raise ValueError(f"must hold exactly {', '.join(_SHAPE_COUNTS)}, each a positive integer, "
+                             f"and optionally {_RANGE}")
+        return LanguageModelShape(**counts, visual_token_range=_token_range(value.get(_RANGE)))
+
+    @field_serializer("language_model")
+    def _shape_to_dict(self, shape: LanguageModelShape) -> dict[str, Any]:
+        """LLaVA-1.5 manifests stay as they were: `visual_token_range` is written only for NeXT."""
+        body = {name: getattr(shape, name) for name in LanguageModelShape.__dataclass_fields__}
+        if body[_RANGE] is None:
+            del body[_RANGE]
+        else:
+            body[_RANGE] = list(body[_RANGE])
+        return body
 
     @model_validator(mode="after")
     def _parts_agree(self) -> "OnnxSetManifest":
@@ -191,11 +212,6 @@ def recipe_io_names(graph: str, recipe: Any) -> tuple[list[str], list[str]]:
     """`graph_io_names` for a recipe (a Recipe or a RecipeSummary): its counts and its method's vision score."""
     return graph_io_names(graph, list(recipe.removed), recipe.removed_before_llm, method(recipe.method).vision_score,
                           recipe.budget_policy != "fixed")
-
-
-def _is_range(span: Any) -> bool:
-    return (isinstance(span, (list, tuple)) and len(span) == 2 and all(type(v) is int and v >= 1 for v in span)
-            and span[0] <= span[1])
 
 
 def kv_stages_of(removed: list[int]) -> list[int]:

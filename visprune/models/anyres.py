@@ -23,9 +23,10 @@ from visprune.errors import ConfigError, ImageLoadError
 
 # Larger images gain nothing (the largest v1.6 pinpoint is 1008 px; everything is downscaled to it) but cost:
 # the image processor converts the whole image to float32 before resizing (64 Mpx * 3 * 4 B = 768 MB), and PIL
-# itself calls ~89 Mpx a decompression bomb. 8192 px per side also bounds the strips the enumeration below covers.
+# itself calls ~89 Mpx a decompression bomb. 8192 px per side also bounds the strips the enumeration below covers;
+# the area limit (decimal, so below 8192^2) is what stops near-square giants.
 MAX_IMAGE_SIDE = 8192
-MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+MAX_IMAGE_PIXELS = 64_000_000
 
 Box = tuple[int, int, int, int]
 
@@ -154,7 +155,7 @@ def _checked_image_size(image_size: Sequence[int]) -> tuple[int, int]:
     if max(height, width) > MAX_IMAGE_SIDE or height * width > MAX_IMAGE_PIXELS:
         raise ImageLoadError(
             f"An image of {height}x{width} px (HxW) is too large (limits: {MAX_IMAGE_SIDE} px a side, "
-            f"{MAX_IMAGE_PIXELS // (1024 * 1024)} Mpx); LLaVA-NeXT downscales everything to at most 1008 px anyway.",
+            f"{MAX_IMAGE_PIXELS // 1_000_000} Mpx); LLaVA-NeXT downscales everything to at most 1008 px anyway.",
             f"Downscale the image to at most {MAX_IMAGE_SIDE} px on its longer side first.",
         )
     return height, width
@@ -206,8 +207,8 @@ def _checked_tiles(values: np.ndarray, layout: AnyresLayout, ndim: int) -> np.nd
     expected = (layout.num_views, layout.base_tokens)
     if values.ndim != ndim or values.shape[:2] != expected:
         # The processor pads pixel_values to the batch's largest view count: slice [:num_views] first.
-        raise ValueError(f"tile values of shape {values.shape}, expected {expected}{' + (D,)' * (ndim == 3)} "
-                         f"for the {layout.grid} grid")
+        raise ValueError(f"tile values of shape {values.shape}, expected (num_views, base_tokens) = {expected}"
+                         f"{' + (D,)' * (ndim == 3)} for the {layout.grid} grid")
     return values
 
 
@@ -216,11 +217,12 @@ def _checked_tiles(values: np.ndarray, layout: AnyresLayout, ndim: int) -> np.nd
 def visual_count_range(config: Any) -> tuple[int, int]:
     """(min_N, max_N) over every image size accepted here (1..8192 px a side, at most 64 Mpx).
 
-    A bounded enumeration (~55k sizes, ~0.15 s, cached per geometry), exact for the extremes that matter:
-    N only depends on the chosen pinpoint and the unpadded grid, whose thin axis bottoms out for strips; sides
-    are dense from 1 to 64 px (where those strips live), every pinpoint side +-1, then geometric in 3 % steps to
-    8192. For max_N that is exact: no image exceeds its pinpoint's full grid, and an image of a pinpoint's own
-    size fills that grid (it is enumerated), so max_N is the largest full-grid count (2928 at v1.6).
+    A bounded enumeration (~55k sizes, ~0.15 s, cached per geometry). N only depends on the chosen pinpoint and
+    the unpadded grid, whose thin axis bottoms out for strips, so sides are dense from 1 to 64 px (where those
+    strips live), every pinpoint side +-1, then geometric in 3 % steps to 8192. min_N is the smallest count over
+    that set (at v1.6: 648, a 9x1 px image; tests/visprune/test_anyres.py finds nothing lower among 3000 random
+    sizes). max_N is exact: no image exceeds its pinpoint's full grid, and an image of a pinpoint's own size fills
+    that grid (it is enumerated), so max_N is the largest full-grid count (2928 at v1.6).
     """
     return _count_range(*_config_geometry(config))
 

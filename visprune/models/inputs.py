@@ -77,13 +77,15 @@ def check_single_image_placeholder(prompt: str) -> None:
 
 @dataclass
 class EncodedPrompt:
-    """One tokenized sample. Shapes: input_ids [1, S], pixel_values [1, 3, H, W]; image occupies
-    positions [image_start, image_start + num_visual) of the sequence."""
+    """One tokenized sample. Shapes: input_ids [1, S], pixel_values [1, 3, H, W] (LLaVA-NeXT: [1, V, 3, H, W],
+    V views = base + tiles, with image_sizes [1, 2] = the original (H, W)); image occupies positions
+    [image_start, image_start + num_visual) of the sequence."""
 
     input_ids: torch.Tensor
     pixel_values: torch.Tensor
     image_start: int
     num_visual: int
+    image_sizes: torch.Tensor | None = None  # LLaVA-NeXT only: the model needs it to unpad the tile grid
 
     @property
     def seq_len(self) -> int:
@@ -96,7 +98,8 @@ def encode_image_prompt(processor: Any, image: Any, prompt: str, image_token_id:
     batch = processor(images=image, text=prompt, return_tensors="pt")
     input_ids = batch["input_ids"]
     start, count = image_span(input_ids[0], image_token_id)
-    return EncodedPrompt(input_ids=input_ids, pixel_values=batch["pixel_values"], image_start=start, num_visual=count)
+    return EncodedPrompt(input_ids=input_ids, pixel_values=batch["pixel_values"], image_start=start, num_visual=count,
+                         image_sizes=batch.get("image_sizes"))
 
 
 def image_span(input_ids: Any, image_token_id: int) -> tuple[int, int]:
