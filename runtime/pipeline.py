@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,11 +25,12 @@ import numpy as np
 
 from engines.profiles import check_request_fits
 from runtime.generation import GREEDY, Sampling, iterate_tokens
-from runtime.runner_api import RowLayout, Runner
+from runtime.runner_api import RowLayout, Runner, VisionOutput
 from runtime.runners import open_runner
 from visprune.dtypes import host_dtype
 from visprune.errors import ConfigError, ImageLoadError, PromptError
 from visprune.manifests.engine_set import EngineManifest, read_engine_set
+from visprune.models.anyres import AnyresLayout, anyres_layout, pack_tile_features, pack_tile_scores
 from visprune.models.inputs import check_single_image_placeholder, image_span, load_image
 
 
@@ -64,8 +65,13 @@ class EncodedRequest:
 
     request: Request
     input_ids: np.ndarray
-    pixel_values: np.ndarray
+    pixel_values: np.ndarray  # LLaVA-NeXT: [V, 3, H, W], the base view and the crops
     image_start: int
+    anyres: AnyresLayout | None = None  # LLaVA-NeXT: how the views pack into the image's N tokens
+
+    @property
+    def num_visual(self) -> int | None:
+        return None if self.anyres is None else self.anyres.num_visual
 
 
 @dataclass
@@ -86,8 +92,9 @@ class Pipeline:
     batches. Not thread-safe: one call at a time (a server serializes them)."""
 
     def __init__(self, engine_dir: Path, manifest: EngineManifest, runner: Runner, embeddings: np.ndarray,
-                 processor: Any):
+                 processor: Any, image_newline: np.ndarray | None = None):
         self.engine_dir = Path(engine_dir)
+        self.anyres, self.image_newline = manifest.onnx_set.anyres, image_newline  # LLaVA-NeXT: [D]
         self.manifest = manifest
         self.runner = runner
         self.embeddings = embeddings  # [V, D]
@@ -110,11 +117,13 @@ class Pipeline:
         ENGINE_OPENS[str(engine_dir.resolve())] += 1
         embeddings = np.load(engine_dir / "embed_tokens.npy")
         processor = AutoProcessor.from_pretrained(engine_dir / "processor")
-        return cls(engine_dir, manifest, runner, embeddings, processor)
+        anyres = manifest.onnx_set.anyres
+        newline = np.load(engine_dir / anyres.image_newline) if anyres else None
+        return cls(engine_dir, manifest, runner, embeddings, processor, newline)
 
     def with_runner(self, runner: Runner) -> "Pipeline":
         """The same prompt handling over another runner (e.g. the PyTorch reference of this engine)."""
-        return Pipeline(self.engine_dir, self.manifest, runner, self.embeddings, self.processor)
+        return Pipeline(self.engine_dir, self.manifest, runner, self.embeddings, self.processor, self.image_newline)
 
     def chat_prompt(self, question: str) -> str:
         from visprune.models.inputs import chat_prompt
@@ -136,14 +145,24 @@ class Pipeline:
 
     def _encode(self, image: Any, prompt: str, request: Request | None = None) -> EncodedRequest:
         check_single_image_placeholder(prompt)
-        batch = self.processor(images=_as_image(image), text=prompt, return_tensors="np")
+        image = _as_image(image)
+        layout = self._anyres_layout(image) if self.anyres else None  # a bad size fails before the processor
+        batch = self.processor(images=image, text=prompt, return_tensors="np")
         input_ids = batch["input_ids"][0].astype(np.int64)
         start, count = image_span(input_ids, self.image_token_id)
-        if count != self.num_visual:
-            raise PromptError(f"The prompt's image became {count} tokens; this engine takes {self.num_visual}.",
+        expected = layout.num_visual if layout else self.num_visual
+        if count != expected:
+            raise PromptError(f"The prompt's image became {count} tokens; this engine takes {expected}.",
                               "Use the processor saved with the engine (its image size and patch size).")
-        return EncodedRequest(request or Request(image, prompt), input_ids,
-                              batch["pixel_values"][0].astype(self.host_dtype), start)
+        pixels = batch["pixel_values"][0][:layout.num_views] if layout else batch["pixel_values"][0]
+        return EncodedRequest(request or Request(image, prompt), input_ids, pixels.astype(self.host_dtype), start,
+                              layout)
+
+    def _anyres_layout(self, image: Any) -> AnyresLayout:
+        """LLaVA-NeXT: the image's views and N from its size (visprune/models/anyres.py)."""
+        width, height = image.size
+        return anyres_layout((height, width), self.anyres.image_grid_pinpoints,
+                             self.processor.image_processor.crop_size["height"], self.processor.patch_size)
 
     def check_request(self, prompt_tokens: int, max_new_tokens: int) -> None:
         """ConfigError for fewer than one new token; PromptError if the request does not fit the export's max_seq
@@ -176,8 +195,12 @@ class Pipeline:
         """Checked requests run as batches of at most `max_batch` rows; each row's result equals what it gives
         alone (greedy: the same tokens; fp32 logits within 1e-4)."""
         size = self.max_batch or len(encoded) or 1
-        return [g for start in range(0, len(encoded), size)
-                for g in self._generate_rows(encoded[start:start + size], keep_logits)]
+        results: dict[int, Generation] = {}
+        for group in _same_visual_count(encoded):  # LLaVA-NeXT: a batch's rows share N (one graph shape)
+            for start in range(0, len(group), size):
+                rows = group[start:start + size]
+                results.update(zip(rows, self._generate_rows([encoded[i] for i in rows], keep_logits)))
+        return [results[i] for i in range(len(encoded))]
 
     def stream(self, image: Any, prompt: str, max_new_tokens: int = 32, sampling: Sampling = GREEDY,
                stop: tuple[str, ...] = (), timings: dict[str, float] | None = None) -> Iterator[str]:
@@ -219,15 +242,30 @@ class Pipeline:
         layout = RowLayout.of_rows([len(e.input_ids) for e in encoded], [e.image_start for e in encoded])
         timings: dict[str, float] = {"padded_tokens": max(len(e.input_ids) for e in encoded), "batch": len(encoded)}
         start = time.perf_counter()
-        vision = self.runner.image_features(np.stack([e.pixel_values for e in encoded]))
+        vision = self._image_features(encoded)
         timings["vision_s"] = time.perf_counter() - start
         prefill_start = time.perf_counter()
+        if self.anyres:
+            layout = replace(layout, visual_mask=np.ones(vision.features.shape[:2], dtype=np.int64))
         embeds = self.embed_rows([e.input_ids for e in encoded], vision.features, layout)
         first = self.runner.prefill(embeds, layout, vision.scores)
         timings["prefill_s"] = time.perf_counter() - prefill_start
         timings["ttft_s"] = time.perf_counter() - start
         timings["kv_bytes"] = self.runner.kv_bytes(first.past)
         return first, layout, timings
+
+    def _image_features(self, encoded: list[EncodedRequest]) -> VisionOutput:
+        """[B, N, D] features (and scores) of the rows' images. LLaVA-NeXT: every row's views go through the
+        vision graph as one batch; each row's are then packed (unpad, a newline per grid row) on the host."""
+        if not self.anyres:
+            return self.runner.image_features(np.stack([e.pixel_values for e in encoded]))
+        out = self.runner.image_features(np.concatenate([e.pixel_values for e in encoded]))
+        ends = np.cumsum([e.anyres.num_views for e in encoded])[:-1]
+        features = [pack_tile_features(f, e.anyres, self.image_newline)
+                    for f, e in zip(np.split(out.features, ends), encoded)]
+        scores = None if out.scores is None else np.stack(  # newlines score 0: below every [CLS] attention
+            [pack_tile_scores(s, e.anyres, 0.0) for s, e in zip(np.split(out.scores, ends), encoded)])
+        return VisionOutput(np.stack(features).astype(self.host_dtype), scores)
 
     def _tokens(self, first, layout: RowLayout, encoded: list[EncodedRequest], forced: list[int] | None = None,
                 ended=None):
@@ -254,7 +292,7 @@ class Pipeline:
         embeds = np.zeros((len(rows), seq, self.embeddings.shape[1]), dtype=self.host_dtype)
         for b, (ids, pad, start) in enumerate(zip(rows, layout.pad_lengths, layout.image_starts)):
             embeds[b, pad:] = self.embeddings[ids]
-            embeds[b, start:start + self.num_visual] = image_features[b]
+            embeds[b, start:start + image_features.shape[1]] = image_features[b]
         return embeds
 
 
@@ -301,6 +339,14 @@ class EngineStep:
         embeds = self.pipe.embeddings[tokens[:, None]].astype(self.pipe.host_dtype)
         logits, self.past = self.pipe.runner.decode(embeds, self.prompt_lengths + index, self.layout, self.past)
         return logits
+
+
+def _same_visual_count(encoded: list[EncodedRequest]) -> list[list[int]]:
+    """Indices of the requests grouped by their image's N, in order of first appearance (LLaVA-1.5: one group)."""
+    groups: dict[int | None, list[int]] = {}
+    for i, e in enumerate(encoded):
+        groups.setdefault(e.num_visual, []).append(i)
+    return list(groups.values())
 
 
 def _row_kept(kept: dict[int, np.ndarray], row: int) -> dict[int, list[int]]:
