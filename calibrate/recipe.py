@@ -126,6 +126,11 @@ def check_recipe(recipe: Recipe, source: str = "recipe") -> None:
                           f"{recipe.method}`.")
     if not recipe.removed:
         raise RecipeError(f"{source}: 'removed' is empty.", RECIPE_HINT)
+    if recipe.budget_policy == "ratio" and spec.constant_keep and recipe.total_removed:
+        raise RecipeError(f"{source}: {recipe.method}'s selection needs a constant kept count, which a 'ratio' budget "
+                          "(K a fraction of each image's N) does not give.",
+                          f"Use budget_policy 'absolute' (`visprune calibrate --method {recipe.method} "
+                          "--budget-policy absolute`).")
     if spec.cuts_after_layer and recipe.removed[-1]:
         raise RecipeError(f"{source}: {recipe.method} cannot prune at the last layer: its selection reads the next "
                           "layer's keys.", "Move the count to an earlier layer.")
@@ -168,7 +173,8 @@ def check_image_fits(recipe: Recipe, n: int) -> None:
 
 def unpruned_recipe(shape: LanguageModelShape) -> Recipe:
     """The recipe that removes nothing: the unpruned baseline goes through the same export code."""
-    return Recipe(method="none", num_visual_tokens=shape.num_visual_tokens, removed=[0] * shape.num_layers)
+    return Recipe(method="none", num_visual_tokens=shape.num_visual_tokens, removed=[0] * shape.num_layers,
+                  budget_policy="ratio" if shape.anyres else "fixed")  # NeXT: N per image, nothing removed
 
 
 def load_recipe(path: Path) -> Recipe:
@@ -212,6 +218,10 @@ def check_recipe_fits(recipe: Recipe, shape: LanguageModelShape, fingerprint: st
 
 def _check_policy_fits(recipe: Recipe, shape: LanguageModelShape) -> None:
     """A LLaVA-1.5 recipe (`fixed`: one N) cannot meet NeXT's per-image N, nor a NeXT recipe a fixed-N model."""
+    if shape.anyres and recipe.method == "adaptprune":
+        raise RecipeError("AdaptPrune on LLaVA-NeXT is not supported yet: its centre prior and grid suppression "
+                          "need the base view and the unpadded grid as two 2-D maps.",
+                          "Use another --method (fitprune, fastv, dart, divprune, visionzip, random) on NeXT.")
     if shape.anyres and recipe.budget_policy == "fixed":
         raise RecipeError(
             f"The recipe is a LLaVA-1.5 recipe (budget_policy 'fixed', {recipe.num_visual_tokens} visual tokens); "

@@ -68,8 +68,11 @@ class LayerAttention:
 
 def embed_samples(model: Any, prompts: list[EncodedPrompt]) -> list[SampleState]:
     """Initial states: text embeddings with the projected image features spliced in, as LLaVA's forward does."""
-    pixel_values = torch.cat([p.pixel_values for p in prompts]).to(model.device, model.dtype)
-    features = image_features(model, pixel_values)  # [B, N, D]
+    if prompts and prompts[0].image_sizes is not None:  # LLaVA-NeXT: N per image, so one image at a time
+        features = [image_features(model, p.pixel_values.to(model.device, model.dtype), p.image_sizes)[0]
+                    for p in prompts]
+    else:
+        features = image_features(model, torch.cat([p.pixel_values for p in prompts]).to(model.device, model.dtype))
     embed = model.get_input_embeddings()
     states = []
     for prompt, feats in zip(prompts, features):
@@ -89,11 +92,13 @@ def embed_samples(model: Any, prompts: list[EncodedPrompt]) -> list[SampleState]
     return states
 
 
-def image_features(model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Projected image features [B, N, D] at the config's feature layer and selection strategy."""
+def image_features(model: Any, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
+    """Projected image features [B, N, D] at the config's feature layer and selection strategy (LLaVA-NeXT: with
+    `image_sizes`, packed: base view, unpadded grid, newlines)."""
     config = model.config
+    sizes = {} if image_sizes is None else {"image_sizes": image_sizes}
     out = model.model.get_image_features(
-        pixel_values=pixel_values,
+        pixel_values=pixel_values, **sizes,
         vision_feature_layer=config.vision_feature_layer,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
     )

@@ -16,6 +16,7 @@ being recomputed (the "trunk").
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -108,12 +109,20 @@ class RecipeSearch:
             if visual_flops(self.shape, recipe) <= budget:
                 break
             removed = self._prune_layer(layer, states, alpha)
-            recipe.append(math.floor(sum(len(r) for r in removed) / self.num_samples))
+            recipe.append(self._mean_count(removed))
             if progress:
                 progress(1)
         recipe += [0] * (self.shape.num_layers - len(recipe))
         return AlphaOutcome(alpha=alpha, feasible=visual_flops(self.shape, recipe) <= budget,
                             recipe_removed=recipe, visual_reduction=visual_flops_reduction(self.shape, recipe))
+
+    def _mean_count(self, removed: list[torch.Tensor]) -> int:
+        """The samples' mean deletion count at one layer, each scaled to the nominal N (LLaVA-NeXT: each image has
+        its own N, and a `ratio` recipe scales the counts back per image); exact rationals, so a LLaVA-1.5 count is
+        floor(sum / samples) as always."""
+        nominal = self.shape.num_visual_tokens
+        scaled = sum(Fraction(len(r) * nominal, state.num_visual) for r, state in zip(removed, self.trunk.inputs))
+        return math.floor(scaled / self.num_samples)
 
     def _prune_layer(self, layer: int, states: list[SampleState | None], alpha: float) -> list[torch.Tensor]:
         """Decide and apply one layer's deletions for every sample; updates `states` in place."""

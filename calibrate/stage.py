@@ -17,7 +17,7 @@ from calibrate.baselines import counts_recipe, one_layer_recipe, pre_llm_recipe
 from calibrate.config import CalibrationConfig
 from calibrate.data import CalibrationSet, default_set_for, read_calibration_jsonl, select_samples
 from calibrate.plots import plot_tokens_per_layer
-from calibrate.recipe import Recipe, achieved_reductions, save_recipe
+from calibrate.recipe import Recipe, achieved_reductions, check_recipe, save_recipe
 from calibrate.replay import DecoderReplay, SampleState, embed_samples
 from calibrate.search import RecipeSearch, SearchResult
 from visprune.artifacts import to_pretty_json, tool_versions
@@ -162,6 +162,8 @@ def _with_provenance(recipe: Recipe, config: CalibrationConfig, bundle: LlavaBun
     recipe.calibration = {"description": dataset.description, "sha256": dataset.content_hash(),
                           "num_samples": len(states), "mean_text_tokens": round(text_tokens, 3)}
     recipe.seed, recipe.tools = config.seed, tool_versions("torch", "transformers")
+    recipe.budget_policy = config.resolve_budget_policy(bundle.shape.anyres)
+    check_recipe(recipe)  # e.g. a ratio policy for a selection that needs a constant K
     recipe.achieved = achieved_reductions(recipe, bundle.shape, text_tokens)
     return recipe
 

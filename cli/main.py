@@ -226,7 +226,11 @@ def _add_calibrate(p) -> None:
     add_config_flags(p, CalibrationConfig, {
         "model": _model_help("the model to calibrate"),
         "reduction": "fraction of visual-token FLOPs to remove, in (0, 1)",
-        "method": "pruning method (README: Methods); all at the same FLOPs budget"}, required=("reduction",))
+        "method": "pruning method (README: Methods); all at the same FLOPs budget",
+        "budget_policy": "LLaVA-NeXT only: how the counts meet an image's own N: ratio (FitPrune's NeXT scaling) or "
+                         "absolute (the same kept counts for every image) (default: ratio; absolute for dart, "
+                         "divprune, adaptprune, whose selections unroll one step per kept token)"},
+        required=("reduction",))
     p.add_argument("--out", type=Path, required=True, help="recipe path, e.g. runs/demo/recipe.json")
     add_config_flags(p.add_argument_group("calibration data"), CalibrationConfig, {
         "data": "JSONL with one {image, question} per line (default: the model's embedded set)",

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from calibrate.recipe import Recipe, check_recipe_fits, load_recipe, unpruned_recipe
+from calibrate.recipe import Recipe, check_recipe_fits, counts_at, load_recipe, unpruned_recipe
 from exporter.config import ExportConfig
 from exporter.graphs import KERNELS, export_decode, export_prefill, export_vision
 from exporter.lint import lint_onnx
@@ -153,7 +153,7 @@ def _manifest(config: ExportConfig, bundle: LlavaBundle, recipe: Recipe, image_s
         graphs={graph: GraphIO(file=f"{graph}.onnx", **describe_io(folder / f"{graph}.onnx")) for graph in GRAPH_NAMES},
         embeddings=Embeddings(file="embed_tokens.npy", shape=list(bundle.model.get_input_embeddings().weight.shape)),
         processor="processor",
-        anyres=_anyres_layout(bundle),
+        anyres=_anyres_layout(bundle, recipe),
         config=config.to_dict(),
         tools=tool_versions("torch", "transformers", "onnx", "onnxscript"),
         export_seconds=round(seconds, 2),
@@ -161,11 +161,24 @@ def _manifest(config: ExportConfig, bundle: LlavaBundle, recipe: Recipe, image_s
     )
 
 
-def _anyres_layout(bundle: LlavaBundle) -> AnyresLayout | None:
+def _anyres_layout(bundle: LlavaBundle, recipe: Recipe) -> AnyresLayout | None:
     if not bundle.shape.anyres:
         return None
+    fewest, most = bundle.shape.visual_token_range
     return AnyresLayout(image_newline=ANYRES_NEWLINE_FILE, image_grid_pinpoints=bundle.config.image_grid_pinpoints,
-                        visual_token_range=list(bundle.shape.visual_token_range))
+                        visual_token_range=[fewest, most], min_image_tokens=min_image_tokens(recipe, fewest, most))
+
+
+def min_image_tokens(recipe: Recipe, fewest: int, most: int) -> int:
+    """The smallest N in [fewest, most] an image can run this recipe with (calibrate.recipe.check_image_fits);
+    ConfigError if none can."""
+    before, removed = counts_at(recipe, recipe.num_visual_tokens)
+    first = before or next((count for count in removed if count), 0)
+    smallest = max(fewest, recipe.num_visual_tokens - first) if recipe.budget_policy == "absolute" else fewest
+    if smallest > most:
+        raise ConfigError(f"The recipe's absolute budget keeps {smallest} visual tokens at its first cut, more than "
+                          f"any image of this model brings ({most}).", "Lower the kept counts of the recipe.")
+    return smallest
 
 
 def describe_io(path: Path) -> dict[str, list[dict[str, Any]]]:

@@ -161,8 +161,13 @@ class Pipeline:
     def _anyres_layout(self, image: Any) -> AnyresLayout:
         """LLaVA-NeXT: the image's views and N from its size (visprune/models/anyres.py)."""
         width, height = image.size
-        return anyres_layout((height, width), self.anyres.image_grid_pinpoints,
-                             self.processor.image_processor.crop_size["height"], self.processor.patch_size)
+        layout = anyres_layout((height, width), self.anyres.image_grid_pinpoints,
+                               self.processor.image_processor.crop_size["height"], self.processor.patch_size)
+        if layout.num_visual < self.anyres.min_image_tokens:
+            raise PromptError(f"This {width}x{height} image brings {layout.num_visual} visual tokens; the engine's "
+                              f"absolute budget keeps {self.anyres.min_image_tokens} at its first cut.",
+                              "Send a larger image, or use an engine built from a 'ratio' recipe.")
+        return layout
 
     def check_request(self, prompt_tokens: int, max_new_tokens: int) -> None:
         """ConfigError for fewer than one new token; PromptError if the request does not fit the export's max_seq

@@ -43,6 +43,9 @@ class Method:
     vision_score: bool = False  # the selection reads a score the vision graph computes (`image_scores`)
     reads_hidden: bool = False  # an in-LLM selection reads the layer's normalized input (otherwise not computed)
     cut_after: Literal["attention", "layer"] = "attention"  # where the removed tokens leave the pruning layer
+    # the selection unrolls one graph step per kept token (or splits K in Python): K must be a constant, so on
+    # LLaVA-NeXT only an `absolute` budget (calibrate/recipe.py), not a `ratio` one whose K follows N
+    constant_keep: bool = False
     params: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -74,16 +77,17 @@ _ALL = (
            "FitPrune's counts; a fixed seeded random score per image position", needs_seed=True),
     Method("dart", "DART", "one_layer", "dart",
            "one cut after layer 1; keep the tokens least similar to 8 pivots (largest key L1 norm)",
-           params={"pivots": 8}, reads_hidden=True),
+           params={"pivots": 8}, reads_hidden=True, constant_keep=True),
     Method("divprune", "DivPrune", "pre_llm", "divprune",
-           "before the LLM; greedy max-min cosine diversity over the projector's features"),
+           "before the LLM; greedy max-min cosine diversity over the projector's features", constant_keep=True),
     Method("visionzip", "VisionZip (dominant)", "pre_llm", "visionzip",
            "before the LLM; the vision tower's [CLS] attention at the feature layer, heads summed (no merge)",
            vision_score=True),
     Method("adaptprune", "AdaptPrune", "one_layer", "adaptprune",
            "one cut before layer 2; soft NMS over the last token's attention x a centre prior, suppressing "
            "near neighbours on the grid with similar keys", attention_rows="last", cut_after="layer",
-           params={"prior_sigma": 12.0, "distance_limit": 5.0, "distance_sigma": 1.5, "similarity_sigma": 0.05}),
+           params={"prior_sigma": 12.0, "distance_limit": 5.0, "distance_sigma": 1.5, "similarity_sigma": 0.05},
+           constant_keep=True),
     Method("fitprune-self", "FitPrune, self term only", "fitprune_counts", "fitprune_self",
            "FitPrune's counts; score = self-attention term alone", attention_rows="all", ablation=True),
     Method("fitprune-cross", "FitPrune, cross term only", "fitprune_counts", "fitprune_cross",

@@ -132,6 +132,8 @@ class AnyresLayout(Strict):
     image_newline: RelativeFile
     image_grid_pinpoints: list[Annotated[list[PosInt], Field(min_length=2, max_length=2)]]  # [H, W] each
     visual_token_range: Annotated[list[PosInt], Field(min_length=2, max_length=2)]  # [fewest, most] N per image
+    # the fewest an image may bring for this recipe: more than its first cut keeps under an `absolute` budget
+    min_image_tokens: PosInt
 
 
 class OnnxSetManifest(Strict):
