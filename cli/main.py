@@ -217,7 +217,7 @@ def _say(args, text: str) -> None:
 
 
 def _model_help(what: str) -> str:
-    return f"{what}: 'tiny', 'tiny-vqa' (embedded) or a local llava-hf checkpoint folder"
+    return f"{what}: 'tiny', 'tiny-vqa', 'tiny-next' (embedded) or a local llava-hf LLaVA-1.5 or NeXT folder"
 
 
 def _add_calibrate(p) -> None:

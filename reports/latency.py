@@ -28,7 +28,8 @@ from typing import Any, Callable
 import numpy as np
 
 from runtime.generation import run_tokens
-from runtime.pipeline import EngineStep, Pipeline
+from runtime.pipeline import EncodedRequest, EngineStep, Pipeline
+from runtime.pipeline import Request as PipelineRequest
 from visprune.artifacts import atomic_write_bytes, tool_versions
 from visprune.errors import ArtifactMismatchError, ConfigError
 from visprune.manifests.common import model_dump, write_model
@@ -77,14 +78,20 @@ class Request:
     input_ids: np.ndarray  # [1, S]
     pixel_values: np.ndarray  # [1, 3, H, W]
     new_tokens: int
+    encoded: EncodedRequest | None = None  # the pipeline's own (LLaVA-NeXT: views, N), used when present
+
+    @property
+    def num_visual(self) -> int | None:
+        return None if self.encoded is None else self.encoded.num_visual
 
 
 def time_request(pipe: Pipeline, request: Request, clock: Clock = time.perf_counter) -> dict[str, Any]:
     """One request with a fixed number of new tokens (EOS ignored), phase by phase."""
     runner, stamps = pipe.runner, [clock()]
-    vision = runner.image_features(request.pixel_values)
+    encoded = [request.encoded] if request.encoded else None
+    vision = pipe.image_features_of(encoded) if encoded else runner.image_features(request.pixel_values)
     stamps.append(clock())
-    embeds, layout = pipe.embed(request.input_ids, vision.features)
+    embeds, layout = pipe.embed_batch(encoded, vision) if encoded else pipe.embed(request.input_ids, vision.features)
     stamps.append(clock())
     first = runner.prefill(embeds, layout, vision.scores)  # its logits hold the first token: TTFT ends here
     stamps.append(clock())
@@ -146,11 +153,12 @@ def latency_report(engine: Path | Pipeline, baseline: Path | Pipeline, out_dir: 
                       **summarize_requests(timed[name]), "memory": memory[name]}
                for name, pipe in pipes.items()}
     prompt_tokens = int(request.input_ids.shape[1])
+    num_visual = request.num_visual or pipes["pruned"].num_visual  # LLaVA-NeXT: this image's N
     report = LatencyReport(
         request={"image": str(image) if image else "default cat photograph", "question": question,
-                 "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "visual_tokens": pipes["pruned"].num_visual},
+                 "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "visual_tokens": num_visual},
         engines=engines, method=_method(warmup, rounds, clock, load_before, pipes["pruned"]),
-        ratios=_ratios(prompt_tokens, engines, pipes))
+        ratios=_ratios(prompt_tokens, num_visual, engines, pipes))
     out_dir = Path(out_dir)
     write_model(out_dir / LATENCY_SCHEMA.file, report)
     atomic_write_bytes(out_dir / "latency.md", latency_markdown(report).encode())
@@ -246,9 +254,8 @@ def _proc_status_bytes(field: str) -> int:
 
 def _request(pipe: Pipeline, image, question: str, new_tokens: int) -> Request:
     image = image or default_latency_image()
-    input_ids, pixel_values = pipe.encode(image, pipe.chat_prompt(question))
-    pipe.check_request(input_ids.shape[1], new_tokens)
-    return Request(input_ids, pixel_values, new_tokens)
+    encoded = pipe.encode_request(PipelineRequest(image, pipe.chat_prompt(question), new_tokens))
+    return Request(encoded.input_ids[None], encoded.pixel_values[None], new_tokens, encoded)
 
 
 def default_latency_image():
@@ -275,16 +282,22 @@ def _engine_facts(pipe: Pipeline) -> dict[str, Any]:
             "session": getattr(pipe.runner, "session_facts", None)}
 
 
-def _ratios(prompt_tokens: int, engines: dict[str, dict[str, Any]], pipes: dict[str, Pipeline]) -> LatencyRatios:
-    from calibrate.flops import visual_flops
+def _ratios(prompt_tokens: int, num_visual: int, engines: dict[str, dict[str, Any]],
+            pipes: dict[str, Pipeline]) -> LatencyRatios:
+    """FLOPs at the request's own N (LLaVA-NeXT: the counts the recipe gives that image) next to the latencies."""
+    from dataclasses import replace
 
-    shape = pipes["pruned"].manifest.onnx_set.language_model
-    text = prompt_tokens - shape.num_visual_tokens
-    recipes = {name: pipe.manifest.onnx_set.recipe for name, pipe in pipes.items()}
+    from calibrate.flops import visual_flops
+    from calibrate.recipe import counts_at
+    from engines.torch_static import engine_recipe
+
+    shape = replace(pipes["pruned"].manifest.onnx_set.language_model, num_visual_tokens=num_visual)
+    text = prompt_tokens - num_visual
+    recipes = {name: engine_recipe(pipe.manifest.onnx_set) for name, pipe in pipes.items()}
 
     def flops(name: str, extra: float = 0.0) -> float:
-        r = recipes[name]
-        return visual_flops(shape, r.removed, extra, r.removed_before_llm, METHODS[r.method].cuts_after_layer)
+        before, removed = counts_at(recipes[name], num_visual)
+        return visual_flops(shape, removed, extra, before, METHODS[recipes[name].method].cuts_after_layer)
 
     lm = flops("pruned", text) / flops("baseline", text)
     visual = flops("pruned") / flops("baseline")

@@ -16,13 +16,15 @@ def model_view(pixel_values: np.ndarray, processor: Any) -> np.ndarray:
     image_processor = processor.image_processor
     mean = np.asarray(image_processor.image_mean).reshape(3, 1, 1)
     std = np.asarray(image_processor.image_std).reshape(3, 1, 1)
-    return np.clip(pixel_values[0].astype(np.float32) * std + mean, 0, 1).transpose(1, 2, 0)
+    view = pixel_values[0] if pixel_values[0].ndim == 3 else pixel_values[0][0]  # LLaVA-NeXT: the base view
+    return np.clip(view.astype(np.float32) * std + mean, 0, 1).transpose(1, 2, 0)
 
 
 def plot_kept_tokens(image: np.ndarray, kept_indices: dict[int, list[int]], num_visual: int, out: Path,
                      max_panels: int = 4) -> None:
     """One panel per pruning layer (up to `max_panels`, spread over the depth): kept patches bright, pruned ones
-    dimmed. Indices are row-major over the square patch grid, as the vision tower orders them."""
+    dimmed. Indices are row-major over the square patch grid, as the vision tower orders them; indices from
+    `num_visual` on (LLaVA-NeXT: the crops' grid after the base view's tokens) are not drawn."""
     plt = pyplot()
     layers = sorted(kept_indices)
     if len(layers) > max_panels:
@@ -33,10 +35,11 @@ def plot_kept_tokens(image: np.ndarray, kept_indices: dict[int, list[int]], num_
     axes[0, 0].set_title("model input")
     for ax, layer in zip(axes[0, 1:], layers):
         mask = np.zeros(num_visual, dtype=bool)
-        mask[kept_indices[layer]] = True
+        mask[[i for i in kept_indices[layer] if i < num_visual]] = True
         patch = np.kron(mask.reshape(side, side), np.ones((image.shape[0] // side, image.shape[1] // side)))
         ax.imshow(image * (0.15 + 0.85 * patch[..., None]))
-        ax.set_title(f"{'before the LLM' if layer < 0 else f'after layer {layer}'}: {mask.sum()} kept")
+        where = " in the base view" if max(kept_indices[layer], default=0) >= num_visual else ""  # LLaVA-NeXT
+        ax.set_title(f"{'before the LLM' if layer < 0 else f'after layer {layer}'}: {mask.sum()} kept{where}")
     for ax in axes[0]:
         ax.axis("off")
     fig.suptitle("Visual tokens kept (bright) by the pruned engine on the sample image")

@@ -247,19 +247,24 @@ class Pipeline:
         layout = RowLayout.of_rows([len(e.input_ids) for e in encoded], [e.image_start for e in encoded])
         timings: dict[str, float] = {"padded_tokens": max(len(e.input_ids) for e in encoded), "batch": len(encoded)}
         start = time.perf_counter()
-        vision = self._image_features(encoded)
+        vision = self.image_features_of(encoded)
         timings["vision_s"] = time.perf_counter() - start
         prefill_start = time.perf_counter()
-        if self.anyres:
-            layout = replace(layout, visual_mask=np.ones(vision.features.shape[:2], dtype=np.int64))
-        embeds = self.embed_rows([e.input_ids for e in encoded], vision.features, layout)
+        embeds, layout = self.embed_batch(encoded, vision)
         first = self.runner.prefill(embeds, layout, vision.scores)
         timings["prefill_s"] = time.perf_counter() - prefill_start
         timings["ttft_s"] = time.perf_counter() - start
         timings["kv_bytes"] = self.runner.kv_bytes(first.past)
         return first, layout, timings
 
-    def _image_features(self, encoded: list[EncodedRequest]) -> VisionOutput:
+    def embed_batch(self, encoded: list[EncodedRequest], vision: VisionOutput) -> tuple[np.ndarray, RowLayout]:
+        """inputs_embeds [B, S, D] of checked requests and their layout (LLaVA-NeXT: with the rows' visual_mask)."""
+        layout = RowLayout.of_rows([len(e.input_ids) for e in encoded], [e.image_start for e in encoded])
+        if self.anyres:
+            layout = replace(layout, visual_mask=np.ones(vision.features.shape[:2], dtype=np.int64))
+        return self.embed_rows([e.input_ids for e in encoded], vision.features, layout), layout
+
+    def image_features_of(self, encoded: list[EncodedRequest]) -> VisionOutput:
         """[B, N, D] features (and scores) of the rows' images. LLaVA-NeXT: every row's views go through the
         vision graph as one batch; each row's are then packed (unpad, a newline per grid row) on the host."""
         if not self.anyres:

@@ -288,7 +288,8 @@ def _plots(pipe, out: Path, question: str, kept: dict[int, list[int]], parity: P
     from reports.plots import model_view, plot_kept_tokens, plot_parity
 
     _, pixel_values = pipe.encode(out / "sample.png", pipe.chat_prompt(question))
-    plot_kept_tokens(model_view(pixel_values, pipe.processor), kept, pipe.num_visual, out / "report" / "kept_tokens.png")
+    shown = pipe.num_visual if not pipe.anyres else pixel_values.shape[-1] ** 2 // pipe.processor.patch_size ** 2
+    plot_kept_tokens(model_view(pixel_values, pipe.processor), kept, shown, out / "report" / "kept_tokens.png")
     plot_parity(parity, out / "report" / "parity.png")
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from calibrate.flops import visual_flops_reduction
-from calibrate.recipe import counts_at, load_recipe, recipe_from_dict
+from calibrate.recipe import check_image_fits, counts_at, load_recipe, recipe_from_dict
 from conftest import REPO
 from visprune.errors import RecipeError
 from visprune.models.llava import LanguageModelShape
@@ -87,7 +87,7 @@ def test_fixed_recipe_rejects_another_n():
     recipe = load_recipe(LLAVA_1_5_60)
     assert counts_at(recipe, 576) == (0, recipe.removed)
     with pytest.raises(RecipeError, match="images of 576 visual tokens; this one has 2340") as info:
-        counts_at(recipe, 2340)
+        check_image_fits(recipe, 2340)
     assert "budget_policy 'ratio' or 'absolute'" in str(info.value)
 
 
@@ -118,5 +118,5 @@ def test_absolute_pre_llm_budget_moves_the_difference_to_removed_before_llm():
 
 def test_absolute_budget_rejects_an_image_smaller_than_its_first_kept_count():
     with pytest.raises(RecipeError, match="has 1000 visual tokens; the recipe's absolute budget keeps 1080") as info:
-        counts_at(absolute(), 1000)
+        check_image_fits(absolute(), 1000)
     assert "Use a larger image, or a recipe with budget_policy 'ratio'" in str(info.value)

@@ -159,3 +159,27 @@ def test_a_nan_guarded_softmax_is_caught(tmp_path):
     unscaled = attention_graph(tmp_path, prescale=False, between=("nan-guard", "cast"), name="both.onnx")
     assert rules(lint_onnx(unscaled, None, 0)) == ["attention-nan-guard", "fused-attention"]
     assert rules(lint_onnx(unscaled, None, 1)) == ["attention-nan-guard"]
+
+
+def shape_k_graph(tmp_path, from_shape: bool):
+    """TopK over x [1, N] keeping N * 2 // 5: K computed from x's Shape (a LLaVA-NeXT ratio recipe) or from x's data."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "n"])
+    outs = [helper.make_tensor_value_info("v", TensorProto.FLOAT, [1, None]),
+            helper.make_tensor_value_info("i", TensorProto.INT64, [1, None])]
+    inits = [helper.make_tensor(name, TensorProto.INT64, [1], [value]) for name, value in
+             (("one", 1), ("two", 2), ("five", 5))]
+    if from_shape:
+        source = [helper.make_node("Shape", ["x"], ["shape"]),
+                  helper.make_node("Gather", ["shape", "one"], ["n"], axis=0)]
+    else:
+        source = [helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+                  helper.make_node("Cast", ["total"], ["n0"], to=TensorProto.INT64),
+                  helper.make_node("Reshape", ["n0", "one"], ["n"])]
+    nodes = source + [helper.make_node("Mul", ["n", "two"], ["n2"]), helper.make_node("Div", ["n2", "five"], ["k"]),
+                      helper.make_node("TopK", ["x", "k"], ["v", "i"], axis=1, sorted=1, name="topk")]
+    return save_graph(tmp_path, nodes, [x], outs, inits, name=f"k-from-shape-{from_shape}.onnx")
+
+
+def test_a_k_computed_from_shapes_passes_and_one_from_data_does_not(tmp_path):
+    assert lint_onnx(shape_k_graph(tmp_path, from_shape=True)) == []
+    assert rules(lint_onnx(shape_k_graph(tmp_path, from_shape=False))) == ["topk-constant-k"]
