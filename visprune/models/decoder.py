@@ -161,20 +161,21 @@ def _fused_core(attn: nn.Module, q, k, v, causal: bool, blocked: torch.Tensor | 
 def _fused_core_with_column_probs(attn: nn.Module, q, k, v, blocked: torch.Tensor, columns: torch.Tensor,
                                   kernels: Kernels):
     """Fused attention's context [B, H, S, Dh] and the float32 probabilities of the keys at `columns` [B, n]:
-    exp(logit - logsumexp) with the row's normaliser either from the kernel (`lse_from_kernel`: only the n
-    columns' logits are computed) or from one logits pass (exportable). Either way no [S, S] softmax or
-    probabilities-times-values product runs, which is most of an eager layer's extra cost."""
+    with the rows' normalisers from the kernel (`lse_from_kernel`: only the n columns' logits are computed,
+    exp(logit - logsumexp)), or, exportable, a softmax of one logits pass whose columns are then taken. Either way
+    no probabilities-times-values product runs, which is most of an eager layer's extra cost. The exportable
+    form is a Softmax, not ReduceLogSumExp + Exp: ONNX Runtime's Softmax is vectorised, and at LLaVA-NeXT's
+    S ~ 3000 the logsumexp path made a FitPrune prefill 1.7x slower (bench/results/next_prefill.md)."""
     from transformers.models.llama.modeling_llama import repeat_kv
 
     keys = repeat_kv(k, attn.num_key_value_groups)
-    bias = _additive_mask(blocked).expand(q.shape[0], 1, *blocked.shape[-2:])  # float32 [B, 1, S, S_kv]
     if kernels.lse_from_kernel:
+        bias = _additive_mask(blocked).expand(q.shape[0], 1, *blocked.shape[-2:])  # float32 [B, 1, S, S_kv]
         context, lse = _attention_with_lse(attn, q, keys, repeat_kv(v, attn.num_key_value_groups), blocked)
         picked = torch.matmul(q, take_columns(keys.transpose(2, 3), columns)).mul_(attn.scaling).float()
         return context, torch.exp(picked + take_columns(bias, columns) - lse)
-    logits = torch.matmul(q, keys.transpose(2, 3)).mul_(attn.scaling).float() + bias  # [B, H, S, S_kv]
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-    return _fused_core(attn, q, k, v, False, blocked), torch.exp(take_columns(logits, columns) - lse)
+    logits = torch.matmul(q, keys.transpose(2, 3)).mul_(attn.scaling).float() + _additive_mask(blocked)
+    return _fused_core(attn, q, k, v, False, blocked), take_columns(torch.softmax(logits, dim=-1), columns)
 
 
 def _attention_with_lse(attn: nn.Module, q, k, v, blocked: torch.Tensor):
